@@ -1,0 +1,1 @@
+"""mailqueue: the replicated spool state machine (built in a later issue)."""

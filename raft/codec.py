@@ -1,0 +1,183 @@
+"""cbor2 encoding of entries, configurations and messages.
+
+Each value is a CBOR array of its fields in declaration order; a message is prefixed
+with its type code (its position in MESSAGE_TYPES). Decoding checks every field's type,
+so a malformed or hostile frame raises DecodeError and never builds a half-valid object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import cbor2
+
+from raft.types import (
+    MESSAGE_TYPES,
+    ConfChange,
+    ConfChangeOp,
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    Message,
+    SnapshotMeta,
+)
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid encoding of the expected value."""
+
+
+def _conf_to_list(conf: ConfState) -> list[Any]:
+    return [list(conf.voters), list(conf.learners)]
+
+
+def _meta_to_list(meta: SnapshotMeta) -> list[Any]:
+    return [meta.index, meta.term, _conf_to_list(meta.conf), meta.size]
+
+
+def _entry_to_list(e: Entry) -> list[Any]:
+    return [e.term, e.index, int(e.kind), e.data]
+
+
+def _field_to_wire(value: Any) -> Any:
+    if isinstance(value, SnapshotMeta):
+        return _meta_to_list(value)
+    if isinstance(value, tuple):
+        return [_entry_to_list(e) for e in value]
+    return value
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise DecodeError(what)
+
+
+def _int(v: Any, what: str) -> int:
+    _expect(type(v) is int and v >= 0, f"{what}: expected a non-negative integer")
+    return int(v)
+
+
+def _str_list(v: Any, what: str) -> tuple[str, ...]:
+    _expect(isinstance(v, list) and all(type(x) is str for x in v), f"{what}: expected ids")
+    return tuple(v)
+
+
+def _conf_from(v: Any) -> ConfState:
+    _expect(isinstance(v, list) and len(v) == 2, "conf: expected [voters, learners]")
+    try:
+        return ConfState(_str_list(v[0], "voters"), _str_list(v[1], "learners"))
+    except AssertionError as exc:
+        raise DecodeError(f"conf: not sorted and disjoint: {v!r}") from exc
+
+
+def _meta_from(v: Any) -> SnapshotMeta:
+    _expect(isinstance(v, list) and len(v) == 4, "snapshot meta: expected 4 fields")
+    return SnapshotMeta(
+        _int(v[0], "index"), _int(v[1], "term"), _conf_from(v[2]), _int(v[3], "size")
+    )
+
+
+def _entry_from(v: Any) -> Entry:
+    _expect(isinstance(v, list) and len(v) == 4, "entry: expected 4 fields")
+    try:
+        kind = EntryKind(_int(v[2], "kind"))
+    except ValueError as exc:
+        raise DecodeError(f"entry: unknown kind {v[2]!r}") from exc
+    _expect(type(v[3]) is bytes, "entry: data must be bytes")
+    return Entry(_int(v[0], "term"), _int(v[1], "index"), kind, v[3])
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types for malformed input
+        raise DecodeError(f"not CBOR: {exc}") from exc
+
+
+def encode_entry(e: Entry) -> bytes:
+    return cbor2.dumps(_entry_to_list(e))
+
+
+def decode_entry(data: bytes) -> Entry:
+    return _entry_from(_loads(data))
+
+
+def encode_hard_state(hs: HardState) -> bytes:
+    return cbor2.dumps([hs.term, hs.vote, hs.commit])
+
+
+def decode_hard_state(data: bytes) -> HardState:
+    v = _loads(data)
+    _expect(isinstance(v, list) and len(v) == 3, "hard state: expected 3 fields")
+    _expect(v[1] is None or type(v[1]) is str, "hard state: vote must be an id or null")
+    return HardState(_int(v[0], "term"), v[1], _int(v[2], "commit"))
+
+
+def encode_conf(conf: ConfState) -> bytes:
+    return cbor2.dumps(_conf_to_list(conf))
+
+
+def decode_conf(data: bytes) -> ConfState:
+    return _conf_from(_loads(data))
+
+
+def encode_snapshot_meta(meta: SnapshotMeta) -> bytes:
+    return cbor2.dumps(_meta_to_list(meta))
+
+
+def decode_snapshot_meta(data: bytes) -> SnapshotMeta:
+    return _meta_from(_loads(data))
+
+
+def encode_conf_change(cc: ConfChange) -> bytes:
+    return cbor2.dumps([int(cc.op), cc.node])
+
+
+def decode_conf_change(data: bytes) -> ConfChange:
+    v = _loads(data)
+    _expect(isinstance(v, list) and len(v) == 2 and type(v[1]) is str, "conf change")
+    try:
+        return ConfChange(ConfChangeOp(_int(v[0], "op")), v[1])
+    except ValueError as exc:
+        raise DecodeError(f"conf change: unknown op {v[0]!r}") from exc
+
+
+def encode_message(m: Message) -> bytes:
+    code = MESSAGE_TYPES.index(type(m))
+    fields = [_field_to_wire(getattr(m, f.name)) for f in dataclasses.fields(m)]
+    return cbor2.dumps([code, *fields])
+
+
+def _typed_field(f: dataclasses.Field[Any], v: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind == "int":
+        return _int(v, f.name)
+    if kind == "bool":
+        _expect(type(v) is bool, f"{f.name}: expected a boolean")
+        return v
+    if kind in ("NodeId", "str"):
+        _expect(type(v) is str, f"{f.name}: expected a string")
+        return v
+    if kind == "bytes":
+        _expect(type(v) is bytes, f"{f.name}: expected bytes")
+        return v
+    if kind == "SnapshotMeta":
+        return _meta_from(v)
+    if kind == "tuple[Entry, ...]":
+        _expect(isinstance(v, list), f"{f.name}: expected a list of entries")
+        return tuple(_entry_from(e) for e in v)
+    raise AssertionError(f"no decoder for field {f.name}: {kind}")  # a bug in this module
+
+
+def decode_message(data: bytes) -> Message:
+    v = _loads(data)
+    _expect(isinstance(v, list) and len(v) >= 1, "message: expected [type, fields...]")
+    code = v[0]
+    _expect(type(code) is int and 0 <= code < len(MESSAGE_TYPES), f"message: bad type {code!r}")
+    cls = MESSAGE_TYPES[code]
+    fields = dataclasses.fields(cls)
+    _expect(len(v) == 1 + len(fields), f"{cls.__name__}: expected {len(fields)} fields")
+    msg: Message = cls(*(_typed_field(f, x) for f, x in zip(fields, v[1:], strict=True)))
+    return msg

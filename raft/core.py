@@ -1,0 +1,794 @@
+"""The Raft consensus core: a deterministic state machine with no I/O.
+
+Inputs are `tick()`, `step(message)`, `propose(data)`, `read_index(ctx)`,
+`propose_conf_change(change)`, `transfer_leader(node)` and `snapshot_taken(meta)`;
+the output is a `Ready` batch (see raft.types.Ready for the runtime's contract).
+Randomness comes only from the injected RNG, time only from ticks, so a run is
+reproducible from its inputs.
+
+Departures from the paper are listed in docs/raft-divergences.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from raft import codec, quorum
+from raft.log import RaftLog
+from raft.progress import Progress, ProgressState
+from raft.types import (
+    AppendEntries,
+    AppendEntriesResponse,
+    ConfChange,
+    ConfChangeOp,
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    InstallSnapshotResponse,
+    Message,
+    NodeId,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    ReadState,
+    Ready,
+    RequestVote,
+    RequestVoteResponse,
+    SnapshotChunk,
+    SnapshotMeta,
+    TimeoutNow,
+)
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre-candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class RaftError(Exception):
+    """Base of the errors the core reports to its caller."""
+
+
+class NotLeader(RaftError):
+    def __init__(self, leader: NodeId | None) -> None:
+        super().__init__(f"not the leader; leader is {leader or 'unknown'}")
+        self.leader = leader
+
+
+class TransferInProgress(RaftError):
+    """Proposals are refused while leadership is being handed over."""
+
+
+class ConfChangeRefused(RaftError):
+    """A membership change that would be unsafe now, or makes no sense."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    id: NodeId
+    election_ticks: int = 10  # a follower campaigns after [election_ticks, 2*election_ticks)
+    heartbeat_ticks: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    max_entries_per_msg: int = 256
+    max_bytes_per_msg: int = 1 << 20
+    max_inflight_msgs: int = 64
+    snapshot_chunk_bytes: int = 1 << 20
+    snapshot_entries: int = 10_000  # ask for a snapshot after this many applied entries...
+    snapshot_bytes: int = 64 << 20  # ...or this many applied bytes since the last one
+    compaction_trailing: int = 1_000  # entries kept behind a snapshot for slow followers
+    promotion_max_lag: int = 100  # a learner is promoted only this close to the commit
+
+    def __post_init__(self) -> None:
+        assert 0 < self.heartbeat_ticks < self.election_ticks
+        assert self.max_entries_per_msg > 0 and self.max_inflight_msgs > 0
+        assert self.snapshot_chunk_bytes > 0
+
+
+@dataclass(frozen=True, slots=True)
+class InitialState:
+    """What a node recovered from its storage (all empty on a first start)."""
+
+    hard_state: HardState = field(default_factory=HardState)
+    snapshot: SnapshotMeta | None = None
+    entries: tuple[Entry, ...] = ()  # the stored entries after the snapshot
+    # the initial configuration, used when no snapshot carries one
+    bootstrap: ConfState = field(default_factory=ConfState)
+
+
+class SnapshotSource(Protocol):
+    """Reads bytes of the local snapshot, so that the leader can send it in chunks."""
+
+    def read_snapshot(self, meta: SnapshotMeta, offset: int, length: int) -> bytes: ...
+
+
+@dataclass(slots=True)
+class _PendingRead:
+    context: bytes
+    index: int
+    requester: NodeId
+    acks: dict[NodeId, bool] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _IncomingSnapshot:
+    meta: SnapshotMeta
+    next_offset: int = 0
+
+
+class Raft:
+    """One node's consensus state. Not thread-safe; drive it from one task."""
+
+    def __init__(
+        self, cfg: Config, rng: random.Random, init: InitialState, source: SnapshotSource
+    ) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self._rng = rng
+        self._source = source
+        snap = init.snapshot
+        if snap is not None:
+            self.log = RaftLog(snap.index, snap.term, snap.conf)
+        else:
+            self.log = RaftLog(0, 0, init.bootstrap)
+        self.log.append([e for e in init.entries if e.index > self.log.offset])
+        self.log.persisted = self.log.handed = self.log.last_index()
+        self.log.commit_to(min(init.hard_state.commit, self.log.last_index()))
+        self.snapshot = snap
+        self.term = init.hard_state.term
+        self.vote = init.hard_state.vote
+        self.lead: NodeId | None = None
+        self.role = Role.FOLLOWER
+        self.prs: dict[NodeId, Progress] = {}
+        self.votes: dict[NodeId, bool] = {}
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_timeout = cfg.election_ticks
+        self.lead_transferee: NodeId | None = None
+        self._msgs: list[Message] = []
+        self._read_states: list[ReadState] = []
+        self._pending_reads: list[_PendingRead] = []
+        self._deferred_reads: list[tuple[bytes, NodeId]] = []
+        self._incoming: _IncomingSnapshot | None = None
+        self._chunks: list[SnapshotChunk] = []
+        self._install: SnapshotMeta | None = None
+        self._need_bcast = False
+        self._applied_bytes = 0
+        self._prev_hs = init.hard_state
+        self._become_follower(self.term, None)
+
+    # ================================================================ queries
+
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    def conf(self) -> ConfState:
+        """The configuration in force: the newest one in the log, committed or not."""
+        return self.log.latest_conf()
+
+    def promotable(self) -> bool:
+        return self.conf().is_voter(self.id)
+
+    def applied_meta(self, size: int) -> SnapshotMeta:
+        """The meta of a snapshot of the state machine as it is now (at `applied`)."""
+        i = self.log.applied
+        term = self.log.term(i)
+        assert term is not None
+        return SnapshotMeta(i, term, self.log.conf_at(i), size)
+
+    # ================================================================ inputs
+
+    def tick(self) -> None:
+        self.election_elapsed += 1
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        elif self.election_elapsed >= self.randomized_timeout and self.promotable():
+            self.campaign()
+
+    def campaign(self, transfer: bool = False) -> None:
+        """Start an election (pre-vote first unless this answers a TimeoutNow)."""
+        if not self.promotable():
+            return
+        if self.cfg.pre_vote and not transfer:
+            self._become_pre_candidate()
+            self._request_votes(self.term + 1, pre_vote=True, transfer=False)
+        else:
+            self._become_candidate()
+            self._request_votes(self.term, pre_vote=False, transfer=transfer)
+
+    def propose(self, data: bytes) -> tuple[int, int]:
+        """Append `data` to the log. Returns (index, term): it is committed when the entry
+        applied at `index` has `term`. Raises NotLeader or TransferInProgress."""
+        return self._propose_entry(EntryKind.NORMAL, data)
+
+    def propose_conf_change(self, change: ConfChange) -> tuple[int, int]:
+        """Propose a single-server membership change; it takes effect when appended."""
+        return self._propose_entry(EntryKind.CONF, codec.encode_conf(self._next_conf(change)))
+
+    def transfer_leader(self, target: NodeId) -> None:
+        """Hand leadership to `target` once its log is up to date (TimeoutNow)."""
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if target in (self.id, self.lead_transferee):
+            return
+        if not self.conf().is_voter(target):
+            raise ConfChangeRefused(f"{target} is not a voter")
+        self.lead_transferee = target
+        self.election_elapsed = 0  # the transfer is abandoned after one election timeout
+        if self.prs[target].match == self.log.last_index():
+            self._send(TimeoutNow(self.id, target, self.term))
+        else:
+            self._send_append(target)
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read point; the answer comes as a ReadState in a Ready.
+        `context` must be unique across the cluster."""
+        if self.role is Role.LEADER:
+            self._leader_read(context, self.id)
+        elif self.lead is not None:
+            self._send(ReadIndexRequest(self.id, self.lead, self.term, context))
+        else:
+            raise NotLeader(None)
+
+    def snapshot_taken(self, meta: SnapshotMeta) -> None:
+        """The runtime has durably stored a snapshot at `meta`: compact the log behind it."""
+        assert meta.index <= self.log.applied, (meta.index, self.log.applied)
+        assert self.log.term(meta.index) == meta.term
+        assert self.log.conf_at(meta.index) == meta.conf
+        if self.snapshot is not None and meta.index <= self.snapshot.index:
+            return
+        self.snapshot = meta
+        self._applied_bytes = 0
+        keep_from = max(self.log.offset, meta.index - self.cfg.compaction_trailing)
+        keep_term = self.log.term(keep_from)
+        assert keep_term is not None
+        self.log.compact(keep_from, keep_term)
+        for pr in self.prs.values():
+            if pr.state is ProgressState.SNAPSHOT:
+                pr.become_snapshot(meta)  # the old snapshot may be gone: start again
+
+    def step(self, m: Message) -> None:
+        if m.term > self.term:
+            if not self._step_higher_term(m):
+                return
+        elif m.term < self.term:
+            self._step_lower_term(m)
+            return
+        if isinstance(m, RequestVote):
+            self._handle_vote_request(m)
+        elif self.role is Role.LEADER:
+            self._step_leader(m)
+        elif self.role is Role.FOLLOWER:
+            self._step_follower(m)
+        else:
+            self._step_candidate(m)
+
+    # ================================================================ output
+
+    def has_ready(self) -> bool:
+        return bool(
+            self._need_bcast
+            or self._msgs
+            or self._read_states
+            or self._chunks
+            or self._install is not None
+            or self.log.handed < self.log.last_index()
+            or self._apply_limit() > self.log.applied
+            or self._persisted_hard_state() != self._prev_hs
+        )
+
+    def ready(self) -> Ready:
+        if self._need_bcast:
+            self._bcast_append()
+        rd = Ready()
+        hs = self._persisted_hard_state()
+        if hs != self._prev_hs:
+            rd.hard_state = self._prev_hs = hs
+        rd.entries = self.log.slice(self.log.handed + 1, self.log.last_index() + 1)
+        self.log.handed = self.log.last_index()
+        rd.snapshot_chunks, self._chunks = self._chunks, []
+        rd.snapshot, self._install = self._install, None
+        rd.messages, self._msgs = self._msgs, []
+        hi = self._apply_limit()
+        if hi > self.log.applied:
+            rd.committed_entries = self.log.slice(self.log.applied + 1, hi + 1)
+            self.log.applied = hi
+            self._applied_bytes += sum(len(e.data) for e in rd.committed_entries)
+        rd.read_states, self._read_states = self._read_states, []
+        since = self.log.applied - (self.snapshot.index if self.snapshot else 0)
+        rd.snapshot_due = (
+            since >= self.cfg.snapshot_entries or self._applied_bytes >= self.cfg.snapshot_bytes
+        )
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The runtime has persisted, sent and applied everything in `rd`."""
+        if rd.entries:
+            last = rd.entries[-1]
+            if self.log.term(last.index) == last.term:
+                self.log.persisted = max(self.log.persisted, last.index)
+        if self.role is Role.LEADER and self._maybe_commit():
+            self._need_bcast = True
+
+    # Overridable seams. Tests subclass these to inject the bugs the simulator must
+    # catch; production code never overrides them.
+
+    def _persisted_hard_state(self) -> HardState:
+        return self.hard_state()
+
+    def _apply_limit(self) -> int:
+        """Entries up to here may be applied: committed and handed to storage."""
+        return min(self.log.committed, self.log.handed)
+
+    def _can_commit(self, index: int) -> bool:
+        """Raft §5.4.2: only an entry of the leader's own term is committed by counting."""
+        return self.log.term(index) == self.term
+
+    def _vote_log_ok(self, m: RequestVote) -> bool:
+        return self.log.is_up_to_date(m.last_index, m.last_term)
+
+    # ================================================================ roles
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            # The vote is cleared only when the term changes (etcd PR #2461): clearing it
+            # within a term lets a node vote twice and elect two leaders.
+            self.term = term
+            self.vote = None
+        self.lead = None
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_timeout = self.cfg.election_ticks + self._rng.randrange(
+            self.cfg.election_ticks
+        )
+        self.lead_transferee = None
+        self.votes = {}
+        self.prs = {}
+        self._pending_reads = []
+        self._deferred_reads = []
+        self._need_bcast = False
+
+    def _become_follower(self, term: int, lead: NodeId | None) -> None:
+        self._reset(term)
+        self.role = Role.FOLLOWER
+        self.lead = lead
+
+    def _become_pre_candidate(self) -> None:
+        # Neither the term nor the vote changes: a pre-vote disturbs nobody.
+        self._reset(self.term)
+        self.role = Role.PRE_CANDIDATE
+        self.votes = {self.id: True}
+
+    def _become_candidate(self) -> None:
+        self._reset(self.term + 1)
+        self.role = Role.CANDIDATE
+        self.vote = self.id
+        self.votes = {self.id: True}
+
+    def _become_leader(self) -> None:
+        assert self.role is Role.CANDIDATE
+        self._reset(self.term)
+        self.role = Role.LEADER
+        self.lead = self.id
+        self._sync_progress()
+        # A no-op of the new term lets the leader commit what earlier terms left (§5.4.2).
+        self.log.append([Entry(self.term, self.log.last_index() + 1, EntryKind.NOOP)])
+        self._need_bcast = True
+
+    def _sync_progress(self) -> None:
+        members = self.conf().members()
+        for node in members:
+            if node != self.id and node not in self.prs:
+                self.prs[node] = Progress(next=self.log.last_index() + 1)
+        for node in [n for n in self.prs if n not in members]:
+            del self.prs[node]
+
+    def _request_votes(self, term: int, *, pre_vote: bool, transfer: bool) -> None:
+        if self._tally() is quorum.VoteResult.WON:  # a single-voter cluster
+            self._won_election(pre_vote)
+            return
+        for v in self.conf().voters:
+            if v != self.id:
+                self._send(
+                    RequestVote(
+                        self.id,
+                        v,
+                        term,
+                        self.log.last_index(),
+                        self.log.last_term(),
+                        pre_vote=pre_vote,
+                        transfer=transfer,
+                    )
+                )
+
+    def _tally(self) -> quorum.VoteResult:
+        return quorum.vote_result(self.conf().voters, self.votes)
+
+    def _won_election(self, pre_vote: bool) -> None:
+        if pre_vote:
+            self._become_candidate()
+            self._request_votes(self.term, pre_vote=False, transfer=False)
+        else:
+            self._become_leader()
+
+    # ================================================================ term handling
+
+    def _step_higher_term(self, m: Message) -> bool:
+        """Returns False if the message is to be ignored."""
+        if isinstance(m, RequestVote):
+            in_lease = (
+                self.cfg.check_quorum
+                and self.lead is not None
+                and self.election_elapsed < self.cfg.election_ticks
+            )
+            if in_lease and not m.transfer:
+                return False  # we heard from a live leader: ignore a disruptive candidate
+            if m.pre_vote:
+                return True  # answer without adopting the term
+            self._become_follower(m.term, None)
+            return True
+        if isinstance(m, RequestVoteResponse) and m.pre_vote and m.granted:
+            return True  # a granted pre-vote carries the term we have not yet started
+        if isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
+            self._become_follower(m.term, m.frm)
+        else:
+            self._become_follower(m.term, None)
+        return True
+
+    def _step_lower_term(self, m: Message) -> None:
+        if isinstance(m, AppendEntries | Heartbeat) and (
+            self.cfg.check_quorum or self.cfg.pre_vote
+        ):
+            # A stale leader would otherwise never learn the newer term, and with
+            # pre-vote nobody would ever raise it (canonical/raft #279).
+            self._send(AppendEntriesResponse(self.id, m.frm, self.term, 0))
+        elif isinstance(m, RequestVote) and m.pre_vote:
+            self._send(RequestVoteResponse(self.id, m.frm, self.term, False, pre_vote=True))
+
+    def _handle_vote_request(self, m: RequestVote) -> None:
+        can_vote = (
+            self.vote == m.frm
+            or (self.vote is None and self.lead is None)
+            or (m.pre_vote and m.term > self.term)
+        )
+        # Learners and removed nodes answer too: the candidate may know of a promotion
+        # that has not reached them yet (etcd PR #10998).
+        if can_vote and self._vote_log_ok(m):
+            self._send(RequestVoteResponse(self.id, m.frm, m.term, True, pre_vote=m.pre_vote))
+            if not m.pre_vote:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(RequestVoteResponse(self.id, m.frm, self.term, False, pre_vote=m.pre_vote))
+
+    # ================================================================ candidate
+
+    def _step_candidate(self, m: Message) -> None:
+        if isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
+            self._become_follower(m.term, m.frm)
+            self._step_follower(m)
+        elif isinstance(m, RequestVoteResponse):
+            if m.pre_vote != (self.role is Role.PRE_CANDIDATE):
+                return  # an answer to an earlier round
+            if self.conf().is_voter(m.frm):
+                self.votes[m.frm] = m.granted
+            result = self._tally()
+            if result is quorum.VoteResult.WON:
+                self._won_election(m.pre_vote)
+            elif result is quorum.VoteResult.LOST:
+                self._become_follower(self.term, None)
+
+    # ================================================================ follower
+
+    def _step_follower(self, m: Message) -> None:
+        if isinstance(m, AppendEntries):
+            self._heard_from_leader(m.frm)
+            self._handle_append(m)
+        elif isinstance(m, Heartbeat):
+            self._heard_from_leader(m.frm)
+            self.log.commit_to(min(m.commit, self.log.last_index()))
+            self._send(HeartbeatResponse(self.id, m.frm, self.term, m.context))
+        elif isinstance(m, InstallSnapshot):
+            self._heard_from_leader(m.frm)
+            self._handle_snapshot_chunk(m)
+        elif isinstance(m, TimeoutNow):
+            self.campaign(transfer=True)
+        elif isinstance(m, ReadIndexResponse):
+            self._read_states.append(ReadState(m.context, m.index))
+
+    def _heard_from_leader(self, leader: NodeId) -> None:
+        self.election_elapsed = 0
+        self.lead = leader
+
+    def _handle_append(self, m: AppendEntries) -> None:
+        if m.prev_index < self.log.committed:
+            self._send(AppendEntriesResponse(self.id, m.frm, self.term, self.log.committed))
+            return
+        last = self.log.maybe_append(m.prev_index, m.prev_term, m.entries)
+        if last is not None:
+            self.log.commit_to(min(m.commit, last))
+            self._send(AppendEntriesResponse(self.id, m.frm, self.term, last))
+            return
+        hint, hint_term = self.log.find_conflict_by_term(
+            min(m.prev_index, self.log.last_index()), m.prev_term
+        )
+        self._send(
+            AppendEntriesResponse(
+                self.id,
+                m.frm,
+                self.term,
+                m.prev_index,
+                reject=True,
+                hint_index=hint,
+                hint_term=hint_term,
+            )
+        )
+
+    def _handle_snapshot_chunk(self, m: InstallSnapshot) -> None:
+        def reply(next_offset: int, done: bool = False) -> None:
+            self._send(
+                InstallSnapshotResponse(self.id, m.frm, self.term, m.meta.index, next_offset, done)
+            )
+
+        if m.meta.index <= self.log.committed:
+            self._incoming = None
+            reply(0, done=True)  # we already have all of it
+            return
+        if self._incoming is None or self._incoming.meta != m.meta:
+            self._incoming = _IncomingSnapshot(m.meta)
+        inc = self._incoming
+        if m.offset != inc.next_offset:
+            reply(inc.next_offset)
+            return
+        self._chunks.append(SnapshotChunk(m.meta, m.offset, m.data, m.done))
+        inc.next_offset += len(m.data)
+        if not m.done:
+            reply(inc.next_offset)
+            return
+        self.log.restore(m.meta)
+        self.snapshot = m.meta
+        self._install = m.meta
+        self._incoming = None
+        self._applied_bytes = 0
+        reply(inc.next_offset, done=True)
+
+    # ================================================================ leader
+
+    def _tick_leader(self) -> None:
+        self.heartbeat_elapsed += 1
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks:
+            self.heartbeat_elapsed = 0
+            self._bcast_heartbeat(b"")
+        if self.election_elapsed < self.cfg.election_ticks:
+            return
+        self.election_elapsed = 0
+        if self.cfg.check_quorum:
+            voters = self.conf().voters
+            active = quorum.has_quorum(
+                voters, lambda v: v == self.id or (v in self.prs and self.prs[v].recent_active)
+            )
+            for pr in self.prs.values():
+                pr.recent_active = False
+            if not active:
+                self._become_follower(self.term, None)
+                return
+        self.lead_transferee = None  # a transfer that did not finish in time is abandoned
+
+    def _step_leader(self, m: Message) -> None:
+        if isinstance(m, ReadIndexRequest):
+            self._leader_read(m.context, m.frm)
+            return
+        pr = self.prs.get(m.frm)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if isinstance(m, AppendEntriesResponse):
+            self._handle_append_response(m, pr)
+        elif isinstance(m, HeartbeatResponse):
+            pr.probe_sent = False
+            if pr.state is ProgressState.REPLICATE and pr.is_paused(self.cfg.max_inflight_msgs):
+                pr.inflight.pop(0)  # appends may have been lost: let one more go (etcd)
+            if pr.state is ProgressState.SNAPSHOT:
+                self._send_snapshot_chunk(m.frm, pr)
+            elif pr.match < self.log.last_index():
+                self._send_append(m.frm)
+            if m.context:
+                self._ack_read(m.context, m.frm)
+        elif isinstance(m, InstallSnapshotResponse):
+            self._handle_snapshot_response(m, pr)
+
+    def _handle_append_response(self, m: AppendEntriesResponse, pr: Progress) -> None:
+        if m.reject:
+            probe_from = m.hint_index
+            if m.hint_term > 0:
+                probe_from, _ = self.log.find_conflict_by_term(m.hint_index, m.hint_term)
+            if pr.maybe_decrease(m.index, probe_from):
+                if pr.state is ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm)
+            return
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT and pr.snapshot and pr.match >= pr.snapshot.index:
+            pr.become_probe()
+        if self._maybe_commit():
+            self._bcast_append()
+        else:
+            while self._send_append(m.frm, send_empty=False):
+                pass
+        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+            self._send(TimeoutNow(self.id, m.frm, self.term))
+
+    def _handle_snapshot_response(self, m: InstallSnapshotResponse, pr: Progress) -> None:
+        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot is None:
+            return
+        if m.meta_index != pr.snapshot.index:
+            return
+        if m.done:
+            pr.maybe_update(m.meta_index)
+            pr.become_probe()
+            self._send_append(m.frm)
+        else:
+            pr.snapshot_offset = m.next_offset
+            self._send_snapshot_chunk(m.frm, pr)
+
+    def _maybe_commit(self) -> bool:
+        def match(v: NodeId) -> int:
+            if v == self.id:
+                return self.log.persisted
+            pr = self.prs.get(v)
+            return pr.match if pr else 0
+
+        index = quorum.committed_index(self.conf().voters, match)
+        if index <= self.log.committed or not self._can_commit(index):
+            return False
+        first_in_term = self.log.term(self.log.committed) != self.term
+        self.log.commit_to(index)
+        if first_in_term:
+            for context, requester in self._deferred_reads:
+                self._leader_read(context, requester)
+            self._deferred_reads = []
+        return True
+
+    def _propose_entry(self, kind: EntryKind, data: bytes) -> tuple[int, int]:
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if self.lead_transferee is not None:
+            raise TransferInProgress(f"leadership is moving to {self.lead_transferee}")
+        entry = Entry(self.term, self.log.last_index() + 1, kind, data)
+        self.log.append([entry])
+        if kind is EntryKind.CONF:
+            self._sync_progress()
+        self._need_bcast = True
+        return entry.index, entry.term
+
+    def _next_conf(self, change: ConfChange) -> ConfState:
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if self.log.latest_conf_index() > self.log.committed:
+            raise ConfChangeRefused("another membership change is still in flight")
+        if self.log.term(self.log.committed) != self.term:
+            # A new leader must commit in its own term first (raft-dev 2015, braft #182).
+            raise ConfChangeRefused("leader has not committed an entry of its term yet")
+        conf, node = self.conf(), change.node
+        voters, learners = set(conf.voters), set(conf.learners)
+        if change.op is ConfChangeOp.ADD_LEARNER:
+            if conf.is_member(node):
+                raise ConfChangeRefused(f"{node} is already a member")
+            learners.add(node)
+        elif change.op is ConfChangeOp.PROMOTE:
+            if node not in learners:
+                raise ConfChangeRefused(f"{node} is not a learner")
+            pr = self.prs.get(node)
+            if pr is None or pr.match + self.cfg.promotion_max_lag < self.log.committed:
+                raise ConfChangeRefused(f"{node} has not caught up yet")
+            learners.discard(node)
+            voters.add(node)
+        else:
+            if not conf.is_member(node):
+                raise ConfChangeRefused(f"{node} is not a member")
+            if node == self.id:
+                raise ConfChangeRefused("the leader cannot remove itself: transfer first")
+            voters.discard(node)
+            learners.discard(node)
+        return ConfState(tuple(sorted(voters)), tuple(sorted(learners)))
+
+    # ---- sending
+
+    def _send(self, m: Message) -> None:
+        self._msgs.append(m)
+
+    def _bcast_append(self) -> None:
+        self._need_bcast = False
+        for node in self.prs:
+            self._send_append(node)
+
+    def _bcast_heartbeat(self, context: bytes) -> None:
+        for node, pr in self.prs.items():
+            commit = min(pr.match, self.log.committed)
+            self._send(Heartbeat(self.id, node, self.term, commit, context))
+
+    def _send_append(self, to: NodeId, send_empty: bool = True) -> bool:
+        """Send what `to` needs next. Returns True if entries (or a chunk) were sent."""
+        pr = self.prs[to]
+        if pr.is_paused(self.cfg.max_inflight_msgs):
+            return False
+        prev_term = self.log.term(pr.next - 1)
+        if prev_term is None:  # compacted away: only a snapshot can help
+            assert self.snapshot is not None
+            pr.become_snapshot(self.snapshot)
+            self._send_snapshot_chunk(to, pr)
+            return True
+        hi = min(self.log.last_index() + 1, pr.next + self.cfg.max_entries_per_msg)
+        entries = self.log.slice(pr.next, hi)
+        size = 0
+        for k, e in enumerate(entries):
+            size += len(e.data)
+            if k > 0 and size > self.cfg.max_bytes_per_msg:
+                entries = entries[:k]
+                break
+        if not entries and not send_empty:
+            return False
+        msg = AppendEntries(
+            self.id, to, self.term, pr.next - 1, prev_term, tuple(entries), self.log.committed
+        )
+        self._send(msg)
+        if entries:
+            pr.sent_entries(entries[-1].index)
+        elif pr.state is ProgressState.PROBE:
+            pr.probe_sent = True
+        return bool(entries)
+
+    def _send_snapshot_chunk(self, to: NodeId, pr: Progress) -> None:
+        meta = pr.snapshot
+        assert meta is not None
+        length = min(self.cfg.snapshot_chunk_bytes, meta.size - pr.snapshot_offset)
+        data = self._source.read_snapshot(meta, pr.snapshot_offset, length)
+        assert len(data) == length, (len(data), length)
+        done = pr.snapshot_offset + length >= meta.size
+        self._send(InstallSnapshot(self.id, to, self.term, meta, pr.snapshot_offset, data, done))
+
+    # ---- ReadIndex (Raft thesis §6.4)
+
+    def _leader_read(self, context: bytes, requester: NodeId) -> None:
+        if self.log.term(self.log.committed) != self.term:
+            # Until an entry of this term commits, our commit index may lag the cluster's.
+            self._deferred_reads.append((context, requester))
+            return
+        read = _PendingRead(context, self.log.committed, requester, {self.id: True})
+        if quorum.has_quorum(self.conf().voters, read.acks.__contains__):
+            self._answer_read(read)
+            return
+        self._pending_reads.append(read)
+        self._bcast_heartbeat(context)
+
+    def _ack_read(self, context: bytes, frm: NodeId) -> None:
+        for k, read in enumerate(self._pending_reads):
+            if read.context != context:
+                continue
+            read.acks[frm] = True
+            if quorum.has_quorum(self.conf().voters, read.acks.__contains__):
+                # A quorum confirmed leadership after this read arrived, and so after
+                # every earlier one: all of them can be answered.
+                for done in self._pending_reads[: k + 1]:
+                    self._answer_read(done)
+                del self._pending_reads[: k + 1]
+            return
+
+    def _answer_read(self, read: _PendingRead) -> None:
+        if read.requester == self.id:
+            self._read_states.append(ReadState(read.context, read.index))
+        else:
+            self._send(
+                ReadIndexResponse(self.id, read.requester, self.term, read.context, read.index)
+            )

@@ -1,0 +1,1 @@
+"""smtpcluster: the SMTP relay (config, node wiring, front ends, delivery, admin)."""
