@@ -177,12 +177,15 @@ class Raft:
     def promotable(self) -> bool:
         return self.conf().is_voter(self.id)
 
-    def applied_meta(self, size: int) -> SnapshotMeta:
-        """The meta of a snapshot of the state machine as it is now (at `applied`)."""
-        i = self.log.applied
-        term = self.log.term(i)
+    def snapshot_meta(self, index: int, size: int) -> SnapshotMeta | None:
+        """The meta for a snapshot of the state machine at `index` (its applied index),
+        or None if a snapshot received from the leader has already superseded it."""
+        assert index <= self.log.applied, (index, self.log.applied)
+        if self.snapshot is not None and index <= self.snapshot.index:
+            return None
+        term = self.log.term(index)
         assert term is not None
-        return SnapshotMeta(i, term, self.log.conf_at(i), size)
+        return SnapshotMeta(index, term, self.log.conf_at(index), size)
 
     # ================================================================ inputs
 
@@ -652,12 +655,12 @@ class Raft:
         index = quorum.committed_index(self.conf().voters, match)
         if index <= self.log.committed or not self._can_commit(index):
             return False
-        first_in_term = self.log.term(self.log.committed) != self.term
+        was_current = self.log.term(self.log.committed) == self.term
         self.log.commit_to(index)
-        if first_in_term:
-            for context, requester in self._deferred_reads:
+        if not was_current and self.log.term(self.log.committed) == self.term:
+            deferred, self._deferred_reads = self._deferred_reads, []
+            for context, requester in deferred:
                 self._leader_read(context, requester)
-            self._deferred_reads = []
         return True
 
     def _propose_entry(self, kind: EntryKind, data: bytes) -> tuple[int, int]:
