@@ -216,6 +216,7 @@ class World:
         rd = node.writing
         if rd is not None and self.disk_rng.random() < self.opts.torn_tail:
             self._write_prefix(node.disk, rd)
+            self.count("disk:torn-write")
         node.core, node.writing = None, None
         self.note("crash", node.id)
         self.count("fault:crash")
@@ -296,9 +297,15 @@ class World:
     # ---- network
 
     def send(self, m: Message) -> None:
-        if (m.frm, m.to) in self.blocked or self.net_rng.random() < self.drop:
+        if (m.frm, m.to) in self.blocked:
             return
-        copies = 2 if self.net_rng.random() < self.duplicate else 1
+        if self.net_rng.random() < self.drop:
+            self.count("net:drop")
+            return
+        copies = 1
+        if self.net_rng.random() < self.duplicate:
+            copies = 2
+            self.count("net:duplicate")
         for _ in range(copies):
             delay = self.net_rng.uniform(self.opts.delay_min_ms, self.opts.delay_max_ms)
             self.at(delay, "deliver", m)
