@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seed is not None:
         r = run_seed(args.seed, trace=args.trace)
+        if args.trace:
+            for line in r.trace:
+                print(line)
         print(f"seed {r.seed}: {'ok' if r.ok else 'FAIL'} events={r.events} digest={r.digest}")
         print(f"  options: {SimOptions.for_seed(r.seed).describe()}")
         print(f"  stats: {dict(sorted(r.stats.items()))}")
@@ -70,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             "failing seeds:", " ".join(str(r.seed) for r in sorted(failures, key=lambda r: r.seed))
         )
     return 1 if failures else 0
+
+
+def entry() -> None:
+    """Console entry point: exits quietly when its output is piped into `head`."""
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ class SimResult:
     events: int = 0
     stats: dict[str, int] = field(default_factory=dict)
     trace_tail: list[str] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)  # the whole trace, if asked for
 
 
 class World:
@@ -157,6 +158,7 @@ class World:
         self.stats: dict[str, int] = {}
         self.trace: list[tuple[Any, ...]] = []
         self.full_trace = trace
+        self.details: dict[int, Message] = {}
         self.events = 0
         self._counter = 0
         self.heal_proposal: tuple[NodeId, int, int] | None = None
@@ -314,10 +316,9 @@ class World:
         node = self.nodes[m.to]
         if node.core is None or (m.frm, m.to) in self.blocked:
             return
-        if self.full_trace:
-            self.note("recv", m)
-        else:
-            self.note("recv", m.frm, m.to, type(m).__name__, m.term)
+        self.note("recv", m.frm, m.to, type(m).__name__, m.term)
+        if self.full_trace:  # details for the reader; the digest covers the short form
+            self.details[len(self.trace) - 1] = m
         self.count(type(m).__name__)
         node.core.step(m)
         self.after_input(node)
@@ -614,5 +615,12 @@ def run_seed(
         if not isinstance(exc, Violation):
             what += "\n" + "".join(traceback.format_exception(exc)[-6:])
         tail = [" ".join(map(str, t)) for t in world.trace[-60:]]
-        return SimResult(seed, False, what, world.digest(), world.events, world.stats, tail)
-    return SimResult(seed, True, "", world.digest(), world.events, world.stats)
+        result = SimResult(seed, False, what, world.digest(), world.events, world.stats, tail)
+    else:
+        result = SimResult(seed, True, "", world.digest(), world.events, world.stats)
+    if trace:
+        result.trace = [
+            " ".join(map(str, t)) + (f"  {world.details[k]}" if k in world.details else "")
+            for k, t in enumerate(world.trace)
+        ]
+    return result

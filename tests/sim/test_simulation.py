@@ -95,3 +95,11 @@ def test_the_checker_catches_a_planted_bug(name: str) -> None:
                 pool.shutdown(cancel_futures=True)
                 return
     pytest.fail(f"{name} survived {MUTANT_SEED_BUDGET} seeds")
+
+
+def test_a_failing_seed_reproduces_its_violation_and_trace() -> None:
+    factory = _mutant_factory("vote-without-log-check")
+    first = next(r for r in (run_seed(s, factory=factory) for s in range(100)) if not r.ok)
+    again = run_seed(first.seed, factory=factory)
+    assert (again.ok, again.violation, again.digest) == (False, first.violation, first.digest)
+    assert again.trace_tail == first.trace_tail
