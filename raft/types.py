@@ -200,10 +200,14 @@ class Ready:
     """A batch of work the core hands to its runtime.
 
     The runtime must, in this order: write `snapshot_chunks`; install `snapshot` (if
-    set); persist `hard_state` (if set); append `entries` (first truncating any stored
-    entry with index >= entries[0].index); make all of that durable with one fsync
-    (group commit); only then send `messages`; apply `committed_entries`; serve
+    set); append `entries` (first truncating any stored entry with index >=
+    entries[0].index); persist `hard_state` (if set); make all of that durable with one
+    fsync (group commit); only then send `messages`; apply `committed_entries`; serve
     `read_states` once applied >= their index; then call `advance(ready)`.
+
+    Entries go before the hard state: a crash that tears the batch must never leave a
+    durable commit index pointing at an entry that did not reach the disk, or at the
+    older, conflicting entry still stored at that index.
     """
 
     hard_state: HardState | None = None

@@ -230,9 +230,9 @@ class World:
             records.append(partial(disk.write_chunk, c.meta, c.offset, c.data))
         if rd.snapshot is not None:
             records.append(partial(disk.install, rd.snapshot))
+        records.extend(partial(disk.append, rd.entries[: k + 1]) for k in range(len(rd.entries)))
         if rd.hard_state is not None:
             records.append(partial(setattr, disk, "hard_state", rd.hard_state))
-        records.extend(partial(disk.append, rd.entries[: k + 1]) for k in range(len(rd.entries)))
         for rec in records[: self.disk_rng.randrange(len(records) + 1)]:
             rec()
 
@@ -257,10 +257,10 @@ class World:
             disk.install(rd.snapshot)
             node.sm = Register.decode(disk.snapshot_data)
             self.checker.restored(node.id, node.sm.applied, node.sm.fingerprint)
-        if rd.hard_state is not None:
-            disk.hard_state = rd.hard_state
         if rd.entries:
             disk.append(rd.entries)
+        if rd.hard_state is not None:
+            disk.hard_state = rd.hard_state
         for m in rd.messages:
             self.send(m)
         for e in rd.committed_entries:

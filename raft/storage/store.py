@@ -213,7 +213,7 @@ class Storage:
     # ---- the write path
 
     def save(self, rd: Ready) -> None:
-        """Make a Ready durable: chunks, snapshot install, hard state, entries; one fsync."""
+        """Make a Ready durable: chunks, snapshot install, entries, hard state; one fsync."""
         for chunk in rd.snapshot_chunks:
             self._write_chunk(chunk.meta, chunk.offset, chunk.data)
         if rd.snapshot_chunks and self._incoming is not None:
@@ -222,13 +222,13 @@ class Storage:
         if rd.snapshot is not None:
             self._install_incoming(rd.snapshot)
             parts.append(_mark_record(rd.snapshot))
-        if rd.hard_state is not None:
-            parts.append(_hs_record(rd.hard_state))
-            self.hard_state = rd.hard_state
         seg = self._segments[-1]
         for e in rd.entries:
             parts.append(_entry_record(e))
             seg.max_index = e.index
+        if rd.hard_state is not None:  # after the entries: see Ready's contract
+            parts.append(_hs_record(rd.hard_state))
+            self.hard_state = rd.hard_state
         if parts:
             blob = b"".join(parts)
             assert self._file is not None

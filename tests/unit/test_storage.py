@@ -184,3 +184,22 @@ def test_power_loss_keeps_every_acknowledged_save(
     got = recovered(Storage("/data", fs=fs, segment_bytes=segment_bytes))
     # Everything acknowledged is there; the save in flight is there whole or not at all.
     assert got in (_model_after(saves[:done]), _model_after(saves[: done + 1]))
+
+
+def test_a_torn_batch_never_leaves_the_commit_index_on_a_stale_entry(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Found by the simulator (seed 131954): with the hard state written first, a torn
+    batch could keep commit=1 while index 1 still held the old term's entry."""
+    s = Storage(str(tmp_path))
+    s.save(Ready(hard_state=HardState(1, "a", 0), entries=entries(1, 1, 1)))
+    start = s.fs.size(s._segments[-1].path)
+    s.save(Ready(hard_state=HardState(2, None, 1), entries=entries(1, 1, 2)))
+    s.close()
+    path = os.path.join(str(tmp_path), "wal", "00000001.wal")
+    data = pathlib.Path(path).read_bytes()
+    for cut in range(start, len(data) + 1):
+        pathlib.Path(path).write_bytes(data[:cut])
+        hs, got = recovered(Storage(str(tmp_path)))
+        committed = [e for e in got if e.index <= hs.commit]
+        assert all(e.term == 2 for e in committed), cut
