@@ -1,0 +1,63 @@
+"""A tiny replicated key-value state machine, for the runtime's tests and benchmark."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+
+import cbor2
+
+
+class KV:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.applied = 0
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        op, key, *value = cbor2.loads(command)
+        self.applied = index
+        if op == "put":
+            self.data[key] = value[0]
+        elif op == "del":
+            self.data.pop(key, None)
+        return b"ok"
+
+    def snapshot(self) -> Iterable[bytes]:
+        # A count, then one record per key: written and read as a stream.
+        yield cbor2.dumps([self.applied, len(self.data)])
+        for key, value in list(self.data.items()):
+            yield cbor2.dumps([key, value])
+
+    def restore(self, chunks: Iterator[bytes]) -> None:
+        decoder = cbor2.CBORDecoder(io.BufferedReader(_ChunkReader(chunks)))
+        self.applied, count = decoder.decode()
+        self.data = {}
+        for _ in range(count):
+            key, value = decoder.decode()
+            self.data[key] = value
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def put(key: str, value: bytes) -> bytes:
+    return cbor2.dumps(["put", key, value])

@@ -1,0 +1,372 @@
+"""The Raft runtime: drives one core with real time, real disks and real sockets.
+
+One asyncio task owns the core. Ticks, peer messages and requests step it; a second
+loop takes each Ready, saves it in a worker thread (the event loop keeps receiving
+meanwhile, so the next Ready batches everything that arrived: group commit), then
+sends, applies and answers. Nothing is sent before it is durable.
+
+Normal entries carry an envelope: application data, or a peer's address (so that a
+node added at run time becomes reachable everywhere, and stays so after snapshots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cbor2
+
+from raft import codec
+from raft.core import Config, NotLeader, Raft, RaftError, Role
+from raft.storage import Storage
+from raft.transport import Address, Transport
+from raft.types import ConfChange, ConfChangeOp, ConfState, Entry, EntryKind, NodeId, Ready
+
+log = logging.getLogger(__name__)
+
+_APP, _PEER = 0, 1
+_RAFT, _FORWARD, _ANSWER = b"R", b"F", b"A"
+_ADDR_LEN = struct.Struct("<I")
+
+
+class StateMachine(Protocol):
+    def apply(self, index: int, data: bytes) -> bytes: ...
+    def snapshot(self) -> Iterable[bytes]: ...
+    def restore(self, chunks: Iterator[bytes]) -> None: ...
+
+
+class ProposalLost(RaftError):
+    """Another entry was committed at the index of this proposal: it will never apply."""
+
+
+class Unavailable(RaftError):
+    """No leader could be reached in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    id: NodeId
+    listen: Address
+    peers: dict[NodeId, Address]  # the initial voters, this node included
+    data_dir: str
+    key: bytes
+    tick_ms: float = 50.0
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    snapshot_entries: int = 10_000
+    join: bool = False  # start empty and wait to be added, instead of bootstrapping
+    raft: dict[str, Any] = field(default_factory=dict)  # further raft.core.Config fields
+
+
+@dataclass(slots=True)
+class _Waiter:
+    index: int
+    term: int
+    future: asyncio.Future[bytes]
+
+
+class RaftNode:
+    def __init__(self, cfg: NodeConfig, sm: StateMachine) -> None:
+        self.cfg = cfg
+        self.sm = sm
+        self.storage = Storage(cfg.data_dir)
+        self.addresses: dict[NodeId, Address] = dict(cfg.peers)
+        bootstrap = ConfState() if cfg.join else ConfState(tuple(sorted(cfg.peers)), ())
+        init = self.storage.initial_state(bootstrap)
+        core_cfg = Config(
+            id=cfg.id,
+            election_ticks=cfg.election_ticks,
+            heartbeat_ticks=cfg.heartbeat_ticks,
+            snapshot_entries=cfg.snapshot_entries,
+            **cfg.raft,
+        )
+        self.core = Raft(core_cfg, random.Random(), init, self.storage)
+        if init.snapshot is not None:
+            self._restore(self.storage.snapshot_chunks(init.snapshot))
+        self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame)
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self._reads: dict[bytes, asyncio.Future[int]] = {}
+        self._read_points: list[tuple[int, asyncio.Future[int]]] = []
+        self._forwards: dict[int, asyncio.Future[bytes]] = {}
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._applied_events: list[asyncio.Event] = []
+        self.stopped = False
+
+    # ================================================================ lifecycle
+
+    async def start(self) -> None:
+        await self.transport.start()
+        for node, addr in self.addresses.items():
+            self.transport.set_peer(node, addr)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._ready_loop())]
+
+    async def stop(self) -> None:
+        self.stopped = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.transport.close()
+        self.storage.close()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.tick_ms / 1000)
+            self.core.tick()
+            self._wake.set()
+
+    # ================================================================ API
+
+    @property
+    def applied(self) -> int:
+        return self.core.log.applied
+
+    async def propose(self, data: bytes, timeout: float = 10.0) -> bytes:
+        """Replicate `data`; returns the state machine's result once applied here or on
+        the leader. Raises ProposalLost, Unavailable or TimeoutError."""
+        return await asyncio.wait_for(self._propose(cbor2.dumps([_APP, data])), timeout)
+
+    async def _propose(self, envelope: bytes) -> bytes:
+        delay = 0.02
+        while True:
+            if self.core.role is Role.LEADER:
+                return await self._propose_local(envelope)
+            leader = self.core.lead
+            if leader is not None and leader != self.cfg.id:
+                return await self._forward(leader, envelope)
+            await asyncio.sleep(delay)  # an election is under way
+            delay = min(delay * 2, 0.5)
+
+    async def _propose_local(self, envelope: bytes) -> bytes:
+        index, term = self.core.propose(envelope)
+        return await self._wait_applied(index, term)
+
+    async def _wait_applied(self, index: int, term: int) -> bytes:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(index, []).append(_Waiter(index, term, fut))
+        self._wake.set()
+        return await fut
+
+    async def _forward(self, leader: NodeId, envelope: bytes) -> bytes:
+        req = next(self._ids)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._forwards[req] = fut
+        try:
+            self.transport.send(leader, _FORWARD + cbor2.dumps([req, envelope]))
+            return await asyncio.wait_for(asyncio.shield(fut), 5.0)
+        finally:
+            self._forwards.pop(req, None)
+
+    async def read_index(self, timeout: float = 10.0) -> int:
+        """A linearizable read point: once this returns, the local state machine
+        reflects every write committed before the call."""
+        return await asyncio.wait_for(self._read_index(), timeout)
+
+    async def _read_index(self) -> int:
+        delay = 0.02
+        while True:
+            ctx = f"{self.cfg.id}:{next(self._ids)}".encode()
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            try:
+                self.core.read_index(ctx)
+            except NotLeader:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            self._reads[ctx] = fut
+            self._wake.set()
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), 1.0)
+            except TimeoutError:
+                continue  # the leader changed or the request was lost: ask again
+            finally:
+                self._reads.pop(ctx, None)
+
+    async def add_learner(self, node: NodeId, addr: Address, timeout: float = 10.0) -> None:
+        await self.propose_peer(node, addr, timeout)
+        await self.change(ConfChange(ConfChangeOp.ADD_LEARNER, node), timeout)
+
+    async def propose_peer(self, node: NodeId, addr: Address, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._propose(cbor2.dumps([_PEER, node, str(addr)])), timeout)
+
+    async def change(self, change: ConfChange, timeout: float = 10.0) -> None:
+        """A membership change, proposed on this node (which must be the leader)."""
+        index, term = self.core.propose_conf_change(change)
+        await asyncio.wait_for(self._wait_applied(index, term), timeout)
+
+    def transfer_leader(self, target: NodeId) -> None:
+        self.core.transfer_leader(target)
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        c = self.core
+        progress = {
+            n: {
+                "match": p.match,
+                "next": p.next,
+                "state": p.state.value,
+                "lag": c.log.last_index() - p.match,
+            }
+            for n, p in sorted(c.prs.items())
+        }
+        conf = c.conf()
+        return {
+            "id": self.cfg.id,
+            "role": c.role.value,
+            "term": c.term,
+            "leader": c.lead,
+            "commit": c.log.committed,
+            "applied": c.log.applied,
+            "last_index": c.log.last_index(),
+            "voters": list(conf.voters),
+            "learners": list(conf.learners),
+            "progress": progress,
+            "snapshot_index": c.snapshot.index if c.snapshot else 0,
+        }
+
+    # ================================================================ inbound
+
+    def _on_frame(self, peer: NodeId, payload: bytes) -> None:
+        kind, body = payload[:1], payload[1:]
+        try:
+            if kind == _RAFT:
+                self.core.step(codec.decode_message(body))
+            elif kind == _FORWARD:
+                req, envelope = cbor2.loads(body)
+                asyncio.get_running_loop().create_task(self._serve_forward(peer, req, envelope))
+            elif kind == _ANSWER:
+                self._answer(cbor2.loads(body))
+            else:
+                log.warning("unknown frame kind %r from %s", kind, peer)
+        except codec.DecodeError as exc:
+            log.warning("undecodable frame from %s: %s", peer, exc)
+        self._wake.set()
+
+    async def _serve_forward(self, peer: NodeId, req: int, envelope: bytes) -> None:
+        try:
+            if self.core.role is not Role.LEADER:
+                raise NotLeader(self.core.lead)
+            result, error = await self._propose_local(envelope), None
+        except RaftError as exc:
+            result, error = b"", f"{type(exc).__name__}: {exc}"
+        self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
+
+    def _answer(self, answer: list[Any]) -> None:
+        req, result, error = answer
+        fut = self._forwards.get(req)
+        if fut is None or fut.done():
+            return
+        if error is None:
+            fut.set_result(result)
+        elif error.startswith("ProposalLost"):
+            fut.set_exception(ProposalLost(error))
+        else:
+            fut.set_exception(Unavailable(error))
+
+    # ================================================================ the Ready loop
+
+    async def _ready_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.core.has_ready():
+                rd = self.core.ready()
+                if rd.must_sync():
+                    await loop.run_in_executor(None, self.storage.save, rd)
+                self._handle(rd)
+
+    def _handle(self, rd: Ready) -> None:
+        for m in rd.messages:
+            self.transport.send(m.to, _RAFT + codec.encode_message(m))
+        if rd.snapshot is not None:
+            self._restore(self.storage.snapshot_chunks(rd.snapshot))
+        for e in rd.committed_entries:
+            self._apply(e)
+        for rs in rd.read_states:
+            fut = self._reads.get(rs.context)
+            if fut is not None and not fut.done():
+                self._read_points.append((rs.index, fut))
+        self.core.advance(rd)
+        self._release_reads()
+        if rd.snapshot_due:
+            self._take_snapshot()
+
+    def _apply(self, e: Entry) -> None:
+        result = b""
+        if e.kind is EntryKind.NORMAL:
+            kind, *rest = cbor2.loads(e.data)
+            if kind == _APP:
+                result = self.sm.apply(e.index, rest[0])
+            elif kind == _PEER:
+                self.addresses[rest[0]] = Address.parse(rest[1])
+                self.transport.set_peer(rest[0], self.addresses[rest[0]])
+        for w in self._waiters.pop(e.index, []):
+            if w.future.done():
+                continue
+            if w.term == e.term:
+                w.future.set_result(result)
+            else:
+                w.future.set_exception(ProposalLost(f"entry {e.index} went to term {e.term}"))
+
+    def _release_reads(self) -> None:
+        keep = []
+        for index, fut in self._read_points:
+            if fut.done():
+                continue
+            if index <= self.core.log.applied:
+                fut.set_result(index)
+            else:
+                keep.append((index, fut))
+        self._read_points = keep
+
+    # ================================================================ snapshots
+
+    def _take_snapshot(self) -> None:
+        index = self.core.log.applied
+        head = cbor2.dumps({n: str(a) for n, a in sorted(self.addresses.items())})
+        chunks = itertools.chain([_ADDR_LEN.pack(len(head)) + head], self.sm.snapshot())
+        meta = self.core.snapshot_meta(index, 0)
+        if meta is None:
+            return
+        meta = self.storage.write_snapshot(meta.index, meta.term, meta.conf, chunks)
+        self.core.snapshot_taken(meta)
+
+    def _restore(self, chunks: Iterator[bytes]) -> None:
+        stream = _Stream(chunks)
+        (length,) = _ADDR_LEN.unpack(stream.take(_ADDR_LEN.size))
+        for node, addr in cbor2.loads(stream.take(length)).items():
+            self.addresses[node] = Address.parse(addr)
+            if hasattr(self, "transport"):
+                self.transport.set_peer(node, self.addresses[node])
+        self.sm.restore(stream.rest())
+
+
+class _Stream:
+    """Reads a prefix off an iterator of chunks, then hands on the remainder."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def take(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._buf += next(self._chunks)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def rest(self) -> Iterator[bytes]:
+        if self._buf:
+            yield self._buf
+        yield from self._chunks

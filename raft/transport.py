@@ -1,0 +1,265 @@
+"""Authenticated TCP between Raft peers: length-prefixed frames, one connection per
+peer and direction, bounded queues, reconnect with backoff.
+
+Authentication with a shared cluster key: at connect the server sends a random nonce,
+the client answers with its id, its own nonce and an HMAC over both; the server proves
+itself the same way. Both then derive a session key, and every frame carries an HMAC of
+(direction, sequence number, payload): a peer without the key can neither read a frame
+nor inject, replay or reorder one. (Frames are not encrypted; use a private network or
+the TLS mode for confidentiality.) Nothing is decoded before authentication succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cbor2
+
+from raft.types import NodeId
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SMTPCLUSTER-RAFT-1"
+_LEN = struct.Struct("<I")
+MAC_BYTES = 16
+MAX_FRAME = 64 << 20  # a snapshot chunk plus headroom; larger is an attack or a bug
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class AuthError(Exception):
+    """The other side does not hold the cluster key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    @staticmethod
+    def parse(text: str) -> Address:
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {text!r}")
+        return Address(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class _Session:
+    """Per-connection MAC state. Each direction has its own key and sequence."""
+
+    def __init__(self, key: bytes, nonce_s: bytes, nonce_c: bytes, is_client: bool) -> None:
+        k = hmac.new(key, b"session" + nonce_s + nonce_c, hashlib.sha256).digest()
+        self._send_key = hmac.new(k, b"c2s" if is_client else b"s2c", hashlib.sha256).digest()
+        self._recv_key = hmac.new(k, b"s2c" if is_client else b"c2s", hashlib.sha256).digest()
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    def seal(self, payload: bytes) -> bytes:
+        mac = hmac.new(self._send_key, _LEN.pack(self._send_seq) + payload, hashlib.sha256)
+        self._send_seq += 1
+        return _LEN.pack(len(payload)) + payload + mac.digest()[:MAC_BYTES]
+
+    async def read(self, reader: asyncio.StreamReader) -> bytes:
+        (length,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+        if length > MAX_FRAME:
+            raise AuthError(f"frame of {length} bytes refused")
+        payload = await reader.readexactly(length)
+        mac = await reader.readexactly(MAC_BYTES)
+        want = hmac.new(self._recv_key, _LEN.pack(self._recv_seq) + payload, hashlib.sha256)
+        if not hmac.compare_digest(mac, want.digest()[:MAC_BYTES]):
+            raise AuthError("frame MAC mismatch")
+        self._recv_seq += 1
+        return payload
+
+
+def _proof(key: bytes, role: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, role + b"".join(parts), hashlib.sha256).digest()
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, me: NodeId
+) -> _Session:
+    hello = await reader.readexactly(len(MAGIC) + 32)
+    if not hello.startswith(MAGIC):
+        raise AuthError("not a raft peer")
+    nonce_s, nonce_c = hello[len(MAGIC) :], os.urandom(32)
+    proof = _proof(key, b"client", nonce_s, nonce_c, me.encode())
+    body = cbor2.dumps([me, nonce_c, proof])
+    writer.write(_LEN.pack(len(body)) + body)
+    await writer.drain()
+    answer = await reader.readexactly(32)
+    if not hmac.compare_digest(answer, _proof(key, b"server", nonce_c, nonce_s, me.encode())):
+        raise AuthError("server does not hold the cluster key")
+    return _Session(key, nonce_s, nonce_c, is_client=True)
+
+
+async def server_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes
+) -> tuple[NodeId, _Session]:
+    nonce_s = os.urandom(32)
+    writer.write(MAGIC + nonce_s)
+    await writer.drain()
+    (length,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if length > 1024:
+        raise AuthError("oversized hello")
+    hello = await reader.readexactly(length)
+    try:
+        peer, nonce_c, proof = cbor2.loads(hello)
+        ok = isinstance(peer, str) and isinstance(nonce_c, bytes) and len(nonce_c) == 32
+    except Exception as exc:
+        raise AuthError("malformed hello") from exc
+    if not ok or not hmac.compare_digest(
+        proof, _proof(key, b"client", nonce_s, nonce_c, peer.encode())
+    ):
+        raise AuthError(f"peer claiming to be {peer!r:.40} does not hold the cluster key")
+    writer.write(_proof(key, b"server", nonce_c, nonce_s, peer.encode()))
+    await writer.drain()
+    return peer, _Session(key, nonce_s, nonce_c, is_client=False)
+
+
+class _Peer:
+    def __init__(self, addr: Address, limit: int) -> None:
+        self.addr = addr
+        self.queue: collections.deque[bytes] = collections.deque(maxlen=limit)
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.connected = False
+
+
+class Transport:
+    """Delivers opaque payloads to peers; the node decides what they mean."""
+
+    def __init__(
+        self,
+        me: NodeId,
+        listen: Address,
+        key: bytes,
+        on_frame: Callable[[NodeId, bytes], None],
+        queue_limit: int = 4096,
+    ) -> None:
+        self.me = me
+        self.listen = listen
+        self._key = key
+        self._on_frame = on_frame
+        self._limit = queue_limit
+        self._peers: dict[NodeId, _Peer] = {}
+        self._server: asyncio.Server | None = None
+        self._inbound: set[asyncio.Task[None]] = set()
+        self.auth_failures = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.listen.host, self.listen.port, reuse_address=True
+        )
+
+    def set_peer(self, node: NodeId, addr: Address) -> None:
+        if node == self.me:
+            return
+        peer = self._peers.get(node)
+        if peer is not None and peer.addr == addr:
+            return
+        if peer is not None and peer.task is not None:
+            peer.task.cancel()
+        peer = _Peer(addr, self._limit)
+        self._peers[node] = peer
+        peer.task = asyncio.get_running_loop().create_task(self._sender(node, peer))
+
+    def peers(self) -> dict[NodeId, Address]:
+        return {n: p.addr for n, p in self._peers.items()}
+
+    def send(self, to: NodeId, payload: bytes) -> None:
+        """Queue a payload. A full queue drops the oldest: Raft resends what matters."""
+        peer = self._peers.get(to)
+        if peer is None:
+            return
+        if len(peer.queue) == peer.queue.maxlen:
+            peer.dropped += 1
+        peer.queue.append(payload)
+        peer.ready.set()
+
+    def is_connected(self, node: NodeId) -> bool:
+        peer = self._peers.get(node)
+        return peer is not None and peer.connected
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [p.task for p in self._peers.values() if p.task] + list(self._inbound)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    # ---- outbound
+
+    async def _sender(self, node: NodeId, peer: _Peer) -> None:
+        backoff = 0.05
+        while True:
+            writer = None
+            try:
+                reader, writer = await asyncio.open_connection(peer.addr.host, peer.addr.port)
+                session = await asyncio.wait_for(
+                    client_handshake(reader, writer, self._key, self.me), HANDSHAKE_TIMEOUT
+                )
+                peer.connected, backoff = True, 0.05
+                await self._pump(peer, session, writer)
+            except asyncio.CancelledError:
+                raise
+            except AuthError as exc:
+                self.auth_failures += 1
+                log.warning("peer %s at %s refused: %s", node, peer.addr, exc)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                log.debug("peer %s at %s unreachable: %s", node, peer.addr, exc)
+            finally:
+                peer.connected = False
+                if writer is not None:
+                    writer.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _pump(self, peer: _Peer, session: _Session, writer: asyncio.StreamWriter) -> None:
+        while True:
+            if not peer.queue:
+                peer.ready.clear()
+                await peer.ready.wait()
+            while peer.queue:
+                writer.write(session.seal(peer.queue.popleft()))
+            await writer.drain()
+
+    # ---- inbound
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inbound.add(task)
+        where = writer.get_extra_info("peername")
+        try:
+            peer, session = await asyncio.wait_for(
+                server_handshake(reader, writer, self._key), HANDSHAKE_TIMEOUT
+            )
+            while True:
+                self._on_frame(peer, await session.read(reader))
+        except AuthError as exc:
+            self.auth_failures += 1
+            log.warning("connection from %s refused: %s", where, exc)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            self._inbound.discard(task)
+            writer.close()

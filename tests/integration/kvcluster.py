@@ -1,0 +1,129 @@
+"""Real `raft.kvserver` processes on loopback, with their own data directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0) -> T:
+    """Poll `check` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            got = check()
+            if got:
+                return got
+        except (OSError, ValueError, KeyError) as exc:
+            last_error = exc
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
+
+
+@dataclass
+class Proc:
+    id: str
+    host: str
+    raft_port: int
+    client_port: int
+    data: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def raft_addr(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
+
+class KVCluster:
+    def __init__(self, root: Path, ids: list[str], **opts: Any) -> None:
+        self.root = root
+        self.key_file = root / "cluster.key"
+        self.key_file.write_bytes(os.urandom(32).hex().encode())
+        self.opts = {"tick-ms": 20, "snapshot-entries": 10_000, **opts}
+        self.procs: dict[str, Proc] = {}
+        for k, nid in enumerate(ids):
+            self.add_proc(nid, f"127.0.0.{k + 1}")
+        self.initial = list(ids)
+
+    def add_proc(self, nid: str, host: str) -> Proc:
+        p = Proc(nid, host, free_port(host), free_port(host), self.root / nid)
+        self.procs[nid] = p
+        return p
+
+    def start(self, nid: str, join: bool = False, key_file: Path | None = None) -> None:
+        p = self.procs[nid]
+        args = [
+            sys.executable, "-P", "-m", "raft.kvserver", "--id", nid,
+            "--listen", p.raft_addr, "--client", f"{p.host}:{p.client_port}",
+            "--data", str(p.data), "--key-file", str(key_file or self.key_file),
+        ]  # fmt: skip
+        for other in self.initial:
+            args += ["--peer", f"{other}={self.procs[other].raft_addr}"]
+        for k, v in self.opts.items():
+            args += [f"--{k}", str(v)]
+        if join:
+            args.append("--join")
+        log = open(self.root / f"{nid}.log", "ab")  # noqa: SIM115 - closed with the process
+        p.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(f"{nid} to listen", lambda: self.call(nid, {"op": "status"}).get("ok"))
+
+    def start_all(self) -> None:
+        for nid in self.initial:
+            self.start(nid)
+
+    def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[nid]
+        assert p.popen is not None
+        p.popen.send_signal(sig)
+        p.popen.wait(timeout=10)
+        p.popen = None
+
+    def stop_all(self) -> None:
+        for nid, p in self.procs.items():
+            if p.popen is not None:
+                self.kill(nid, signal.SIGTERM)
+
+    def call(self, nid: str, req: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
+        p = self.procs[nid]
+        with socket.create_connection((p.host, p.client_port), timeout=timeout) as s:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            line = s.makefile().readline()
+        if not line:
+            raise OSError("connection closed without an answer")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def live(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.popen is not None]
+
+    def leader(self, timeout: float = 20.0) -> str:
+        """The node every live member agrees leads."""
+
+        def agreed() -> str | None:
+            views = [self.call(n, {"op": "status"}) for n in self.live()]
+            leaders = {v["leader"] for v in views}
+            if len(leaders) == 1 and None not in leaders:
+                lead: str = leaders.pop()
+                return lead if lead in self.live() else None
+            return None
+
+        return wait_for("an agreed leader", agreed, timeout)
