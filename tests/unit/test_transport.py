@@ -1,0 +1,108 @@
+"""Peer authentication and frame integrity on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from raft.transport import MAC_BYTES, MAGIC, Address, Transport, client_handshake
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _eventually(cond: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def _pair(key_a: bytes, key_b: bytes) -> tuple[Transport, Transport, list[tuple[str, bytes]]]:
+    got: list[tuple[str, bytes]] = []
+    a = Transport("a", Address("127.0.0.1", _port()), key_a, lambda p, f: None)
+    b = Transport("b", Address("127.0.0.1", _port()), key_b, lambda p, f: got.append((p, f)))
+    await a.start()
+    await b.start()
+    a.set_peer("b", b.listen)
+    return a, b, got
+
+
+def test_frames_flow_between_peers_with_the_same_key() -> None:
+    async def run() -> None:
+        a, b, got = await _pair(b"k" * 32, b"k" * 32)
+        for k in range(100):
+            a.send("b", b"frame-%d" % k)
+        await _eventually(lambda: len(got) == 100)
+        assert got == [("a", b"frame-%d" % k) for k in range(100)]
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+def test_a_peer_with_another_key_is_refused_and_delivers_nothing() -> None:
+    async def run() -> None:
+        a, b, got = await _pair(b"right" * 8, b"wrong" * 8)
+        a.send("b", b"append entries, please")
+        await _eventually(lambda: b.auth_failures > 1)  # refused, and again on retry
+        assert got == []
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+def test_a_tampered_frame_closes_the_connection_undelivered() -> None:
+    async def run() -> None:
+        got: list[tuple[str, bytes]] = []
+        b = Transport(
+            "b", Address("127.0.0.1", _port()), b"k" * 32, lambda p, f: got.append((p, f))
+        )
+        await b.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.listen.port)
+        session = await client_handshake(reader, writer, b"k" * 32, "a")
+        good = session.seal(b"first")
+        bad = bytearray(session.seal(b"second"))
+        bad[6] ^= 1  # flip a payload bit: the MAC no longer matches
+        writer.write(good + bytes(bad) + session.seal(b"third"))
+        await writer.drain()
+        await _eventually(lambda: b.auth_failures == 1)
+        assert got == [("a", b"first")]
+        assert len(good) == 4 + len(b"first") + MAC_BYTES
+        writer.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+def test_garbage_instead_of_a_handshake_is_refused() -> None:
+    async def run() -> None:
+        got: list[tuple[str, bytes]] = []
+        b = Transport(
+            "b", Address("127.0.0.1", _port()), b"k" * 32, lambda p, f: got.append((p, f))
+        )
+        await b.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.listen.port)
+        assert (await reader.readexactly(len(MAGIC) + 32)).startswith(MAGIC)
+        writer.write(b"\x10\x00\x00\x00" + b"x" * 16)
+        await writer.drain()
+        await _eventually(lambda: b.auth_failures == 1)
+        assert got == [] and await reader.read() == b""
+        writer.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "host:port", ":25"])
+def test_bad_addresses_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        Address.parse(text)
