@@ -294,6 +294,8 @@ class Raft:
         rd = Ready()
         hs = self._persisted_hard_state()
         if hs != self._prev_hs:
+            prev = self._prev_hs
+            rd.term_or_vote_changed = (hs.term, hs.vote) != (prev.term, prev.vote)
             rd.hard_state = self._prev_hs = hs
         rd.entries = self.log.slice(self.log.handed + 1, self.log.last_index() + 1)
         self.log.handed = self.log.last_index()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import signal
+import time
 from typing import Any
 
 try:
@@ -49,10 +50,35 @@ async def handle(node: RaftNode, kv: KV, req: dict[str, Any]) -> dict[str, Any]:
         kind = ConfChangeOp.PROMOTE if op == "promote" else ConfChangeOp.REMOVE
         await node.change(ConfChange(kind, req["id"]))
         return {}
+    if op == "bench":
+        return await bench(node, req["n"], req["concurrency"], req["size"])
     if op == "transfer":
         node.transfer_leader(req["id"])
         return {}
     raise ValueError(f"unknown op {op!r}")
+
+
+async def bench(node: RaftNode, n: int, concurrency: int, size: int) -> dict[str, Any]:
+    """Proposals made inside this process (the embedded path the relay uses)."""
+    latencies: list[float] = []
+    value = b"v" * size
+    counter = iter(range(n))
+
+    async def proposer() -> None:
+        for k in counter:
+            began = time.perf_counter()
+            await node.propose(put(f"bench{k}", value))
+            latencies.append(time.perf_counter() - began)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(proposer() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "ops_per_s": n / elapsed,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+    }
 
 
 async def serve_client(

@@ -27,7 +27,18 @@ from raft import codec
 from raft.core import Config, NotLeader, Raft, RaftError, Role
 from raft.storage import Storage
 from raft.transport import Address, Transport
-from raft.types import ConfChange, ConfChangeOp, ConfState, Entry, EntryKind, NodeId, Ready
+from raft.types import (
+    AppendEntries,
+    ConfChange,
+    ConfChangeOp,
+    ConfState,
+    Entry,
+    EntryKind,
+    Heartbeat,
+    InstallSnapshot,
+    NodeId,
+    Ready,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,12 +294,29 @@ class RaftNode:
             self._wake.clear()
             while self.core.has_ready():
                 rd = self.core.ready()
+                early = self._send_early(rd)
                 if rd.must_sync():
                     await loop.run_in_executor(None, self.storage.save, rd)
-                self._handle(rd)
+                elif rd.hard_state is not None:
+                    self.storage.save(rd)  # a commit index only: written, not fsynced
+                self._handle(rd, early)
 
-    def _handle(self, rd: Ready) -> None:
+    def _send_early(self, rd: Ready) -> int:
+        """A leader's replication messages may leave before its own fsync (Raft thesis
+        §10.2.1): the leader counts itself only once its entries are durable. Answers
+        (votes, acknowledgements) still wait. Returns how many leading messages went."""
+        if rd.term_or_vote_changed:
+            return 0
+        sent = 0
         for m in rd.messages:
+            if not isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
+                break
+            self.transport.send(m.to, _RAFT + codec.encode_message(m))
+            sent += 1
+        return sent
+
+    def _handle(self, rd: Ready, early: int) -> None:
+        for m in rd.messages[early:]:
             self.transport.send(m.to, _RAFT + codec.encode_message(m))
         if rd.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(rd.snapshot))

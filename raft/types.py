@@ -218,8 +218,12 @@ class Ready:
     committed_entries: list[Entry] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     snapshot_due: bool = False  # the log has grown past a compaction threshold
+    term_or_vote_changed: bool = False  # hard_state carries more than a new commit index
 
     def must_sync(self) -> bool:
+        """Whether this batch needs an fsync before its messages go out. A hard state
+        that only moves the commit index does not: a lost commit index is relearned
+        from the leader (etcd's MustSync makes the same choice)."""
         return bool(
-            self.hard_state is not None or self.entries or self.snapshot_chunks or self.snapshot
+            self.term_or_vote_changed or self.entries or self.snapshot_chunks or self.snapshot
         )

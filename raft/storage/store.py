@@ -233,7 +233,8 @@ class Storage:
             blob = b"".join(parts)
             assert self._file is not None
             self._file.write(blob)
-            self._file.sync()
+            if rd.must_sync():
+                self._file.sync()
             seg.size += len(blob)
             if seg.size >= self.segment_bytes:
                 self._rotate()
