@@ -1,1 +1,387 @@
-"""mailqueue: the replicated spool state machine (built in a later issue)."""
+"""The replicated spool: a deterministic state machine over committed commands.
+
+Theory of operation. Every node applies the same commands in the same order, and the
+spool's only inputs are those commands (time included: `cmd.at`), so every node holds
+the same spool. Each recipient of each message is in exactly one RcptState; every
+change goes through `_move`, which checks it against TRANSITIONS and keeps the
+counters. A message leaves the spool when all its recipients are final (delivered or
+bounced) and every bounce that needs a DSN has one.
+
+Bodies live in a BodyStore beside the index, not in it, so the index of a million
+queued messages stays small.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mailqueue.commands import (
+    Accept,
+    Assign,
+    BeginDot,
+    Command,
+    Delete,
+    Expire,
+    Hold,
+    MessageId,
+    NodeDown,
+    NodeId,
+    Outcome,
+    OutcomeKind,
+    Release,
+    Retry,
+    UncertainPolicy,
+    Unhold,
+)
+
+TOMBSTONE_MS = 24 * 3600 * 1000  # an Accept replayed within a day of delivery is a no-op
+
+
+class RcptState(enum.IntEnum):
+    QUEUED = 0
+    ASSIGNED = 1
+    SENDING = 2  # BeginDot applied: the final dot may have been sent
+    DELIVERED = 3
+    BOUNCED = 4
+    HELD = 5
+    UNCERTAIN = 6  # its node died after BeginDot, before Outcome
+
+
+S = RcptState
+TRANSITIONS: dict[RcptState, frozenset[RcptState]] = {
+    S.QUEUED: frozenset({S.ASSIGNED, S.HELD, S.BOUNCED}),
+    S.ASSIGNED: frozenset({S.SENDING, S.QUEUED, S.BOUNCED, S.HELD}),
+    S.SENDING: frozenset({S.DELIVERED, S.QUEUED, S.BOUNCED, S.UNCERTAIN}),
+    S.UNCERTAIN: frozenset({S.QUEUED, S.HELD, S.BOUNCED}),
+    S.HELD: frozenset({S.QUEUED, S.BOUNCED}),
+    S.DELIVERED: frozenset(),
+    S.BOUNCED: frozenset(),
+}
+FINAL = frozenset({S.DELIVERED, S.BOUNCED})
+
+
+class IllegalTransition(AssertionError):
+    """A bug: the spool was asked to move a recipient along an edge that does not exist."""
+
+
+@dataclass(slots=True)
+class Rcpt:
+    address: str
+    state: RcptState = RcptState.QUEUED
+    next_attempt: int = 0  # ms since the epoch; due when <= now
+    attempts: int = 0  # delivery attempts that reached an outcome
+    attempt: int = 0  # the latest assignment's number: the fencing token
+    node: NodeId = ""  # who holds the assignment (ASSIGNED, SENDING, UNCERTAIN)
+    last_error: str = ""
+    final_at: int = 0
+    reply: str = ""  # DELIVERED: the remote's reply; BOUNCED: the reason
+    dsn_sent: bool = False
+    was_uncertain: bool = False
+
+    def key(self) -> tuple[object, ...]:
+        return (
+            self.address, int(self.state), self.next_attempt, self.attempts, self.attempt,
+            self.node, self.last_error, self.final_at, self.reply, self.dsn_sent,
+            self.was_uncertain,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Message:
+    id: MessageId
+    sender: str
+    size: int
+    received_at: int
+    accepted_by: NodeId
+    is_bounce: bool
+    rcpts: list[Rcpt] = field(default_factory=list)
+
+    def domain(self, k: int) -> str:
+        return self.rcpts[k].address.rpartition("@")[2].lower()
+
+    def needs_dsn(self, r: Rcpt) -> bool:
+        return r.state is S.BOUNCED and not r.dsn_sent and self.sender != "" and not self.is_bounce
+
+
+class BodyStore(Protocol):
+    def put(self, message_id: MessageId, body: bytes) -> None: ...
+    def get(self, message_id: MessageId) -> bytes: ...
+    def delete(self, message_id: MessageId) -> None: ...
+    def clear(self) -> None: ...
+
+
+class MemoryBodies:
+    def __init__(self) -> None:
+        self.bodies: dict[MessageId, bytes] = {}
+
+    def put(self, message_id: MessageId, body: bytes) -> None:
+        self.bodies[message_id] = body
+
+    def get(self, message_id: MessageId) -> bytes:
+        return self.bodies[message_id]
+
+    def delete(self, message_id: MessageId) -> None:
+        self.bodies.pop(message_id, None)
+
+    def clear(self) -> None:
+        self.bodies.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What applying a command did. `ok` is False when a command was refused, e.g. a
+    BeginDot whose attempt no longer holds the assignment."""
+
+    ok: bool = True
+    detail: str = ""
+    changed: int = 0  # recipients whose state changed
+
+
+class Spool:
+    def __init__(self, bodies: BodyStore | None = None) -> None:
+        self.bodies: BodyStore = bodies if bodies is not None else MemoryBodies()
+        self.messages: dict[MessageId, Message] = {}
+        self.finished: dict[MessageId, int] = {}  # tombstones: id -> when it left
+        self._finished_order: collections.deque[tuple[int, MessageId]] = collections.deque()
+        self.counts: dict[RcptState, int] = dict.fromkeys(RcptState, 0)
+        self.load: dict[NodeId, int] = {}  # assigned + sending recipients per node
+        self.uncertain_total = 0
+        self.now = 0  # the newest command time applied
+
+    # ---- the one way to change a recipient
+
+    def _move(self, r: Rcpt, to: RcptState) -> None:
+        if to not in TRANSITIONS[r.state]:
+            raise IllegalTransition(f"{r.address}: {r.state.name} -> {to.name}")
+        if r.state in (S.ASSIGNED, S.SENDING):
+            self.load[r.node] -= 1
+            if not self.load[r.node]:
+                del self.load[r.node]
+        if to in (S.ASSIGNED, S.SENDING):
+            self.load[r.node] = self.load.get(r.node, 0) + 1
+        self.counts[r.state] -= 1
+        self.counts[to] += 1
+        r.state = to
+        if to in FINAL:
+            r.final_at = self.now
+
+    # ---- applying commands
+
+    def apply(self, cmd: Command) -> Applied:
+        self.now = max(self.now, cmd.at)
+        handler = _HANDLERS[type(cmd)]
+        result: Applied = handler(self, cmd)
+        self._forget_tombstones()
+        return result
+
+    def _accept(self, cmd: Accept) -> Applied:
+        if cmd.message_id in self.messages or cmd.message_id in self.finished:
+            return Applied(True, "already accepted")
+        msg = Message(
+            cmd.message_id, cmd.sender, len(cmd.body), cmd.at, cmd.accepted_by, cmd.is_bounce,
+            [Rcpt(a, next_attempt=cmd.at) for a in cmd.recipients],
+        )  # fmt: skip
+        self.messages[msg.id] = msg
+        self.counts[S.QUEUED] += len(msg.rcpts)
+        self.bodies.put(msg.id, cmd.body)
+        if cmd.bounce_of:
+            self._dsn_sent(cmd.bounce_of, cmd.bounce_rcpts)
+        return Applied(True, "accepted", len(msg.rcpts))
+
+    def _dsn_sent(self, message_id: MessageId, rcpts: tuple[int, ...]) -> None:
+        orig = self.messages.get(message_id)
+        if orig is None:
+            return
+        for k in rcpts:
+            if 0 <= k < len(orig.rcpts):
+                orig.rcpts[k].dsn_sent = True
+        self._maybe_finish(orig)
+
+    def _assign(self, cmd: Assign) -> Applied:
+        changed = 0
+        for a in cmd.assignments:
+            r = self._rcpt(a.message_id, a.rcpt)
+            # Compare-and-set on the attempt number: a replayed Assign, or one computed
+            # from a stale view, changes nothing.
+            if r is None or r.state is not S.QUEUED or a.attempt != r.attempt + 1:
+                continue
+            r.node, r.attempt = a.node, a.attempt
+            self._move(r, S.ASSIGNED)
+            changed += 1
+        return Applied(True, "", changed)
+
+    def _begin_dot(self, cmd: BeginDot) -> Applied:
+        msg = self.messages.get(cmd.message_id)
+        if msg is None:
+            return Applied(False, "message no longer queued")
+        targets = [msg.rcpts[k] for k in cmd.rcpts if 0 <= k < len(msg.rcpts)]
+        if len(targets) != len(cmd.rcpts) or not targets:
+            return Applied(False, "no such recipients")
+        for r in targets:
+            held = r.node == cmd.node and r.attempt == cmd.attempt
+            if not held or r.state not in (S.ASSIGNED, S.SENDING):
+                return Applied(False, f"attempt {cmd.attempt} no longer holds {r.address}")
+        changed = 0
+        for r in targets:
+            if r.state is S.ASSIGNED:
+                self._move(r, S.SENDING)
+                changed += 1
+        return Applied(True, "", changed)
+
+    def _outcome(self, cmd: Outcome) -> Applied:
+        msg = self.messages.get(cmd.message_id)
+        if msg is None:
+            return Applied(False, "message no longer queued")
+        changed = 0
+        for res in cmd.results:
+            if not 0 <= res.rcpt < len(msg.rcpts):
+                continue
+            r = msg.rcpts[res.rcpt]
+            if r.node != cmd.node or r.attempt != cmd.attempt:
+                continue  # a late outcome of an attempt that lost its assignment
+            if r.state is S.ASSIGNED and res.kind is OutcomeKind.DELIVERED:
+                continue  # delivered without BeginDot: the worker broke the protocol
+            if r.state not in (S.ASSIGNED, S.SENDING):
+                continue  # already decided (a repeated Outcome)
+            r.attempts += 1
+            if res.kind is OutcomeKind.DELIVERED:
+                r.reply = res.reply
+                self._move(r, S.DELIVERED)
+            elif res.kind is OutcomeKind.FAILED:
+                r.reply = res.reply
+                self._move(r, S.BOUNCED)
+            else:
+                r.last_error, r.next_attempt = res.reply, res.retry_at
+                self._move(r, S.QUEUED)
+            changed += 1
+        self._maybe_finish(msg)
+        return Applied(True, "", changed)
+
+    def _release(self, cmd: Release) -> Applied:
+        changed = 0
+        for k in cmd.rcpts:
+            r = self._rcpt(cmd.message_id, k)
+            if r and r.state is S.ASSIGNED and (r.node, r.attempt) == (cmd.node, cmd.attempt):
+                self._move(r, S.QUEUED)
+                changed += 1
+        return Applied(True, "", changed)
+
+    def _node_down(self, cmd: NodeDown) -> Applied:
+        changed = 0
+        for msg in self.messages.values():
+            for r in msg.rcpts:
+                if r.node != cmd.node:
+                    continue
+                if r.state is S.ASSIGNED:
+                    self._move(r, S.QUEUED)
+                    changed += 1
+                elif r.state is S.SENDING:
+                    self._move(r, S.UNCERTAIN)
+                    r.was_uncertain = True
+                    self.uncertain_total += 1
+                    if cmd.policy is UncertainPolicy.REDELIVER:
+                        self._move(r, S.QUEUED)
+                    changed += 1
+        return Applied(True, "", changed)
+
+    def _expire(self, cmd: Expire) -> Applied:
+        msg = self.messages.get(cmd.message_id)
+        if msg is None:
+            return Applied(False, "message no longer queued")
+        changed = 0
+        for r in msg.rcpts:
+            if r.state in (S.QUEUED, S.HELD, S.UNCERTAIN, S.ASSIGNED):
+                r.reply = cmd.reason
+                self._move(r, S.BOUNCED)
+                changed += 1
+        self._maybe_finish(msg)
+        return Applied(True, "", changed)
+
+    def _admin(self, ids: tuple[MessageId, ...], edges: dict[RcptState, RcptState]) -> Applied:
+        changed = 0
+        for mid in ids:
+            msg = self.messages.get(mid)
+            for r in msg.rcpts if msg else []:
+                to = edges.get(r.state)
+                if to is None:
+                    continue
+                if to is S.QUEUED:
+                    r.next_attempt = self.now  # due now
+                if to is not r.state:
+                    self._move(r, to)
+                changed += 1
+        return Applied(True, "", changed)
+
+    def _delete(self, cmd: Delete) -> Applied:
+        changed = 0
+        for mid in cmd.message_ids:
+            msg = self.messages.get(mid)
+            if msg is None:
+                continue
+            for r in msg.rcpts:
+                if r.state not in FINAL:
+                    r.reply = "deleted by the administrator"
+                    r.dsn_sent = True  # an operator's delete sends no bounce
+                    self._move(r, S.BOUNCED)
+                    changed += 1
+                r.dsn_sent = True
+            self._maybe_finish(msg)
+        return Applied(True, "", changed)
+
+    # ---- helpers
+
+    def _rcpt(self, message_id: MessageId, k: int) -> Rcpt | None:
+        msg = self.messages.get(message_id)
+        if msg is None or not 0 <= k < len(msg.rcpts):
+            return None
+        return msg.rcpts[k]
+
+    def _maybe_finish(self, msg: Message) -> None:
+        if any(r.state not in FINAL or msg.needs_dsn(r) for r in msg.rcpts):
+            return
+        for r in msg.rcpts:
+            self.counts[r.state] -= 1
+        del self.messages[msg.id]
+        self.bodies.delete(msg.id)
+        self.finished[msg.id] = self.now
+        self._finished_order.append((self.now, msg.id))
+
+    def _forget_tombstones(self) -> None:
+        horizon = self.now - TOMBSTONE_MS
+        order = self._finished_order
+        while order and order[0][0] < horizon:
+            _, mid = order.popleft()
+            self.finished.pop(mid, None)
+
+    # ---- comparing replicas
+
+    def state_key(self) -> tuple[object, ...]:
+        """Everything replicated, in a canonical form: equal keys, equal spools."""
+        msgs = tuple(
+            (m.id, m.sender, m.size, m.received_at, m.accepted_by, m.is_bounce,
+             tuple(r.key() for r in m.rcpts))
+            for m in sorted(self.messages.values(), key=lambda m: m.id)
+        )  # fmt: skip
+        tombs = tuple(sorted(self.finished.items()))
+        return (msgs, tombs, self.uncertain_total, self.now)
+
+
+_HANDLERS: dict[type, Callable[[Spool, Any], Applied]] = {
+    Accept: Spool._accept,
+    Assign: Spool._assign,
+    BeginDot: Spool._begin_dot,
+    Outcome: Spool._outcome,
+    Release: Spool._release,
+    NodeDown: Spool._node_down,
+    Expire: Spool._expire,
+    Hold: lambda s, c: s._admin(c.message_ids, {S.QUEUED: S.HELD, S.ASSIGNED: S.HELD}),
+    Unhold: lambda s, c: s._admin(c.message_ids, {S.HELD: S.QUEUED, S.UNCERTAIN: S.QUEUED}),
+    Retry: lambda s, c: s._admin(
+        c.message_ids, {S.QUEUED: S.QUEUED, S.UNCERTAIN: S.QUEUED, S.HELD: S.QUEUED}
+    ),
+    Delete: Spool._delete,
+}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Iterator
 
 import cbor2
+
+from raft import streams
 
 
 class KV:
@@ -29,34 +30,12 @@ class KV:
             yield cbor2.dumps([key, value])
 
     def restore(self, chunks: Iterator[bytes]) -> None:
-        decoder = cbor2.CBORDecoder(io.BufferedReader(_ChunkReader(chunks)))
+        decoder = cbor2.CBORDecoder(streams.reader(chunks))
         self.applied, count = decoder.decode()
         self.data = {}
         for _ in range(count):
             key, value = decoder.decode()
             self.data[key] = value
-
-
-class _ChunkReader(io.RawIOBase):
-    """A file-like view of an iterator of byte chunks."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            try:
-                self._buf = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
 
 
 def put(key: str, value: bytes) -> bytes:

@@ -1,0 +1,257 @@
+"""The spool state machine under random command sequences (hypothesis) and by example."""
+
+from __future__ import annotations
+
+import cbor2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailqueue import codec, snapshot
+from mailqueue.commands import (
+    Accept,
+    Assign,
+    Assignment,
+    BeginDot,
+    Command,
+    Delete,
+    Expire,
+    Hold,
+    NodeDown,
+    Outcome,
+    OutcomeKind,
+    RcptResult,
+    Release,
+    Retry,
+    UncertainPolicy,
+    Unhold,
+)
+from mailqueue.spool import FINAL, MemoryBodies, RcptState, Spool
+
+IDS = [f"m{k}" for k in range(5)]
+NODES = ["a", "b", "c"]
+
+
+def draw_command(data: st.DataObject, spool: Spool, at: int) -> Command:
+    """A command that is usually plausible for the spool as it stands (so deep states
+    are reached), and sometimes stale or nonsensical (so refusals are exercised)."""
+    d = data.draw
+    live = sorted(spool.messages)
+    pick_live = bool(live) and data.draw(st.integers(0, 4)) > 0
+    mid: str = data.draw(st.sampled_from(live if pick_live else IDS))
+    msg = spool.messages.get(mid)
+    n = len(msg.rcpts) if msg else 2
+    k = d(st.integers(0, n - 1))
+    r = msg.rcpts[k] if msg else None
+    node = r.node if r and r.node and d(st.booleans()) else d(st.sampled_from(NODES))
+    attempt = (r.attempt if r else 0) + d(st.sampled_from([0, 0, 0, 1, -1]))
+    kind = d(st.sampled_from(["accept", "accept", "assign", "assign", "assign", "dot", "dot",
+                              "dot", "outcome", "outcome", "release", "down", "expire", "hold",
+                              "unhold", "retry", "delete"]))  # fmt: skip
+    if kind == "accept":
+        rcpts = tuple(f"u{j}@d{j % 2}.example" for j in range(d(st.integers(1, 3))))
+        sender = d(st.sampled_from(["s@example.org", ""]))
+        return Accept(at, mid, sender, rcpts, d(st.binary(max_size=20)), d(st.sampled_from(NODES)))
+    if kind == "assign":  # usually the next attempt number, sometimes a stale one
+        nxt = (r.attempt if r else 0) + d(st.sampled_from([1, 1, 1, 0, -1]))
+        return Assign(at, (Assignment(mid, k, node, nxt),))
+    if kind == "dot":
+        return BeginDot(at, mid, (k,), node, attempt)
+    if kind == "outcome":
+        res = RcptResult(k, d(st.sampled_from(OutcomeKind)), "250 ok", at + 60_000)
+        return Outcome(at, mid, node, attempt, (res,))
+    if kind == "release":
+        return Release(at, mid, (k,), node, attempt)
+    if kind == "down":
+        return NodeDown(at, node, d(st.sampled_from(UncertainPolicy)))
+    if kind == "expire":
+        return Expire(at, mid, "too old")
+    if kind == "hold":
+        return Hold(at, (mid,))
+    if kind == "unhold":
+        return Unhold(at, (mid,))
+    if kind == "retry":
+        return Retry(at, (mid,))
+    return Delete(at, (mid,))
+
+
+def expected_fence(spool: Spool, cmd: Command) -> bool | None:
+    if not isinstance(cmd, BeginDot):
+        return None
+    msg = spool.messages.get(cmd.message_id)
+    if msg is None:
+        return False
+    return all(
+        msg.rcpts[k].state in (RcptState.ASSIGNED, RcptState.SENDING)
+        and (msg.rcpts[k].node, msg.rcpts[k].attempt) == (cmd.node, cmd.attempt)
+        for k in cmd.rcpts
+    )
+
+
+def foreign_rcpts(spool: Spool, cmd: Command) -> dict[tuple[str, int], tuple[object, ...]]:
+    """Recipients an Outcome or Release names but whose assignment is someone else's."""
+    if not isinstance(cmd, Outcome | Release):
+        return {}
+    msg = spool.messages.get(cmd.message_id)
+    ks = [res.rcpt for res in cmd.results] if isinstance(cmd, Outcome) else list(cmd.rcpts)
+    return {
+        (msg.id, k): msg.rcpts[k].key()
+        for k in ks
+        if msg
+        and 0 <= k < len(msg.rcpts)
+        and (msg.rcpts[k].node, msg.rcpts[k].attempt) != (cmd.node, cmd.attempt)
+    }
+
+
+def check_invariants(spool: Spool) -> None:
+    counts = dict.fromkeys(RcptState, 0)
+    load: dict[str, int] = {}
+    for m in spool.messages.values():
+        for r in m.rcpts:
+            counts[r.state] += 1  # each recipient is counted in exactly one state
+            if r.state in (RcptState.ASSIGNED, RcptState.SENDING):
+                load[r.node] = load.get(r.node, 0) + 1
+        assert not all(r.state in FINAL and not m.needs_dsn(r) for r in m.rcpts), m.id
+    assert counts == spool.counts
+    assert load == spool.load
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_random_command_sequences_keep_the_spool_consistent(data: st.DataObject) -> None:
+    spool = Spool()
+    commands: list[Command] = []
+    finals: dict[tuple[str, int], tuple[RcptState, str]] = {}
+    tokens: set[tuple[str, int, int]] = set()
+    cut = data.draw(st.integers(0, 60))
+    snap: list[bytes] = []
+    at = 1_000
+    for step in range(data.draw(st.integers(1, 60))):
+        at += data.draw(st.integers(0, 5_000))
+        cmd = draw_command(data, spool, at)
+        assert codec.decode(codec.encode(cmd)) == cmd
+        fenced = expected_fence(spool, cmd)
+        untouchable = foreign_rcpts(spool, cmd)
+        result = spool.apply(cmd)
+        for (mid, k), before in untouchable.items():  # outcomes of other attempts are void
+            assert mid not in spool.messages or spool.messages[mid].rcpts[k].key() == before
+        commands.append(cmd)
+        check_invariants(spool)
+        if fenced is not None:  # BeginDot passes exactly when its attempt holds them all
+            assert result.ok == fenced, (cmd, result)
+        for m in spool.messages.values():  # an attempt number is never handed out twice
+            for k, r in enumerate(m.rcpts):
+                if r.state is RcptState.ASSIGNED and (m.id, k, r.attempt) not in tokens:
+                    assert all(t[2] < r.attempt for t in tokens if t[:2] == (m.id, k))
+                    tokens.add((m.id, k, r.attempt))
+        for m in spool.messages.values():
+            for k, r in enumerate(m.rcpts):
+                key = (m.id, k)
+                if key in finals:  # delivered and bounced are final
+                    assert (r.state, r.reply) == finals[key], (key, r.state)
+                elif r.state in FINAL:
+                    finals[key] = (r.state, r.reply)
+        for key in [key for key in finals if key[0] not in spool.messages]:
+            del finals[key]
+        if step == cut:
+            snap = list(snapshot.dump(spool))
+
+    once = Spool()
+    twice = Spool()
+    for cmd in commands:
+        once.apply(cmd)
+        twice.apply(cmd)
+        twice.apply(cmd)  # a proposal committed twice changes nothing more
+    assert once.state_key() == spool.state_key()  # two replicas, same commands, same spool
+    assert twice.state_key() == spool.state_key()
+    assert once.bodies.bodies == twice.bodies.bodies  # type: ignore[attr-defined]
+
+    restored = snapshot.load(iter(snapshot.dump(spool)), MemoryBodies())
+    assert restored.state_key() == spool.state_key()
+    assert restored.counts == spool.counts and restored.load == spool.load
+    assert restored.bodies.bodies == spool.bodies.bodies  # type: ignore[attr-defined]
+    if snap:  # restore mid-way, replay the rest: same as having applied everything
+        resumed = snapshot.load(iter(snap), MemoryBodies())
+        for cmd in commands[cut + 1 :]:
+            resumed.apply(cmd)
+        assert resumed.state_key() == spool.state_key()
+
+
+def accepted(*rcpts: str, sender: str = "s@example.org") -> Spool:
+    spool = Spool()
+    spool.apply(Accept(1000, "m1", sender, rcpts, b"Subject: hi\r\n\r\nbody\r\n", "a"))
+    return spool
+
+
+def test_begin_dot_is_refused_for_an_attempt_that_lost_its_assignment() -> None:
+    spool = accepted("u@x.example")
+    spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1),)))
+    spool.apply(NodeDown(1002, "a"))  # a fell silent before its dot: back to the queue
+    spool.apply(Assign(1003, (Assignment("m1", 0, "b", 2),)))
+    stale = spool.apply(BeginDot(1004, "m1", (0,), "a", 1))
+    assert not stale.ok and "no longer holds" in stale.detail
+    assert spool.apply(BeginDot(1005, "m1", (0,), "b", 2)).ok
+    assert spool.messages["m1"].rcpts[0].state is RcptState.SENDING
+
+
+def test_a_node_that_dies_after_the_dot_leaves_the_recipient_uncertain() -> None:
+    spool = accepted("u@x.example", "v@x.example")
+    spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1), Assignment("m1", 1, "a", 1))))
+    spool.apply(BeginDot(1002, "m1", (0,), "a", 1))
+    spool.apply(NodeDown(1003, "a", UncertainPolicy.HOLD))
+    r0, r1 = spool.messages["m1"].rcpts
+    assert r0.state is RcptState.UNCERTAIN and r0.was_uncertain
+    assert r1.state is RcptState.QUEUED  # never began the dot: no duplicate possible
+    assert spool.uncertain_total == 1
+    spool.apply(Outcome(1004, "m1", "a", 1, (RcptResult(0, OutcomeKind.DELIVERED, "250"),)))
+    assert r0.state is RcptState.UNCERTAIN  # a late outcome cannot overrule the leader
+    spool.apply(Retry(1005, ("m1",)))
+    after = spool.messages["m1"].rcpts[0]
+    assert after.state == RcptState.QUEUED and after.next_attempt == 1005
+
+
+def test_message_leaves_once_every_recipient_is_final_and_bounces_reported() -> None:
+    spool = accepted("u@x.example", "v@y.example")
+    spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1), Assignment("m1", 1, "a", 1))))
+    spool.apply(BeginDot(1002, "m1", (0,), "a", 1))
+    spool.apply(
+        Outcome(
+            1003, "m1", "a", 1,
+            (RcptResult(0, OutcomeKind.DELIVERED, "250 ok"),
+             RcptResult(1, OutcomeKind.FAILED, "550 no such user")),
+        )
+    )  # fmt: skip
+    assert "m1" in spool.messages  # a bounce still owes the sender a DSN
+    spool.apply(Accept(1004, "m1.dsn", "", ("s@example.org",), b"dsn", "a", True, "m1", (1,)))
+    assert "m1" not in spool.messages and "m1" in spool.finished
+    assert spool.bodies.get("m1.dsn") == b"dsn"
+    spool.apply(Accept(1005, "m1", "s@example.org", ("u@x.example",), b"again", "b"))
+    assert "m1" not in spool.messages  # a replayed Accept does not resurrect it
+
+
+def test_deferred_recipient_waits_for_its_retry_time() -> None:
+    spool = accepted("u@x.example")
+    spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1),)))
+    spool.apply(Outcome(1002, "m1", "a", 1, (RcptResult(0, OutcomeKind.DEFERRED, "451", 61_002),)))
+    r = spool.messages["m1"].rcpts[0]
+    assert (r.state, r.next_attempt, r.attempts, r.last_error) == (
+        RcptState.QUEUED,
+        61_002,
+        1,
+        "451",
+    )
+
+
+def test_delivered_needs_begin_dot() -> None:
+    spool = accepted("u@x.example")
+    spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1),)))
+    spool.apply(Outcome(1002, "m1", "a", 1, (RcptResult(0, OutcomeKind.DELIVERED, "250"),)))
+    assert spool.messages["m1"].rcpts[0].state is RcptState.ASSIGNED
+
+
+def test_malformed_command_bytes_are_refused() -> None:
+    for bad in [b"", b"\xa0", cbor2.dumps([99]), cbor2.dumps([0, 1, "m", "s"])]:
+        try:
+            codec.decode(bad)
+        except codec.DecodeError:
+            continue
+        raise AssertionError(f"{bad!r} decoded")
