@@ -1,0 +1,177 @@
+"""Scheduling policy: pure functions from the spool (and the time) to commands.
+
+The leader's scheduler calls these and proposes what they return; nothing here
+changes the spool. Recipients are grouped by destination (their domain, or the
+smarthost), one group per message and destination so one SMTP transaction carries
+them all; each group goes to the accepting node when it is live and not busier than
+the others, else to the least loaded live node.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mailqueue.commands import Accept, Assign, Assignment, Expire, MessageId, NodeId
+from mailqueue.spool import Message, RcptState, Spool
+
+MINUTE = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    retry_schedule_ms: tuple[int, ...] = field(
+        default=(1 * MINUTE, 5 * MINUTE, 15 * MINUTE, 30 * MINUTE, 60 * MINUTE,
+                 120 * MINUTE, 240 * MINUTE)
+    )  # fmt: skip
+    max_lifetime_ms: int = 5 * 24 * 60 * MINUTE
+    smarthost: str = ""
+    max_batch: int = 500  # assignments per Assign command
+
+    def __post_init__(self) -> None:
+        assert self.retry_schedule_ms and all(d > 0 for d in self.retry_schedule_ms)
+
+
+def next_attempt(policy: Policy, attempts: int, now: int) -> int:
+    """When to try again after `attempts` failed attempts; the last step repeats."""
+    schedule = policy.retry_schedule_ms
+    return now + schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def destination(policy: Policy, address: str) -> str:
+    return policy.smarthost or address.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Recipients of one message for one destination: one SMTP transaction."""
+
+    message_id: MessageId
+    destination: str
+    rcpts: tuple[int, ...]
+
+
+def due_groups(spool: Spool, now: int, policy: Policy) -> list[Group]:
+    groups: list[Group] = []
+    for msg in spool.messages.values():
+        if msg.received_at + policy.max_lifetime_ms <= now:
+            continue  # expiry's business, not delivery's
+        by_dest: dict[str, list[int]] = {}
+        for k, r in enumerate(msg.rcpts):
+            if r.state is RcptState.QUEUED and r.next_attempt <= now:
+                by_dest.setdefault(destination(policy, r.address), []).append(k)
+        groups.extend(Group(msg.id, d, tuple(ks)) for d, ks in sorted(by_dest.items()))
+    return groups
+
+
+def assign(spool: Spool, now: int, policy: Policy, live: Iterable[NodeId]) -> list[Assign]:
+    """Assign due groups to live nodes, in batches of at most `max_batch` recipients."""
+    nodes = sorted(set(live))
+    if not nodes:
+        return []
+    load = {n: spool.load.get(n, 0) for n in nodes}
+    out: list[Assignment] = []
+    for g in due_groups(spool, now, policy):
+        msg = spool.messages[g.message_id]
+        node = _choose(msg, load)
+        for k in g.rcpts:
+            out.append(Assignment(msg.id, k, node, msg.rcpts[k].attempt + 1))
+        load[node] += len(g.rcpts)
+    return [
+        Assign(now, tuple(out[i : i + policy.max_batch]))
+        for i in range(0, len(out), policy.max_batch)
+    ]
+
+
+def _choose(msg: Message, load: dict[NodeId, int]) -> NodeId:
+    least = min(load, key=lambda n: (load[n], n))
+    home = msg.accepted_by
+    if home in load and load[home] <= load[least]:
+        return home  # the body is already local there, and it is no busier
+    return least
+
+
+def expired(spool: Spool, now: int, policy: Policy) -> list[Expire]:
+    days = policy.max_lifetime_ms / (24 * 60 * MINUTE)
+    return [
+        Expire(now, m.id, f"5.4.7 delivery time expired: undelivered after {days:g} days")
+        for m in spool.messages.values()
+        if m.received_at + policy.max_lifetime_ms <= now
+        and any(r.state in (RcptState.QUEUED, RcptState.HELD, RcptState.UNCERTAIN) for r in m.rcpts)
+    ]
+
+
+def bounces(spool: Spool, now: int, reporting_mta: str) -> list[Accept]:
+    """A DSN for every message with bounced recipients not yet reported."""
+    out = []
+    for m in spool.messages.values():
+        pending = tuple(k for k, r in enumerate(m.rcpts) if m.needs_dsn(r))
+        if pending:
+            out.append(dsn(spool, m, pending, now, reporting_mta))
+    return out
+
+
+def dsn(spool: Spool, msg: Message, rcpts: tuple[int, ...], now: int, mta: str) -> Accept:
+    """An RFC 3464 delivery status notification, from the null sender, to the sender."""
+    assert msg.sender and not msg.is_bounce  # never a bounce for a bounce, nor to <>
+    tag = hashlib.sha256(repr(rcpts).encode()).hexdigest()[:8]
+    dsn_id = f"{msg.id}.dsn-{tag}"
+    body = render_dsn(spool.bodies.get(msg.id), msg, rcpts, now=now, mta=mta, dsn_id=dsn_id)
+    return Accept(
+        now, dsn_id, "", (msg.sender,), body, msg.accepted_by, is_bounce=True,
+        bounce_of=msg.id, bounce_rcpts=rcpts,
+    )  # fmt: skip
+
+
+def _date(ms: int) -> str:
+    return email.utils.formatdate(ms / 1000, usegmt=True)
+
+
+def _status(reply: str) -> str:
+    """The enhanced status code in a reply ("550 5.1.1 no such user"), or 5.0.0."""
+    for word in reply.split()[:2]:
+        parts = word.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+            return word
+    return "5.0.0"
+
+
+def render_dsn(
+    original: bytes, msg: Message, rcpts: tuple[int, ...], *, now: int, mta: str, dsn_id: str
+) -> bytes:
+    boundary = f"=_{dsn_id}"
+    headers = original.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    failed = "\r\n".join(f"  {msg.rcpts[k].address}: {msg.rcpts[k].reply}" for k in rcpts)
+    per_rcpt = "".join(
+        f"\r\nFinal-Recipient: rfc822; {msg.rcpts[k].address}\r\n"
+        f"Action: failed\r\nStatus: {_status(msg.rcpts[k].reply)}\r\n"
+        f"Diagnostic-Code: smtp; {msg.rcpts[k].reply}\r\n"
+        f"Last-Attempt-Date: {_date(msg.rcpts[k].final_at or now)}\r\n"
+        for k in rcpts
+    )
+    text = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>\r\n"
+        f"To: <{msg.sender}>\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Date: {_date(now)}\r\n"
+        f"Message-ID: <{dsn_id}@{mta}>\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        "\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        f"This is the mail system at {mta}.\r\n\r\n"
+        "Your message could not be delivered to these recipients:\r\n\r\n"
+        f"{failed}\r\n\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; {mta}\r\n"
+        f"Arrival-Date: {_date(msg.received_at)}\r\n"
+        f"{per_rcpt}\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: text/rfc822-headers\r\n\r\n"
+    )
+    return text.encode() + headers + f"\r\n--{boundary}--\r\n".encode()

@@ -1,0 +1,134 @@
+"""The scheduler's policy: grouping, node choice, backoff, expiry and DSNs."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import Message
+
+from mailqueue import policy as p
+from mailqueue.commands import (
+    Accept,
+    Assign,
+    Assignment,
+    BeginDot,
+    Outcome,
+    OutcomeKind,
+    RcptResult,
+)
+from mailqueue.spool import RcptState, Spool
+
+BODY = b"From: s@example.org\r\nSubject: report\r\nMessage-ID: <x@example.org>\r\n\r\nhello\r\n"
+POLICY = p.Policy()
+
+
+def spool_with(*accepts: Accept) -> Spool:
+    spool = Spool()
+    for a in accepts:
+        spool.apply(a)
+    return spool
+
+
+def accept(
+    mid: str, *rcpts: str, by: str = "a", at: int = 0, sender: str = "s@example.org"
+) -> Accept:
+    return Accept(at, mid, sender, rcpts, BODY, by)
+
+
+def test_due_recipients_are_grouped_by_message_and_destination() -> None:
+    spool = spool_with(accept("m1", "u@x.example", "v@X.example", "w@y.example"))
+    groups = p.due_groups(spool, 0, POLICY)
+    assert groups == [p.Group("m1", "x.example", (0, 1)), p.Group("m1", "y.example", (2,))]
+    smarthost = p.Policy(smarthost="relay.example:25")
+    assert p.due_groups(spool, 0, smarthost) == [p.Group("m1", "relay.example:25", (0, 1, 2))]
+
+
+def test_recipients_not_yet_due_wait() -> None:
+    spool = spool_with(accept("m1", "u@x.example"))
+    spool.apply(Assign(1, (Assignment("m1", 0, "a", 1),)))
+    retry = RcptResult(0, OutcomeKind.DEFERRED, "451 later", 61_001)
+    spool.apply(Outcome(2, "m1", "a", 1, (retry,)))
+    assert p.due_groups(spool, 61_000, POLICY) == []
+    assert p.due_groups(spool, 61_001, POLICY) == [p.Group("m1", "x.example", (0,))]
+
+
+def test_the_accepting_node_is_preferred_unless_busier() -> None:
+    spool = spool_with(accept("m1", "u@x.example", by="b"), accept("m2", "u@x.example", by="b"))
+    [cmd] = p.assign(spool, 0, POLICY, ["a", "b", "c"])
+    assert [(x.message_id, x.node, x.attempt) for x in cmd.assignments] == [
+        ("m1", "b", 1),
+        ("m2", "a", 1),  # b already took m1: the least loaded live node takes m2
+    ]
+    spool.apply(cmd)
+    assert spool.load == {"a": 1, "b": 1}
+
+
+def test_nodes_that_are_down_get_nothing() -> None:
+    spool = spool_with(accept("m1", "u@x.example", by="b"))
+    [cmd] = p.assign(spool, 0, POLICY, ["a", "c"])
+    assert cmd.assignments[0].node == "a"
+    assert p.assign(spool, 0, POLICY, []) == []
+
+
+def test_backoff_follows_the_schedule_and_repeats_its_last_step() -> None:
+    sched = p.Policy(retry_schedule_ms=(60_000, 300_000, 900_000))
+    assert [p.next_attempt(sched, n, 1_000) for n in (1, 2, 3, 4, 9)] == [
+        61_000, 301_000, 901_000, 901_000, 901_000,
+    ]  # fmt: skip
+
+
+def test_messages_past_their_lifetime_expire_into_bounces() -> None:
+    short = p.Policy(max_lifetime_ms=10_000)
+    spool = spool_with(accept("old", "u@x.example", at=0), accept("new", "u@x.example", at=5_000))
+    [expire] = p.expired(spool, 10_000, short)
+    assert expire.message_id == "old" and "5.4.7" in expire.reason
+    assert [g.message_id for g in p.due_groups(spool, 10_000, short)] == ["new"]
+    spool.apply(expire)
+    assert spool.messages["old"].rcpts[0].state is RcptState.BOUNCED
+
+
+def bounced(sender: str = "s@example.org") -> Spool:
+    spool = spool_with(accept("m1", "u@x.example", "v@y.example", sender=sender))
+    spool.apply(Assign(1, (Assignment("m1", 0, "a", 1), Assignment("m1", 1, "a", 1))))
+    spool.apply(BeginDot(2, "m1", (0, 1), "a", 1))
+    results = (
+        RcptResult(0, OutcomeKind.FAILED, "550 5.1.1 <u@x.example>: no such user"),
+        RcptResult(1, OutcomeKind.DELIVERED, "250 2.0.0 ok"),
+    )
+    spool.apply(Outcome(3_600_000, "m1", "a", 1, results))
+    return spool
+
+
+def test_a_bounce_produces_an_rfc_3464_report_to_the_sender() -> None:
+    spool = bounced()
+    [dsn] = p.bounces(spool, 3_600_000, "relay.example.com")
+    assert dsn.sender == "" and dsn.recipients == ("s@example.org",) and dsn.is_bounce
+    msg = email.message_from_bytes(dsn.body, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    text, status, headers = msg.iter_parts()
+    assert text.get_content_type() == "text/plain"
+    assert "u@x.example" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    blocks: list[Message] = status.get_payload()  # type: ignore[assignment]
+    assert blocks[0]["Reporting-MTA"] == "dns; relay.example.com"
+    assert blocks[1]["Final-Recipient"] == "rfc822; u@x.example"
+    assert blocks[1]["Action"] == "failed" and blocks[1]["Status"] == "5.1.1"
+    assert "no such user" in blocks[1]["Diagnostic-Code"]
+    assert len(blocks) == 2  # the delivered recipient is not reported
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert b"Message-ID: <x@example.org>" in headers.get_payload(decode=True)
+    spool.apply(dsn)
+    assert "m1" not in spool.messages and dsn.message_id in spool.messages
+    assert p.bounces(spool, 3_600_001, "relay.example.com") == []  # nothing twice
+
+
+def test_no_bounce_to_the_null_sender_nor_for_a_bounce() -> None:
+    spool = bounced(sender="")
+    assert p.bounces(spool, 3_600_000, "relay.example.com") == []
+    assert "m1" not in spool.messages  # nothing owed: it left the spool
+    spool = Spool()
+    spool.apply(Accept(0, "d1", "", ("s@example.org",), BODY, "a", is_bounce=True))
+    spool.apply(Assign(1, (Assignment("d1", 0, "a", 1),)))
+    spool.apply(Outcome(2, "d1", "a", 1, (RcptResult(0, OutcomeKind.FAILED, "550 gone"),)))
+    assert p.bounces(spool, 3, "relay.example.com") == []
