@@ -1,0 +1,45 @@
+"""The spool as a Raft state machine (raft.node.StateMachine): bytes in, bytes out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import cbor2
+
+from mailqueue import codec, snapshot
+from mailqueue.spool import Applied, BodyStore, Spool
+
+log = logging.getLogger(__name__)
+
+
+class SpoolMachine:
+    def __init__(self, bodies: BodyStore | None = None) -> None:
+        self.spool = Spool(bodies)
+        self.undecodable = 0  # committed entries that were not spool commands
+
+    def apply(self, index: int, data: bytes) -> bytes:
+        try:
+            cmd = codec.decode(data)
+        except codec.DecodeError as exc:
+            # Every replica refuses it the same way, so they stay identical; it is
+            # reported, never skipped silently.
+            self.undecodable += 1
+            log.error("log entry %d is not a spool command and was refused: %s", index, exc)
+            return encode_result(Applied(False, f"undecodable command: {exc}"))
+        return encode_result(self.spool.apply(cmd))
+
+    def snapshot(self) -> Iterable[bytes]:
+        return snapshot.dump(self.spool)
+
+    def restore(self, chunks: Iterator[bytes]) -> None:
+        self.spool = snapshot.load(chunks, self.spool.bodies)
+
+
+def encode_result(a: Applied) -> bytes:
+    return cbor2.dumps([a.ok, a.detail, a.changed])
+
+
+def decode_result(data: bytes) -> Applied:
+    ok, detail, changed = cbor2.loads(data)
+    return Applied(bool(ok), str(detail), int(changed))
