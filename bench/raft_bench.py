@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc  # the benchmark's own dependency (scripts/bench-raft installs it)
 
+from raft.kvserver import measure
 from tests.integration.kvcluster import KVCluster, free_port, wait_for
 
 WORKLOADS = [(1, 100, 2000), (64, 100, 10000), (1, 10240, 1000), (64, 10240, 5000)]
@@ -222,25 +223,10 @@ async def etcd_workload(endpoint: str, n: int, concurrency: int, size: int) -> d
         put = channel.unary_unary(
             "/etcdserverpb.KV/Put", request_serializer=bytes, response_deserializer=bytes
         )
-        latencies: list[float] = []
         value = b"v" * size
-        counter = iter(range(n))
-
-        async def proposer() -> None:
-            for k in counter:
-                began = time.perf_counter()
-                await put(put_request(b"b%d" % k, value), timeout=30)
-                latencies.append(time.perf_counter() - began)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(proposer() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
-    latencies.sort()
-    return {
-        "ops_per_s": n / elapsed,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-    }
+        return await measure(
+            lambda k: put(put_request(b"b%d" % k, value), timeout=30), n, concurrency
+        )
 
 
 def bench_etcd(root: Path, trials: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 try:
@@ -58,20 +59,21 @@ async def handle(node: RaftNode, kv: KV, req: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown op {op!r}")
 
 
-async def bench(node: RaftNode, n: int, concurrency: int, size: int) -> dict[str, Any]:
-    """Proposals made inside this process (the embedded path the relay uses)."""
+async def measure(
+    op: Callable[[int], Awaitable[object]], n: int, concurrency: int
+) -> dict[str, float]:
+    """Run op(0..n-1) with `concurrency` in flight: throughput and latency percentiles."""
     latencies: list[float] = []
-    value = b"v" * size
     counter = iter(range(n))
 
-    async def proposer() -> None:
+    async def worker() -> None:
         for k in counter:
             began = time.perf_counter()
-            await node.propose(put(f"bench{k}", value))
+            await op(k)
             latencies.append(time.perf_counter() - began)
 
     began = time.perf_counter()
-    await asyncio.gather(*(proposer() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
     latencies.sort()
     return {
@@ -79,6 +81,12 @@ async def bench(node: RaftNode, n: int, concurrency: int, size: int) -> dict[str
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
     }
+
+
+async def bench(node: RaftNode, n: int, concurrency: int, size: int) -> dict[str, float]:
+    """Proposals made inside this process (the embedded path the relay uses)."""
+    value = b"v" * size
+    return await measure(lambda k: node.propose(put(f"bench{k}", value)), n, concurrency)
 
 
 async def serve_client(
