@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+POLL_INTERVAL_S = 0.05  # how often wait_for looks again; its deadline is what bounds it
 
 
 def free_port(host: str) -> int:
@@ -35,7 +36,7 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0) ->
                 return got
         except (OSError, ValueError, KeyError) as exc:
             last_error = exc
-        time.sleep(0.05)
+        time.sleep(POLL_INTERVAL_S)
     raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
 
 
