@@ -38,6 +38,7 @@ from raft.types import (
     InstallSnapshot,
     NodeId,
     Ready,
+    SnapshotMeta,
 )
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,12 @@ class RaftNode:
             **cfg.raft,
         )
         self.core = Raft(core_cfg, random.Random(), init, self.storage)
+        self.sm_applied = 0  # what the state machine has applied (may trail the core)
+        self._backlog: list[Entry] = []  # committed entries held while a snapshot is cut
+        self._snap_task: asyncio.Task[None] | None = None
         if init.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(init.snapshot))
+            self.sm_applied = init.snapshot.index
         self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame)
         self._waiters: dict[int, list[_Waiter]] = {}
         self._reads: dict[bytes, asyncio.Future[int]] = {}
@@ -141,7 +146,7 @@ class RaftNode:
 
     @property
     def applied(self) -> int:
-        return self.core.log.applied
+        return self.sm_applied
 
     async def propose(self, data: bytes, timeout: float = 10.0) -> bytes:
         """Replicate `data`; returns the state machine's result once applied here or on
@@ -238,7 +243,7 @@ class RaftNode:
             "term": c.term,
             "leader": c.lead,
             "commit": c.log.committed,
-            "applied": c.log.applied,
+            "applied": self.sm_applied,
             "last_index": c.log.last_index(),
             "voters": list(conf.voters),
             "learners": list(conf.learners),
@@ -294,6 +299,8 @@ class RaftNode:
             self._wake.clear()
             while self.core.has_ready():
                 rd = self.core.ready()
+                if rd.snapshot is not None and self._snap_task is not None:
+                    await self._snap_task  # never install over a snapshot being cut
                 early = self._send_early(rd)
                 if rd.must_sync():
                     await loop.run_in_executor(None, self.storage.save, rd)
@@ -320,8 +327,12 @@ class RaftNode:
             self.transport.send(m.to, _RAFT + codec.encode_message(m))
         if rd.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(rd.snapshot))
-        for e in rd.committed_entries:
-            self._apply(e)
+            self.sm_applied = rd.snapshot.index
+        if self._snap_task is not None:
+            self._backlog.extend(rd.committed_entries)
+        else:
+            for e in rd.committed_entries:
+                self._apply(e)
         for rs in rd.read_states:
             fut = self._reads.get(rs.context)
             if fut is not None and not fut.done():
@@ -332,6 +343,8 @@ class RaftNode:
             self._take_snapshot()
 
     def _apply(self, e: Entry) -> None:
+        assert e.index == self.sm_applied + 1, (e.index, self.sm_applied)
+        self.sm_applied = e.index
         result = b""
         if e.kind is EntryKind.NORMAL:
             kind, *rest = cbor2.loads(e.data)
@@ -353,7 +366,7 @@ class RaftNode:
         for index, fut in self._read_points:
             if fut.done():
                 continue
-            if index <= self.core.log.applied:
+            if index <= self.sm_applied:
                 fut.set_result(index)
             else:
                 keep.append((index, fut))
@@ -362,14 +375,33 @@ class RaftNode:
     # ================================================================ snapshots
 
     def _take_snapshot(self) -> None:
-        index = self.core.log.applied
-        head = cbor2.dumps({n: str(a) for n, a in sorted(self.addresses.items())})
-        chunks = itertools.chain([_ADDR_LEN.pack(len(head)) + head], self.sm.snapshot())
-        meta = self.core.snapshot_meta(index, 0)
+        """Cut a snapshot in a worker thread. Meanwhile the node keeps ticking, persisting
+        and sending (so it keeps its leadership); only applying waits, so the state
+        machine holds still while the thread reads it."""
+        if self._snap_task is not None:
+            return
+        meta = self.core.snapshot_meta(self.sm_applied, 0)
         if meta is None:
             return
-        meta = self.storage.write_snapshot(meta.index, meta.term, meta.conf, chunks)
-        self.core.snapshot_taken(meta)
+        head = cbor2.dumps({n: str(a) for n, a in sorted(self.addresses.items())})
+        chunks = itertools.chain([_ADDR_LEN.pack(len(head)) + head], self.sm.snapshot())
+        self._snap_task = asyncio.get_running_loop().create_task(self._cut(meta, chunks))
+
+    async def _cut(self, meta: SnapshotMeta, chunks: Iterable[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            written = await loop.run_in_executor(
+                None, self.storage.write_snapshot, meta.index, meta.term, meta.conf, chunks
+            )
+            self.core.snapshot_taken(written)
+        except Exception:
+            log.exception("snapshot at %d failed; the log is kept whole", meta.index)
+        finally:
+            backlog, self._backlog, self._snap_task = self._backlog, [], None
+            for e in backlog:
+                self._apply(e)
+            self._release_reads()
+            self._wake.set()
 
     def _restore(self, chunks: Iterator[bytes]) -> None:
         stream = _Stream(chunks)

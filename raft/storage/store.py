@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -155,6 +156,8 @@ class Storage:
         self._incoming_meta: SnapshotMeta | None = None
         self._incoming_crc = 0
         self._recovered: list[Entry] = []
+        # save() and a snapshot being published may run in two worker threads at once.
+        self._lock = threading.Lock()
         self._recover()
 
     # ---- recovery
@@ -214,6 +217,10 @@ class Storage:
 
     def save(self, rd: Ready) -> None:
         """Make a Ready durable: chunks, snapshot install, entries, hard state; one fsync."""
+        with self._lock:
+            self._save(rd)
+
+    def _save(self, rd: Ready) -> None:
         for chunk in rd.snapshot_chunks:
             self._write_chunk(chunk.meta, chunk.offset, chunk.data)
         if rd.snapshot_chunks and self._incoming is not None:
@@ -321,7 +328,8 @@ class Storage:
         f.write(self._trailer(meta, crc))
         f.sync()
         f.close()
-        self._publish(tmp, meta)
+        with self._lock:
+            self._publish(tmp, meta)
         return meta
 
     def _write_chunk(self, meta: SnapshotMeta, offset: int, data: bytes) -> None:
@@ -350,10 +358,12 @@ class Storage:
         final = self._snap_path(meta)
         self.fs.rename(tmp, final)
         self.fs.sync_dir(self.snap_dir)
-        old = self.snapshot
         self.snapshot = meta
-        if old is not None and old != meta and self.fs.exists(self._snap_path(old)):
-            self.fs.remove(self._snap_path(old))
+        # Keep the previous snapshot too: a transfer to a follower may still be reading
+        # it until the core learns of the new one.
+        names = sorted(n for n in self.fs.listdir(self.snap_dir) if n.endswith(".snap"))
+        for name in names[:-2]:
+            self.fs.remove(os.path.join(self.snap_dir, name))
         self._compact_segments()
 
     def read_snapshot(self, meta: SnapshotMeta, offset: int, length: int) -> bytes:

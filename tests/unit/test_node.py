@@ -1,0 +1,104 @@
+"""The runtime keeps running while a snapshot is cut in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import socket
+import threading
+from collections.abc import Iterable
+
+from raft.core import Role
+from raft.kv import KV, put
+from raft.node import NodeConfig, RaftNode
+from raft.transport import Address
+
+
+class GatedKV(KV):
+    """A KV whose snapshot stops half-way until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.Event()
+        self.gate = threading.Event()
+        self.gate_timed_out = False
+
+    def snapshot(self) -> Iterable[bytes]:
+        it = iter(super().snapshot())
+        yield next(it)
+        self.inside.set()
+        # Only a test that still runs can open the gate: if the snapshot blocked the
+        # event loop, nobody could, and the wait would time out.
+        self.gate_timed_out = not self.gate.wait(5)
+        yield from it
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _until(cond: object, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_slow_snapshot_holds_back_applying_but_not_the_raft_loop(tmp_path: pathlib.Path) -> None:
+    async def run() -> None:
+        addr = Address("127.0.0.1", _port())
+        kv = GatedKV()
+        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5,
+                         snapshot_entries=5)  # fmt: skip
+        node = RaftNode(cfg, kv)
+        await node.start()
+        await _until(lambda: node.core.role is Role.LEADER)
+        early = [asyncio.create_task(node.propose(put(f"k{k}", b"v"))) for k in range(6)]
+        await _until(kv.inside.is_set)  # a snapshot is due at 5: its thread is parked
+        late = [asyncio.create_task(node.propose(put(f"late{k}", b"v"))) for k in range(20)]
+        await _until(lambda: node.core.log.committed >= node.sm_applied + 20)
+        term = node.core.term
+        assert not any(t.done() for t in late)  # committed, durable, not yet applied
+        assert node.core.role is Role.LEADER and node.core.term == term
+        kv.gate.set()
+        await asyncio.gather(*early, *late)
+        assert all(f"late{k}" in kv.data for k in range(20))
+        assert node.sm_applied == node.core.log.applied
+        assert not kv.gate_timed_out
+        await _until(lambda: node.storage.snapshot is not None)
+        await node.stop()
+
+    asyncio.run(run())
+
+
+def test_restart_restores_from_the_snapshot_and_the_log(tmp_path: pathlib.Path) -> None:
+    async def run(kv: KV) -> RaftNode:
+        addr = Address("127.0.0.1", _port())
+        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5,
+                         snapshot_entries=10)  # fmt: skip
+        node = RaftNode(cfg, kv)
+        await node.start()
+        await _until(lambda: node.core.role is Role.LEADER)
+        return node
+
+    async def first() -> None:
+        node = await run(KV())
+        for k in range(25):
+            await node.propose(put(f"k{k}", b"%d" % k))
+        await _until(lambda: node.storage.snapshot is not None and node._snap_task is None)
+        await node.stop()
+
+    async def second() -> dict[str, bytes]:
+        kv = KV()
+        node = await run(kv)
+        await node.read_index()
+        await node.stop()
+        return kv.data
+
+    asyncio.run(first())
+    data = asyncio.run(second())
+    assert data == {f"k{k}": b"%d" % k for k in range(25)}
