@@ -1,0 +1,280 @@
+"""The node's TOML configuration: parsed, validated and refused with the file and key.
+
+The schema is ../shared/DESIGN.md's. Unknown keys are errors (a typo must not silently
+fall back to a default); so are bad addresses, networks, durations and missing files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from raft.transport import Address
+
+
+class ConfigError(Exception):
+    """A configuration that must not be started with."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        super().__init__(f"{path}: {key}: {problem}")
+        self.path, self.key, self.problem = path, key, problem
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 100ms, 30s, 5m, 4h or 5d")
+    return int(float(m.group(1)) * _UNIT_MS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    id: str
+    data_dir: str
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    listen: Address
+    peers: dict[str, Address]
+    key: bytes
+    heartbeat_ms: int = 100
+    election_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class SmtpSection:
+    hostname: str
+    relay_listen: tuple[Address, ...] = ()
+    submission_listen: tuple[Address, ...] = ()
+    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    max_message_size: int = 26_214_400
+    max_recipients: int = 1000
+    tls_cert: str = ""
+    tls_key: str = ""
+    users_file: str = ""
+    accept_timeout_ms: int = 120_000  # how long a client may wait for a leader, then 451
+
+
+@dataclass(frozen=True)
+class DeliverySection:
+    smarthost: str = ""
+    nameservers: tuple[str, ...] = ()
+    retry_schedule_ms: tuple[int, ...] = (
+        60_000, 300_000, 900_000, 1_800_000, 3_600_000, 7_200_000, 14_400_000,
+    )  # fmt: skip
+    max_queue_lifetime_ms: int = 5 * 86_400_000
+    on_uncertain: str = "redeliver"
+
+
+@dataclass(frozen=True)
+class AdminSection:
+    listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8025))
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    node: NodeSection
+    cluster: ClusterSection
+    smtp: SmtpSection
+    delivery: DeliverySection
+    admin: AdminSection
+
+
+class _Reader:
+    """Takes keys out of one TOML table; whatever is left over is an unknown key."""
+
+    def __init__(self, path: str, prefix: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(path, prefix, "must be a table")
+        self.path, self.prefix, self.table = path, prefix, dict(table)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), problem)
+
+    def take(self, name: str, kind: type, default: Any = ...) -> Any:
+        if name not in self.table:
+            if default is ...:
+                raise self.fail(name, "is required")
+            return default
+        value = self.table.pop(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(name, f"must be a {kind.__name__}, not {value!r}")
+        return value
+
+    def address(self, name: str, default: Any = ...) -> Address:
+        text = self.take(name, str, default)
+        if isinstance(text, Address):
+            return text
+        return self._parse_address(name, text)
+
+    def _parse_address(self, name: str, text: str) -> Address:
+        try:
+            return Address.parse(text)
+        except ValueError as exc:
+            raise self.fail(name, str(exc)) from None
+
+    def addresses(self, name: str) -> tuple[Address, ...]:
+        items = self.take(name, list, [])
+        return tuple(
+            self._parse_address(f"{name}[{k}]", _str(self, name, v)) for k, v in enumerate(items)
+        )
+
+    def duration(self, name: str, default_ms: int) -> int:
+        text = self.take(name, str, None)
+        if text is None:
+            return default_ms
+        try:
+            return parse_duration_ms(text)
+        except ValueError as exc:
+            raise self.fail(name, str(exc)) from None
+
+    def file(self, name: str, required: bool = True) -> str:
+        path = self.take(name, str, ... if required else "")
+        if path and not os.path.isfile(path):
+            raise self.fail(name, f"no such file: {path}")
+        return str(path)
+
+    def done(self) -> None:
+        for name in sorted(self.table):
+            raise self.fail(name, "unknown key")
+
+
+def _str(r: _Reader, name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise r.fail(name, f"items must be strings, not {v!r}")
+    return v
+
+
+def _secret(path: str, r: _Reader, name: str) -> bytes:
+    file = r.file(name)
+    data = open(file, "rb").read().strip()  # noqa: SIM115 - one small read
+    if len(data) < 16:
+        raise ConfigError(path, r.key(name), f"{file} holds fewer than 16 bytes of secret")
+    return data
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, "-", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+    top = _Reader(path, "", raw)
+    node = _node(path, top)
+    cluster = _cluster(path, top, node)
+    smtp = _smtp(path, top)
+    delivery = _delivery(path, top)
+    admin = _admin(path, top)
+    top.done()
+    return Config(path, node, cluster, smtp, delivery, admin)
+
+
+def _node(path: str, top: _Reader) -> NodeSection:
+    r = _Reader(path, "node", top.take("node", dict))
+    node_id = r.take("id", str)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node_id):
+        raise r.fail("id", f"{node_id!r}: use letters, digits, '.', '_' or '-'")
+    section = NodeSection(node_id, r.take("data_dir", str))
+    r.done()
+    return section
+
+
+def _cluster(path: str, top: _Reader, node: NodeSection) -> ClusterSection:
+    r = _Reader(path, "cluster", top.take("cluster", dict))
+    listen = r.address("listen")
+    peers = {
+        str(n): r._parse_address(f"peers.{n}", _str(r, f"peers.{n}", a))
+        for n, a in r.take("peers", dict).items()
+    }
+    if node.id not in peers:
+        raise r.fail("peers", f"must include this node ({node.id})")
+    if "tls" in r.table:
+        raise r.fail("tls", "mutual TLS between peers is not supported yet: use key_file")
+    key = _secret(path, r, "key_file")
+    heartbeat = r.duration("heartbeat_interval", 100)
+    election = r.duration("election_timeout", 1000)
+    if not 0 < heartbeat * 2 <= election:
+        raise r.fail("election_timeout", "must be at least twice heartbeat_interval")
+    r.done()
+    return ClusterSection(listen, peers, key, heartbeat, election)
+
+
+def _smtp(path: str, top: _Reader) -> SmtpSection:
+    r = _Reader(path, "smtp", top.take("smtp", dict))
+    hostname = r.take("hostname", str)
+    relay, submission = r.addresses("relay_listen"), r.addresses("submission_listen")
+    networks = []
+    for k, text in enumerate(r.take("relay_networks", list, [])):
+        try:
+            networks.append(ipaddress.ip_network(_str(r, "relay_networks", text), strict=False))
+        except ValueError:
+            raise r.fail(f"relay_networks[{k}]", f"{text!r} is not a network") from None
+    domains = tuple(
+        _str(r, "relay_domains", d).lower().rstrip(".") for d in r.take("relay_domains", list, [])
+    )
+    size = r.take("max_message_size", int, 26_214_400)
+    if size < 1024:
+        raise r.fail("max_message_size", "must be at least 1024 bytes")
+    rcpts = r.take("max_recipients", int, 1000)
+    tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
+    users = r.file("users_file", required=False)
+    if submission and not (tls_cert and tls_key and users):
+        raise r.fail("submission_listen", "needs tls_cert, tls_key and users_file")
+    accept = r.duration("accept_timeout", 120_000)
+    r.done()
+    return SmtpSection(
+        hostname, relay, submission, tuple(networks), domains, size, rcpts, tls_cert, tls_key,
+        users, accept,
+    )  # fmt: skip
+
+
+def _delivery(path: str, top: _Reader) -> DeliverySection:
+    if "delivery" not in top.table:
+        return DeliverySection()
+    r = _Reader(path, "delivery", top.take("delivery", dict))
+    smarthost = r.take("smarthost", str, "")
+    if smarthost:
+        r._parse_address("smarthost", smarthost)
+    nameservers = tuple(str(a) for a in r.addresses("nameservers"))
+    schedule = r.take("retry_schedule", list, None)
+    retry = DeliverySection().retry_schedule_ms
+    if schedule is not None:
+        try:
+            retry = tuple(parse_duration_ms(_str(r, "retry_schedule", s)) for s in schedule)
+        except ValueError as exc:
+            raise r.fail("retry_schedule", str(exc)) from None
+        if not retry:
+            raise r.fail("retry_schedule", "must not be empty")
+    lifetime = r.duration("max_queue_lifetime", 5 * 86_400_000)
+    policy = r.take("on_uncertain", str, "redeliver")
+    if policy not in ("redeliver", "hold"):
+        raise r.fail("on_uncertain", f"{policy!r}: use 'redeliver' or 'hold'")
+    r.done()
+    return DeliverySection(smarthost, nameservers, retry, lifetime, policy)
+
+
+def _admin(path: str, top: _Reader) -> AdminSection:
+    if "admin" not in top.table:
+        raise top.fail("admin", "is required (listen, token_file)")
+    r = _Reader(path, "admin", top.take("admin", dict))
+    listen = r.address("listen", "127.0.0.1:8025")
+    token = _secret(path, r, "token_file").decode()
+    r.done()
+    return AdminSection(listen, token)

@@ -1,0 +1,187 @@
+"""The SMTP front end: aiosmtpd's protocol, our policy in its handler hooks.
+
+Relay policy lives in `handle_RCPT`; acceptance in `handle_DATA`, which answers 250
+only once the Accept command has been applied through Raft (durable on a majority).
+The small SMTP subclass only closes gaps of aiosmtpd 1.4.6: PIPELINING and
+ENHANCEDSTATUSCODES are advertised, MAIL/RCPT without angle brackets are refused.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailqueue.commands import Accept
+from smtpcluster.config import SmtpSection
+
+log = logging.getLogger(__name__)
+
+# Propose an Accept; returns True once applied. Raises on a definite refusal and
+# TimeoutError when its fate is still unknown at the deadline.
+Submit = Callable[[Accept, float], Awaitable[bool]]
+
+RELAY_DENIED = "554 5.7.1 Relaying denied"
+BAD_ADDRESS_CHARS = frozenset('%!:"\\ ')
+
+
+def new_message_id(node: str) -> str:
+    """Unique across the cluster: time, node and randomness."""
+    return f"{time.time_ns() // 1000:x}-{os.urandom(5).hex()}-{node}"
+
+
+def plain_domain(address: str) -> str | None:
+    """The domain of a plain local@domain address, or None for anything a relay must not
+    interpret: source routes, %-hacks, !-paths, quoted local parts holding '@'."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or "@" in local or BAD_ADDRESS_CHARS & set(local):
+        return None
+    if BAD_ADDRESS_CHARS & set(domain) or domain.startswith("["):
+        return None
+    return domain.lower().rstrip(".")
+
+
+@dataclass
+class RelayPolicy:
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    domains: frozenset[str]
+
+    def trusted(self, peer_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(peer_ip)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+    def may_relay(self, peer_ip: str, authenticated: bool, rcpt: str) -> bool:
+        domain = plain_domain(rcpt)
+        if domain is None:
+            return False
+        return authenticated or self.trusted(peer_ip) or domain in self.domains
+
+
+class Handler:
+    def __init__(self, cfg: SmtpSection, node_id: str, submit: Submit) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.submit = submit
+        self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
+        self.accepted = 0
+        self.refused = 0
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        last = responses.pop()  # "250 HELP": stays last
+        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:  # fmt: skip
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        if len(envelope.rcpt_tos) >= self.cfg.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        if not self.policy.may_relay(peer, bool(session.authenticated), address):
+            self.refused += 1
+            return RELAY_DENIED
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        if b"\n" in raw.replace(b"\r\n", b""):
+            return "550 5.6.11 Bare LF in message: lines must end with CRLF"
+        message_id = new_message_id(self.node_id)
+        body = self._received(session, envelope, message_id) + raw
+        cmd = Accept(
+            int(time.time() * 1000), message_id, _unbracket(envelope.mail_from),
+            tuple(envelope.rcpt_tos), body, self.node_id,
+        )  # fmt: skip
+        try:
+            await self.submit(cmd, self.cfg.accept_timeout_ms / 1000)
+        except TimeoutError:
+            log.warning("message %s: no quorum within the accept timeout", message_id)
+            return "451 4.3.0 Cluster unavailable, try again later"
+        self.accepted += 1
+        log.info(
+            "accepted id=%s from=<%s> rcpts=%d size=%d peer=%s",
+            message_id, cmd.sender, len(cmd.recipients), len(body), session.peer,
+        )  # fmt: skip
+        return f"250 2.0.0 Ok: queued as {message_id}"
+
+    def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        date = email.utils.formatdate(localtime=False, usegmt=True)
+        helo = session.host_name or "unknown"
+        return (
+            f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
+            f"with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
+        ).encode()
+
+
+def _unbracket(address: str | None) -> str:
+    a = (address or "").strip()
+    return "" if a in ("", "<>") else a.strip("<>")
+
+
+class FrontendSMTP(SMTP):
+    """aiosmtpd's SMTP with the RFC 5321 syntax it lets through refused."""
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not _bracketed(arg, "FROM:"):
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not _bracketed(arg, "TO:"):
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        await super().smtp_RCPT(arg)
+
+
+def _bracketed(arg: str | None, keyword: str) -> bool:
+    if arg is None or not arg.upper().startswith(keyword):
+        return True  # aiosmtpd answers the other syntax errors itself
+    return arg[len(keyword) :].lstrip().startswith("<")
+
+
+def smtp_factory(handler: Handler, cfg: SmtpSection, **kw: Any) -> Callable[[], SMTP]:
+    def make() -> SMTP:
+        return FrontendSMTP(
+            handler,
+            hostname=cfg.hostname,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=300,
+            **kw,
+        )
+
+    return make

@@ -1,0 +1,109 @@
+"""One smtpcluster node: Raft, the spool, the SMTP front ends and the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from mailqueue import codec
+from mailqueue.bodies import DiskBodies
+from mailqueue.commands import Accept
+from mailqueue.machine import SpoolMachine, decode_result
+from mailqueue.spool import Spool
+from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
+from smtpcluster import admin
+from smtpcluster.config import Config
+from smtpcluster.frontend import Handler, smtp_factory
+
+log = logging.getLogger(__name__)
+TICK_MS = 10.0
+ATTEMPT_S = 3.0  # one proposal attempt; a stuck one is retried with the same id
+
+
+class Node:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        data = cfg.node.data_dir
+        self.machine = SpoolMachine(DiskBodies(os.path.join(data, "bodies")))
+        ticks = max(2, round(cfg.cluster.election_ms / TICK_MS))
+        heartbeat = max(1, min(ticks - 1, round(cfg.cluster.heartbeat_ms / TICK_MS)))
+        self.raft = RaftNode(
+            NodeConfig(
+                id=cfg.node.id,
+                listen=cfg.cluster.listen,
+                peers=cfg.cluster.peers,
+                data_dir=os.path.join(data, "raft"),
+                key=cfg.cluster.key,
+                tick_ms=TICK_MS,
+                election_ticks=ticks,
+                heartbeat_ticks=heartbeat,
+            ),
+            self.machine,
+        )
+        self.handler = Handler(cfg.smtp, cfg.node.id, self.submit)
+        self._servers: list[asyncio.Server] = []
+        self.frontends_up = False
+
+    @property
+    def spool(self) -> Spool:
+        return self.machine.spool
+
+    async def submit(self, cmd: Accept, timeout: float) -> bool:
+        """Replicate an Accept; True once it is applied.
+
+        The Accept is idempotent by its message id, so when an attempt's fate is unknown
+        (its leader died, the answer never came) proposing it again settles the question:
+        either way the message ends up in the spool exactly once. Only when no attempt
+        could be settled before `timeout` does this raise TimeoutError; the caller then
+        answers 451, and if the last unsettled attempt commits later anyway, the client's
+        retry makes a duplicate: the one window left (see docs/spool.md).
+        """
+        deadline = time.monotonic() + timeout
+        data = codec.encode(cmd)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                result = decode_result(await self.raft.propose(data, timeout=min(left, ATTEMPT_S)))
+            except (ProposalLost, Unavailable, TimeoutError):
+                await asyncio.sleep(min(0.05, max(left, 0)))
+                continue  # unknown or lost: the same Accept again is always safe
+            if result.ok:
+                return True
+            raise RuntimeError(f"the spool refused an Accept: {result.detail}")
+        raise TimeoutError
+
+    async def start(self) -> None:
+        await self.raft.start()
+        loop = asyncio.get_running_loop()
+        for addr in self.cfg.smtp.relay_listen:
+            server = await loop.create_server(
+                smtp_factory(self.handler, self.cfg.smtp), addr.host, addr.port,
+                reuse_address=True,
+            )  # fmt: skip
+            self._servers.append(server)
+        self.frontends_up = True
+        await admin.start(self)
+
+    async def stop(self) -> None:
+        self.frontends_up = False
+        for s in self._servers:
+            s.close()
+        await admin.stop(self)
+        await self.raft.stop()
+
+
+async def serve(cfg: Config) -> None:
+    node = Node(cfg)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("node %s serving SMTP on %s", cfg.node.id, [str(a) for a in cfg.smtp.relay_listen])
+    print(f"ready {cfg.node.id}", flush=True)
+    await stop.wait()
+    with contextlib.suppress(Exception):
+        await node.stop()

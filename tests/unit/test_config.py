@@ -1,0 +1,104 @@
+"""A bad config is refused at start, naming the file and the key."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from smtpcluster.config import ConfigError, load, parse_duration_ms
+
+GOOD = """
+[node]
+id = "node1"
+data_dir = "{d}/data"
+
+[cluster]
+listen = "127.0.0.1:7400"
+peers = {{ node1 = "127.0.0.1:7400", node2 = "127.0.0.2:7400", node3 = "127.0.0.3:7400" }}
+key_file = "{d}/cluster.key"
+
+[smtp]
+hostname = "relay.example.com"
+relay_listen = ["127.0.0.1:2525"]
+relay_networks = ["127.0.0.0/8", "10.0.0.0/8"]
+relay_domains = ["Example.COM."]
+
+[delivery]
+retry_schedule = ["1s", "5s"]
+max_queue_lifetime = "1h"
+on_uncertain = "hold"
+
+[admin]
+listen = "127.0.0.1:8025"
+token_file = "{d}/admin.token"
+"""
+
+
+def write(tmp: pathlib.Path, text: str) -> str:
+    (tmp / "cluster.key").write_text("k" * 32)
+    (tmp / "admin.token").write_text("t" * 32)
+    path = tmp / "node.toml"
+    path.write_text(text.format(d=tmp))
+    return str(path)
+
+
+def test_the_example_config_loads(tmp_path: pathlib.Path) -> None:
+    cfg = load(write(tmp_path, GOOD))
+    assert cfg.node.id == "node1" and len(cfg.cluster.peers) == 3
+    assert cfg.smtp.relay_domains == ("example.com",)
+    assert cfg.delivery.retry_schedule_ms == (1000, 5000)
+    assert cfg.delivery.max_queue_lifetime_ms == 3_600_000 and cfg.delivery.on_uncertain == "hold"
+    assert cfg.admin.token == "t" * 32 and cfg.cluster.key == b"k" * 32
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "problem"),
+    [
+        (("[smtp]", "[smtp]\nrelay_network = []"), "smtp.relay_network", "unknown key"),
+        (('listen = "127.0.0.1:7400"', 'listen = "127.0.0.1"'), "cluster.listen", "host:port"),
+        (('"10.0.0.0/8"', '"10.0.0/8x"'), "smtp.relay_networks[1]", "not a network"),
+        (
+            ('max_queue_lifetime = "1h"', 'max_queue_lifetime = "1 hour"'),
+            "delivery.max_queue_lifetime",
+            "not a duration",
+        ),
+        (("{d}/cluster.key", "{d}/missing.key"), "cluster.key_file", "no such file"),
+        (('hostname = "relay.example.com"\n', ""), "smtp.hostname", "is required"),
+        (('on_uncertain = "hold"', 'on_uncertain = "maybe"'), "delivery.on_uncertain", "maybe"),
+        (("node1 = ", "nodeX = "), "cluster.peers", "must include this node"),
+        (
+            (
+                'relay_listen = ["127.0.0.1:2525"]',
+                'relay_listen = ["127.0.0.1:2525"]\nsubmission_listen = ["127.0.0.1:2587"]',
+            ),
+            "smtp.submission_listen",
+            "tls_cert",
+        ),
+        (("[admin]", "[admin]\nport = 1"), "admin.port", "unknown key"),
+        (('id = "node1"', "id = 7"), "node.id", "must be a str"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_key(
+    tmp_path: pathlib.Path, change: tuple[str, str], key: str, problem: str
+) -> None:
+    text = GOOD.replace(*change)
+    assert text != GOOD
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    assert err.value.key == key and problem in err.value.problem
+    assert str(tmp_path / "node.toml") in str(err.value)
+
+
+def test_broken_toml_is_refused(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, GOOD + "\n[smtp\n"))
+
+
+def test_durations() -> None:
+    texts = ["100ms", "30s", "5m", "4h", "5d", "1.5s"]
+    assert [parse_duration_ms(t) for t in texts] == [
+        100, 30_000, 300_000, 14_400_000, 432_000_000, 1500,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration_ms("5 minutes")
