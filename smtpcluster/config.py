@@ -63,6 +63,7 @@ class SmtpSection:
     tls_key: str = ""
     users_file: str = ""
     accept_timeout_ms: int = 120_000  # how long a client may wait for a leader, then 451
+    idle_timeout_ms: int = 300_000  # a client silent this long is disconnected
 
 
 @dataclass(frozen=True)
@@ -238,10 +239,11 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     if submission and not (tls_cert and tls_key and users):
         raise r.fail("submission_listen", "needs tls_cert, tls_key and users_file")
     accept = r.duration("accept_timeout", 120_000)
+    idle = r.duration("idle_timeout", 300_000)
     r.done()
     return SmtpSection(
         hostname, relay, submission, tuple(networks), domains, size, rcpts, tls_cert, tls_key,
-        users, accept,
+        users, accept, idle,
     )  # fmt: skip
 
 

@@ -180,7 +180,7 @@ def smtp_factory(handler: Handler, cfg: SmtpSection, **kw: Any) -> Callable[[], 
             data_size_limit=cfg.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=300,
+            timeout=cfg.idle_timeout_ms / 1000,
             **kw,
         )
 

@@ -28,7 +28,9 @@ class SmtpNode:
 
 
 class SmtpCluster:
-    def __init__(self, root: Path, n: int = 3, relay_networks: str = '"127.0.0.0/30"') -> None:
+    def __init__(
+        self, root: Path, n: int = 3, relay_networks: str = '"127.0.0.0/30"', idle: str = "5m"
+    ) -> None:
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
         self.token = os.urandom(16).hex()
@@ -52,7 +54,7 @@ class SmtpCluster:
                 f'relay_listen = ["{node.host}:{node.smtp_port}"]\n'
                 f"relay_networks = [{relay_networks}]\n"
                 'relay_domains = ["inbound.test"]\nmax_message_size = 65536\n'
-                'accept_timeout = "20s"\n'
+                f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
                 f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
                 f'token_file = "{root / "admin.token"}"\n'
             )

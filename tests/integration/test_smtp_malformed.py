@@ -1,0 +1,101 @@
+"""Bad input gets a clear error, and the node keeps serving everyone else."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.kvcluster import wait_for
+from tests.integration.smtpnodes import SmtpCluster
+
+MESSAGE = b"Subject: ok\r\n\r\nfine\r\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
+    c = SmtpCluster(Path(tmp_path_factory.mktemp("malformed")), n=1, idle="2s")
+    try:
+        c.start_all()
+        c.leader()
+        yield c
+    finally:
+        c.stop_all()
+
+
+class Raw:
+    """A bare socket speaking (or mis-speaking) SMTP."""
+
+    def __init__(self, c: SmtpCluster) -> None:
+        node = c.nodes["n1"]
+        self.sock = socket.create_connection((node.host, node.smtp_port), timeout=20)
+        self.file = self.sock.makefile("rb")
+        assert self.reply().startswith(b"220")
+
+    def reply(self) -> bytes:
+        lines = [self.file.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.file.readline())
+        return b"".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def still_serving(c: SmtpCluster) -> None:
+    node = c.nodes["n1"]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=20) as s:
+        assert s.sendmail("a@example.org", ["u@dest.example"], MESSAGE) == {}
+
+
+def test_binary_junk_gets_a_5xx_and_the_session_goes_on(cluster: SmtpCluster) -> None:
+    raw = Raw(cluster)
+    raw.send(b"\x00\xff\xfe\x80junk\x01\r\n")
+    assert raw.reply()[:1] == b"5"
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith(b"250")
+    raw.close()
+    still_serving(cluster)
+
+
+def test_a_100_kb_line_is_refused_and_the_session_goes_on(cluster: SmtpCluster) -> None:
+    raw = Raw(cluster)
+    raw.send(b"EHLO " + b"a" * 100_000 + b"\r\n")
+    assert raw.reply().startswith(b"500")
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith(b"250")
+    raw.close()
+    still_serving(cluster)
+
+
+def test_a_flood_of_pipelined_commands_is_answered_in_order(cluster: SmtpCluster) -> None:
+    raw = Raw(cluster)
+    raw.send(b"EHLO flood.test\r\n" + b"NOOP\r\n" * 5000 + b"BOGUS\r\n" + b"NOOP\r\n")
+    assert raw.reply().startswith(b"250-")
+    assert all(raw.reply().startswith(b"250") for _ in range(5000))
+    assert raw.reply()[:1] == b"5"
+    assert raw.reply().startswith(b"250")
+    raw.close()
+    still_serving(cluster)
+
+
+def test_a_client_that_stops_mid_data_is_cut_off_and_nothing_is_queued(
+    cluster: SmtpCluster,
+) -> None:
+    raw = Raw(cluster)
+    raw.send(b"EHLO stall.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<stalled@dest.example>\r\n")
+    assert [raw.reply()[:3] for _ in range(3)] == [b"250", b"250", b"250"]
+    raw.send(b"DATA\r\n")
+    assert raw.reply().startswith(b"354")
+    raw.send(b"Subject: half\r\n\r\nthe rest never comes")
+    still_serving(cluster)  # others are served while it stalls
+    wait_for("the stalled client to be cut off", lambda: raw.file.read() is not None, 30)
+    raw.close()
+    rcpts = {r["address"] for m in cluster.queued("n1") for r in m["recipients"]}
+    assert "stalled@dest.example" not in rcpts
