@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raft.transport import Address
+from smtpcluster.auth import Users, UsersFileError
 
 
 class ConfigError(Exception):
@@ -236,6 +237,11 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     rcpts = r.take("max_recipients", int, 1000)
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
     users = r.file("users_file", required=False)
+    if users:
+        try:
+            Users.load(users)
+        except UsersFileError as exc:
+            raise r.fail("users_file", str(exc)) from None
     if submission and not (tls_cert and tls_key and users):
         raise r.fail("submission_listen", "needs tls_cert, tls_key and users_file")
     accept = r.duration("accept_timeout", 120_000)

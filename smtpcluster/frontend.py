@@ -8,6 +8,7 @@ ENHANCEDSTATUSCODES are advertised, MAIL/RCPT without angle brackets are refused
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import ipaddress
 import logging
@@ -17,9 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailqueue.commands import Accept
+from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
 
 log = logging.getLogger(__name__)
@@ -68,13 +70,32 @@ class RelayPolicy:
 
 
 class Handler:
-    def __init__(self, cfg: SmtpSection, node_id: str, submit: Submit) -> None:
+    def __init__(
+        self, cfg: SmtpSection, node_id: str, submit: Submit, users: Users | None = None
+    ) -> None:
         self.cfg = cfg
         self.node_id = node_id
         self.submit = submit
+        self.users = users
+        self.throttle = Throttle()
         self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
         self.accepted = 0
         self.refused = 0
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        """aiosmtpd's authenticator for PLAIN and LOGIN (only ever after STARTTLS)."""
+        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        if self.users is None or not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = data.login.decode("utf-8", "replace")
+        if self.users.verify(name, data.password.decode("utf-8", "replace")):
+            self.throttle.succeeded(peer)
+            return AuthResult(success=True, handled=False, auth_data=name)
+        self.throttle.failed(peer)
+        log.warning("AUTH failed for user %r from %s", name, peer)  # never the password
+        return AuthResult(success=False, handled=False)
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
@@ -151,7 +172,15 @@ def _unbracket(address: str | None) -> str:
 
 
 class FrontendSMTP(SMTP):
-    """aiosmtpd's SMTP with the RFC 5321 syntax it lets through refused."""
+    """aiosmtpd's SMTP with the RFC 5321 syntax it lets through refused, and AUTH slowed
+    down for addresses that keep failing."""
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        handler = self.event_handler
+        peer = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else ""
+        if isinstance(handler, Handler) and (pause := handler.throttle.delay(peer)):
+            await asyncio.sleep(pause)
+        await super().smtp_AUTH(arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if not _bracketed(arg, "FROM:"):

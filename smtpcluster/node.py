@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 
 from mailqueue import codec
@@ -16,7 +17,8 @@ from mailqueue.machine import SpoolMachine, decode_result
 from mailqueue.spool import Spool
 from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
 from smtpcluster import admin
-from smtpcluster.config import Config
+from smtpcluster.auth import Users
+from smtpcluster.config import Config, SmtpSection
 from smtpcluster.frontend import Handler, smtp_factory
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,9 @@ class Node:
             ),
             self.machine,
         )
-        self.handler = Handler(cfg.smtp, cfg.node.id, self.submit)
+        users = Users.load(cfg.smtp.users_file) if cfg.smtp.users_file else None
+        self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users)
+        self.tls = tls_context(cfg.smtp)
         self._servers: list[asyncio.Server] = []
         self.frontends_up = False
 
@@ -78,11 +82,19 @@ class Node:
     async def start(self) -> None:
         await self.raft.start()
         loop = asyncio.get_running_loop()
-        for addr in self.cfg.smtp.relay_listen:
-            server = await loop.create_server(
-                smtp_factory(self.handler, self.cfg.smtp), addr.host, addr.port,
-                reuse_address=True,
-            )  # fmt: skip
+        smtp = self.cfg.smtp
+        auth = {"authenticator": self.handler.authenticate, "auth_require_tls": True}
+        # Port 25: STARTTLS offered when there is a certificate, AUTH only after it.
+        relay = smtp_factory(self.handler, smtp, tls_context=self.tls, **auth)
+        # Port 587: STARTTLS first, then AUTH, then mail.
+        submission = smtp_factory(
+            self.handler, smtp, tls_context=self.tls, require_starttls=True,
+            auth_required=True, **auth,
+        )  # fmt: skip
+        listeners = [(relay, a) for a in smtp.relay_listen]
+        listeners += [(submission, a) for a in smtp.submission_listen]
+        for factory, addr in listeners:
+            server = await loop.create_server(factory, addr.host, addr.port, reuse_address=True)
             self._servers.append(server)
         self.frontends_up = True
         await admin.start(self)
@@ -93,6 +105,14 @@ class Node:
             s.close()
         await admin.stop(self)
         await self.raft.stop()
+
+
+def tls_context(smtp: SmtpSection) -> ssl.SSLContext | None:
+    if not (smtp.tls_cert and smtp.tls_key):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    return ctx
 
 
 async def serve(cfg: Config) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smtpcluster.auth import hash_password
 from tests.integration.kvcluster import free_port, wait_for
 
 
@@ -24,13 +25,15 @@ class SmtpNode:
     smtp_port: int
     admin_port: int
     config: Path
+    submission_port: int = 0
     popen: subprocess.Popen[bytes] | None = None
 
 
 class SmtpCluster:
     def __init__(
-        self, root: Path, n: int = 3, relay_networks: str = '"127.0.0.0/30"', idle: str = "5m"
-    ) -> None:
+        self, root: Path, n: int = 3, relay_networks: str = '"127.0.0.0/30"', idle: str = "5m",
+        submission: bool = False,
+    ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
         self.token = os.urandom(16).hex()
@@ -41,9 +44,10 @@ class SmtpCluster:
             nid = f"n{k + 1}"
             self.nodes[nid] = SmtpNode(
                 nid, host, free_port(host), free_port(host), free_port(host),
-                root / f"{nid}.toml",
+                root / f"{nid}.toml", free_port(host),
             )  # fmt: skip
         peers = ", ".join(f'{n.id} = "{n.host}:{n.raft_port}"' for n in self.nodes.values())
+        tls = self._submission_files(root) if submission else ""
         for node in self.nodes.values():
             node.config.write_text(
                 f'[node]\nid = "{node.id}"\ndata_dir = "{root / node.id}"\n'
@@ -55,9 +59,25 @@ class SmtpCluster:
                 f"relay_networks = [{relay_networks}]\n"
                 'relay_domains = ["inbound.test"]\nmax_message_size = 65536\n'
                 f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
-                f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
+                + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
+                + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
                 f'token_file = "{root / "admin.token"}"\n'
             )
+
+    @staticmethod
+    def _submission_files(root: Path) -> str:
+        """A self-signed certificate and a users file with alice / secret."""
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=relay.test", "-keyout", str(root / "tls.key"),
+             "-out", str(root / "tls.crt")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        (root / "users").write_text(hash_password("alice", "secret") + "\n")
+        return (
+            f'tls_cert = "{root / "tls.crt"}"\ntls_key = "{root / "tls.key"}"\n'
+            f'users_file = "{root / "users"}"\n'
+        )
 
     def start(self, nid: str) -> None:
         node = self.nodes[nid]

@@ -1,0 +1,81 @@
+"""Port 587: STARTTLS first, then AUTH (PLAIN or LOGIN), then mail."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.smtpnodes import SmtpCluster
+
+OUTSIDER = ("127.0.0.9", 0)  # not in relay_networks
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
+    c = SmtpCluster(Path(tmp_path_factory.mktemp("submission")), n=1, submission=True)
+    try:
+        c.start_all()
+        c.leader()
+        yield c
+    finally:
+        c.stop_all()
+
+
+def client(c: SmtpCluster) -> smtplib.SMTP:
+    node = c.nodes["n1"]
+    s = smtplib.SMTP(node.host, node.submission_port, timeout=20, source_address=OUTSIDER)
+    s.ehlo("laptop.test")
+    return s
+
+
+def insecure() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the test's self-signed certificate
+    return ctx
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_authenticated_submission_may_relay_anywhere(cluster: SmtpCluster, mechanism: str) -> None:
+    with client(cluster) as s:
+        s.starttls(context=insecure())
+        s.ehlo("laptop.test")
+        assert "PLAIN" in s.esmtp_features["auth"] and "LOGIN" in s.esmtp_features["auth"]
+        s.user, s.password = "alice", "secret"
+        code, _ = s.auth(mechanism, getattr(s, f"auth_{mechanism.lower()}"))
+        assert code == 235
+        rcpt = f"friend-{mechanism.lower()}@outside.example"
+        assert s.sendmail("alice@example.org", [rcpt], b"Subject: hi\r\n\r\nx\r\n") == {}
+    queued = cluster.queued("n1")
+    [msg] = [m for m in queued if m["recipients"][0]["address"] == rcpt]
+    shown = cluster.admin("n1", f"/v1/queue/{msg['id']}?body=1")
+    assert "with ESMTPSA" in shown["body"]  # the Received header records TLS and AUTH
+
+
+def test_auth_before_starttls_is_refused(cluster: SmtpCluster) -> None:
+    with client(cluster) as s:
+        assert "auth" not in s.esmtp_features  # not even offered
+        token = base64.b64encode(b"\0alice\0secret").decode()
+        code, _ = s.docmd("AUTH", f"PLAIN {token}")
+        assert code >= 500
+
+
+def test_mail_before_starttls_and_before_auth_is_refused(cluster: SmtpCluster) -> None:
+    with client(cluster) as s:
+        assert s.docmd("MAIL", "FROM:<alice@example.org>")[0] == 530
+        s.starttls(context=insecure())
+        s.ehlo("laptop.test")
+        assert s.docmd("MAIL", "FROM:<alice@example.org>")[0] == 530
+
+
+def test_a_wrong_password_is_refused(cluster: SmtpCluster) -> None:
+    with client(cluster) as s:
+        s.starttls(context=insecure())
+        s.ehlo("laptop.test")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("alice", "guess")
