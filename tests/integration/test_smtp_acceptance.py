@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +41,23 @@ def send(c: SmtpCluster, nid: str, rcpt: str = "u@dest.example", source: str = "
         return reply.decode().rsplit(" ", 1)[-1]
 
 
+def send_swaks(c: SmtpCluster, nid: str) -> str:
+    """Send with swaks (Debian package); returns the queue id from its 250."""
+    node = c.nodes[nid]
+    out = subprocess.run(
+        ["swaks", "--server", node.host, "--port", str(node.smtp_port), "--helo", "swaks.test",
+         "--from", "a@example.org", "--to", "u@dest.example", "--timeout", "30"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    [line] = [ln for ln in out.splitlines() if "queued as" in ln]
+    assert line.startswith("<-  250 2.0.0"), line
+    return line.rsplit(" ", 1)[-1]
+
+
 def test_every_250_is_in_the_spool_of_every_node(cluster: SmtpCluster) -> None:
     ids = {send(cluster, nid) for nid in cluster.nodes for _ in range(5)}
-    assert len(ids) == 15
+    ids |= {send_swaks(cluster, nid) for nid in cluster.nodes for _ in range(2)}
+    assert len(ids) == 21
     for nid in cluster.nodes:
         assert cluster.queued_ids(nid) >= ids  # linearizable read on each node
 
