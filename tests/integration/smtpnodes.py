@@ -31,8 +31,8 @@ class SmtpNode:
 
 class SmtpCluster:
     def __init__(
-        self, root: Path, n: int = 3, relay_networks: str = '"127.0.0.0/30"', idle: str = "5m",
-        submission: bool = False,
+        self, root: Path, n: int = 3, *, relay_networks: str = '"127.0.0.0/30"',
+        idle: str = "5m", submission: bool = False, max_size: int = 65536,
     ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
@@ -57,7 +57,7 @@ class SmtpCluster:
                 f'[smtp]\nhostname = "{node.id}.relay.test"\n'
                 f'relay_listen = ["{node.host}:{node.smtp_port}"]\n'
                 f"relay_networks = [{relay_networks}]\n"
-                'relay_domains = ["inbound.test"]\nmax_message_size = 65536\n'
+                f'relay_domains = ["inbound.test"]\nmax_message_size = {max_size}\n'
                 f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
                 + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
                 + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
