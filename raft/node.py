@@ -59,7 +59,11 @@ class ProposalLost(RaftError):
 
 
 class Unavailable(RaftError):
-    """No leader could be reached in time."""
+    """The leader refused the proposal before appending it: it is in no log."""
+
+
+class NoLeader(Unavailable):
+    """No leader appeared in time, so the proposal was never handed to one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,16 +154,30 @@ class RaftNode:
 
     async def propose(self, data: bytes, timeout: float = 10.0) -> bytes:
         """Replicate `data`; returns the state machine's result once applied here or on
-        the leader. Raises ProposalLost, Unavailable or TimeoutError."""
-        return await asyncio.wait_for(self._propose(cbor2.dumps([_APP, data])), timeout)
+        the leader.
 
-    async def _propose(self, envelope: bytes) -> bytes:
+        ProposalLost, Unavailable and NoLeader mean the entry is in no log and never
+        will be. TimeoutError means its fate is unknown: a leader got it and it may yet
+        commit."""
+        handed: list[bool] = [False]
+        try:
+            return await asyncio.wait_for(self._propose(cbor2.dumps([_APP, data]), handed), timeout)
+        except TimeoutError:
+            if not handed[0]:
+                raise NoLeader("no leader within the timeout") from None
+            raise
+
+    async def _propose(self, envelope: bytes, handed: list[bool] | None = None) -> bytes:
         delay = 0.02
         while True:
             if self.core.role is Role.LEADER:
+                if handed is not None:
+                    handed[0] = True
                 return await self._propose_local(envelope)
             leader = self.core.lead
             if leader is not None and leader != self.cfg.id:
+                if handed is not None:
+                    handed[0] = True
                 return await self._forward(leader, envelope)
             await asyncio.sleep(delay)  # an election is under way
             delay = min(delay * 2, 0.5)

@@ -24,6 +24,9 @@ from smtpcluster.frontend import Handler, smtp_factory
 log = logging.getLogger(__name__)
 TICK_MS = 10.0
 ATTEMPT_S = 3.0  # one proposal attempt; a stuck one is retried with the same id
+# How long a client may wait for an unsettled Accept: under the 10 minutes RFC 5321
+# gives a client waiting for the reply to its final dot.
+ACCEPT_HARD_CAP_S = 540.0
 
 
 class Node:
@@ -50,34 +53,49 @@ class Node:
         self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users)
         self.tls = tls_context(cfg.smtp)
         self._servers: list[asyncio.Server] = []
+        self.fate_unknown = 0  # Accepts answered 451 while perhaps in a log (should be 0)
         self.frontends_up = False
 
     @property
     def spool(self) -> Spool:
         return self.machine.spool
 
-    async def submit(self, cmd: Accept, timeout: float) -> bool:
+    async def submit(
+        self, cmd: Accept, timeout: float, hard_cap: float = ACCEPT_HARD_CAP_S
+    ) -> bool:
         """Replicate an Accept; True once it is applied.
 
         The Accept is idempotent by its message id, so when an attempt's fate is unknown
         (its leader died, the answer never came) proposing it again settles the question:
-        either way the message ends up in the spool exactly once. Only when no attempt
-        could be settled before `timeout` does this raise TimeoutError; the caller then
-        answers 451, and if the last unsettled attempt commits later anyway, the client's
-        retry makes a duplicate: the one window left (see docs/spool.md).
+        either way the message is in the spool exactly once. TimeoutError (answered 451)
+        comes only when no attempt can be in any log: after `timeout` if every attempt
+        was definitely refused or never reached a leader; otherwise the client waits, up
+        to `hard_cap`, for a leader to settle it (DESIGN: a 4xx means "not accepted").
         """
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
         data = codec.encode(cmd)
-        while (left := deadline - time.monotonic()) > 0:
+        unsettled = False  # an attempt reached a leader and its fate is not known
+        while True:
+            waited = time.monotonic() - began
+            limit = hard_cap if unsettled else timeout
+            if waited >= limit:
+                if unsettled:
+                    self.fate_unknown += 1
+                    log.error("message %s: fate unknown after %.0f s", cmd.message_id, waited)
+                raise TimeoutError
             try:
-                result = decode_result(await self.raft.propose(data, timeout=min(left, ATTEMPT_S)))
-            except (ProposalLost, Unavailable, TimeoutError):
-                await asyncio.sleep(min(0.05, max(left, 0)))
-                continue  # unknown or lost: the same Accept again is always safe
+                result = decode_result(
+                    await self.raft.propose(data, timeout=min(limit - waited, ATTEMPT_S))
+                )
+            except TimeoutError:
+                unsettled = True  # proposing the same Accept again is always safe
+                continue
+            except (ProposalLost, Unavailable):
+                await asyncio.sleep(0.05)  # this attempt is in no log; earlier ones may be
+                continue
             if result.ok:
                 return True
             raise RuntimeError(f"the spool refused an Accept: {result.detail}")
-        raise TimeoutError
 
     async def start(self) -> None:
         await self.raft.start()

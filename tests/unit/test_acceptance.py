@@ -1,0 +1,80 @@
+"""Node.submit: 451 only when the Accept can be in no log; otherwise wait and settle."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import pytest
+
+from mailqueue.commands import Accept
+from mailqueue.machine import encode_result
+from mailqueue.spool import Applied
+from raft.node import NoLeader, ProposalLost
+from smtpcluster.config import load
+from smtpcluster.node import Node
+
+CONFIG = """
+[node]
+id = "n1"
+data_dir = "{d}/data"
+[cluster]
+listen = "127.0.0.1:7400"
+peers = {{ n1 = "127.0.0.1:7400" }}
+key_file = "{d}/key"
+[smtp]
+hostname = "relay.test"
+[admin]
+token_file = "{d}/token"
+"""
+ACCEPT = Accept(1, "m1", "a@example.org", ("u@x.example",), b"body", "n1")
+
+
+def node(tmp_path: pathlib.Path, outcomes: list[BaseException | None]) -> Node:
+    (tmp_path / "key").write_text("k" * 32)
+    (tmp_path / "token").write_text("t" * 32)
+    (tmp_path / "n1.toml").write_text(CONFIG.format(d=tmp_path))
+    n = Node(load(str(tmp_path / "n1.toml")))
+    script = iter(outcomes)
+
+    async def propose(data: bytes, timeout: float = 10.0) -> bytes:
+        outcome = next(script, None)
+        if isinstance(outcome, TimeoutError):
+            await asyncio.sleep(min(timeout, 0.02))  # an attempt that waited, unanswered
+        if outcome is not None:
+            raise outcome
+        return encode_result(Applied(True, "accepted"))
+
+    n.raft.propose = propose  # type: ignore[method-assign]
+    return n
+
+
+def test_refusals_before_any_leader_saw_it_end_in_451(tmp_path: pathlib.Path) -> None:
+    n = node(tmp_path, [NoLeader("none")] * 1000)
+    with pytest.raises(TimeoutError):
+        asyncio.run(n.submit(ACCEPT, timeout=0.2, hard_cap=5))
+    assert n.fate_unknown == 0
+
+
+def test_an_unsettled_attempt_keeps_the_client_waiting_past_the_timeout(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The first attempt reached a leader and timed out; no leader for a while (longer
+    # than the timeout); then the same Accept goes through: 250, not 451.
+    outcomes: list[BaseException | None] = [TimeoutError(), *[NoLeader("none")] * 10]
+    n = node(tmp_path, outcomes)
+    assert asyncio.run(n.submit(ACCEPT, timeout=0.1, hard_cap=5)) is True
+
+
+def test_a_lost_proposal_is_proposed_again(tmp_path: pathlib.Path) -> None:
+    n = node(tmp_path, [ProposalLost("overwritten"), ProposalLost("again")])
+    assert asyncio.run(n.submit(ACCEPT, timeout=5)) is True
+
+
+def test_an_attempt_never_settled_gives_up_at_the_hard_cap_and_says_so(
+    tmp_path: pathlib.Path,
+) -> None:
+    n = node(tmp_path, [TimeoutError()] * 1000)
+    with pytest.raises(TimeoutError):
+        asyncio.run(n.submit(ACCEPT, timeout=0.05, hard_cap=0.3))
+    assert n.fate_unknown == 1
