@@ -17,6 +17,7 @@ import itertools
 import logging
 import random
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -119,6 +120,7 @@ class RaftNode:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._applied_events: list[asyncio.Event] = []
+        self.last_heard: dict[NodeId, float] = {}  # peer -> monotonic time of its last frame
         self.stopped = False
 
     # ================================================================ lifecycle
@@ -272,6 +274,7 @@ class RaftNode:
     # ================================================================ inbound
 
     def _on_frame(self, peer: NodeId, payload: bytes) -> None:
+        self.last_heard[peer] = time.monotonic()
         kind, body = payload[:1], payload[1:]
         try:
             if kind == _RAFT:

@@ -14,12 +14,15 @@ from mailqueue import codec
 from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import SpoolMachine, decode_result
+from mailqueue.policy import Policy
 from mailqueue.spool import Spool
 from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
 from smtpcluster import admin
 from smtpcluster.auth import Users
 from smtpcluster.config import Config, SmtpSection
 from smtpcluster.frontend import Handler, smtp_factory
+from smtpcluster.scheduler import Scheduler
+from smtpcluster.worker import Worker
 
 log = logging.getLogger(__name__)
 TICK_MS = 10.0
@@ -52,6 +55,14 @@ class Node:
         users = Users.load(cfg.smtp.users_file) if cfg.smtp.users_file else None
         self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users)
         self.tls = tls_context(cfg.smtp)
+        self.policy = Policy(
+            retry_schedule_ms=cfg.delivery.retry_schedule_ms,
+            max_lifetime_ms=cfg.delivery.max_queue_lifetime_ms,
+            smarthost=cfg.delivery.smarthost,
+        )
+        self.scheduler = Scheduler(self)
+        self.worker = Worker(self)
+        self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[asyncio.Server] = []
         self.fate_unknown = 0  # Accepts answered 451 while perhaps in a log (should be 0)
         self.frontends_up = False
@@ -116,9 +127,12 @@ class Node:
             self._servers.append(server)
         self.frontends_up = True
         await admin.start(self)
+        self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
 
     async def stop(self) -> None:
         self.frontends_up = False
+        for t in self._tasks + list(self.worker.tasks):
+            t.cancel()
         for s in self._servers:
             s.close()
         await admin.stop(self)

@@ -33,6 +33,7 @@ class SmtpCluster:
     def __init__(
         self, root: Path, n: int = 3, *, relay_networks: str = '"127.0.0.0/30"',
         idle: str = "5m", submission: bool = False, max_size: int = 65536,
+        smarthost: str = "",
     ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
@@ -60,6 +61,11 @@ class SmtpCluster:
                 f'relay_domains = ["inbound.test"]\nmax_message_size = {max_size}\n'
                 f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
                 + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
+                + (
+                    f'[delivery]\nsmarthost = "{smarthost}"\nretry_schedule = ["1s"]\n'
+                    if smarthost
+                    else ""
+                )
                 + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
                 f'token_file = "{root / "admin.token"}"\n'
             )

@@ -1,0 +1,57 @@
+"""The leader's scheduler: assigns due recipients, gives up on silent nodes, expires
+old messages and sends DSNs. It only proposes; the spool decides."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from mailqueue import codec, policy
+from mailqueue.commands import Command, NodeDown, UncertainPolicy
+from raft.core import RaftError, Role
+
+if TYPE_CHECKING:
+    from smtpcluster.node import Node
+
+log = logging.getLogger(__name__)
+TICK_S = 0.1
+NODE_DOWN_S = 5.0  # a node not heard from this long gets no work, and loses its work
+
+
+class Scheduler:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            if self.node.raft.core.role is Role.LEADER:
+                try:
+                    await self.tick()
+                except (RaftError, TimeoutError) as exc:
+                    log.info("scheduler paused: %s", exc)
+
+    def live_nodes(self) -> list[str]:
+        raft = self.node.raft
+        now = time.monotonic()
+        members = raft.core.conf().members()
+        return [
+            n for n in members
+            if n == raft.cfg.id or now - raft.last_heard.get(n, 0.0) < NODE_DOWN_S
+        ]  # fmt: skip
+
+    async def tick(self) -> None:
+        spool = self.node.machine.spool
+        now = int(time.time() * 1000)
+        live = self.live_nodes()
+        pol = self.node.policy
+        commands: list[Command] = []
+        on_uncertain = UncertainPolicy[self.node.cfg.delivery.on_uncertain.upper()]
+        commands += [NodeDown(now, n, on_uncertain) for n in spool.load if n not in live]
+        commands += policy.assign(spool, now, pol, live)
+        commands += policy.expired(spool, now, pol)
+        commands += policy.bounces(spool, now, self.node.cfg.smtp.hostname)
+        for cmd in commands:
+            await self.node.raft.propose(codec.encode(cmd), timeout=5)

@@ -1,0 +1,143 @@
+"""The delivery worker: every node delivers what the leader assigned to it.
+
+For each (message, attempt) assigned here it runs one SMTP transaction, fenced at the
+final dot by BeginDot, then commits the Outcome (retried until applied: it is
+idempotent). MX routing is not built yet: without a smarthost, assignments are
+deferred with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiosmtplib
+
+from mailqueue import codec, policy
+from mailqueue.commands import BeginDot, Command, Outcome, OutcomeKind, RcptResult
+from mailqueue.machine import decode_result
+from mailqueue.spool import RcptState
+from raft.core import RaftError
+from raft.transport import Address
+from smtpcluster import smtp_client
+
+if TYPE_CHECKING:
+    from smtpcluster.node import Node
+
+log = logging.getLogger(__name__)
+POLL_S = 0.05
+BEGIN_DOT_TIMEOUT_S = 10.0
+
+
+def _kind(code: int) -> OutcomeKind:
+    if 200 <= code < 300:
+        return OutcomeKind.DELIVERED
+    return OutcomeKind.FAILED if code >= 500 else OutcomeKind.DEFERRED
+
+
+class Worker:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.me = node.cfg.node.id
+        self.inflight: set[tuple[str, int]] = set()
+        self.slots = asyncio.Semaphore(20)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        while True:
+            self.dispatch()
+            await asyncio.sleep(POLL_S)
+
+    def dispatch(self) -> None:
+        spool = self.node.machine.spool
+        for msg in list(spool.messages.values()):
+            groups: dict[int, list[int]] = {}
+            for k, r in enumerate(msg.rcpts):
+                if r.state is RcptState.ASSIGNED and r.node == self.me:
+                    groups.setdefault(r.attempt, []).append(k)
+            for attempt, ks in groups.items():
+                if (msg.id, attempt) not in self.inflight:
+                    self.inflight.add((msg.id, attempt))
+                    task = asyncio.get_running_loop().create_task(self.deliver(msg.id, attempt, ks))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+
+    async def deliver(self, mid: str, attempt: int, ks: list[int]) -> None:
+        try:
+            async with self.slots:
+                results = await self._attempt(mid, attempt, ks)
+            if results:
+                await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))
+        except Exception:
+            log.exception("delivery of %s attempt %d failed unexpectedly", mid, attempt)
+        finally:
+            self.inflight.discard((mid, attempt))
+
+    async def _attempt(self, mid: str, attempt: int, ks: list[int]) -> list[RcptResult]:
+        spool = self.node.machine.spool
+        msg = spool.messages.get(mid)
+        if msg is None:
+            return []
+        smarthost = self.node.cfg.delivery.smarthost
+        if not smarthost:
+            return self._defer(mid, ks, "4.4.0 MX delivery is not built yet: set a smarthost")
+        target = Address.parse(smarthost)
+        job = smtp_client.Outbound(
+            target.host, target.port, self.node.cfg.smtp.hostname, msg.sender,
+            {k: msg.rcpts[k].address for k in ks}, spool.bodies.get(mid),
+        )  # fmt: skip
+
+        async def fence(accepted: list[int]) -> bool:
+            return await self._begin_dot(mid, accepted, attempt)
+
+        try:
+            t = await smtp_client.send(job, fence)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            return self._defer(mid, ks, f"4.4.1 {type(exc).__name__}: {exc}")
+        if t.fenced_off:
+            return []  # the assignment moved on: nothing was delivered, nothing to say
+        return self._results(mid, ks, t)
+
+    def _results(self, mid: str, ks: list[int], t: smtp_client.Transaction) -> list[RcptResult]:
+        out = []
+        for k in ks:
+            code, text = t.rcpt_replies.get(k, (0, ""))
+            if 200 <= code < 300:
+                code, text = t.final or (451, "4.4.2 connection lost after the final dot")
+            kind = _kind(code)
+            retry = self._retry_at(mid, k) if kind is OutcomeKind.DEFERRED else 0
+            out.append(RcptResult(k, kind, f"{code} {text}", retry))
+        return out
+
+    def _defer(self, mid: str, ks: list[int], why: str) -> list[RcptResult]:
+        return [RcptResult(k, OutcomeKind.DEFERRED, why, self._retry_at(mid, k)) for k in ks]
+
+    def _retry_at(self, mid: str, k: int) -> int:
+        msg = self.node.machine.spool.messages.get(mid)
+        attempts = msg.rcpts[k].attempts + 1 if msg else 1
+        return policy.next_attempt(self.node.policy, attempts, _now())
+
+    async def _begin_dot(self, mid: str, ks: list[int], attempt: int) -> bool:
+        cmd = BeginDot(_now(), mid, tuple(ks), self.me, attempt)
+        try:
+            raw = await self.node.raft.propose(codec.encode(cmd), timeout=BEGIN_DOT_TIMEOUT_S)
+        except (RaftError, TimeoutError):
+            return False  # no quorum to fence with: do not send the dot
+        return decode_result(raw).ok
+
+    async def _commit(self, cmd: Command) -> None:
+        """Propose until applied: an Outcome must not be lost, and it is idempotent."""
+        delay = 0.05
+        while True:
+            try:
+                await self.node.raft.propose(codec.encode(cmd), timeout=10)
+                return
+            except (RaftError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
