@@ -97,7 +97,10 @@ class Worker:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             return self._defer(mid, ks, f"4.4.1 {type(exc).__name__}: {exc}")
         if t.fenced_off:
-            return []  # the assignment moved on: nothing was delivered, nothing to say
+            # BeginDot was refused or could not commit: the dot was withheld and the
+            # connection dropped, so the remote discards it. Nothing to report.
+            log.info("fenced off: %s attempt %d, final dot withheld", mid, attempt)
+            return []
         return self._results(mid, ks, t)
 
     def _results(self, mid: str, ks: list[int], t: smtp_client.Transaction) -> list[RcptResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import threading
 from collections import Counter
@@ -64,3 +65,58 @@ def test_accepted_mail_is_delivered_exactly_once(tmp_path: Path, sink: tuple[Sin
         assert b"body 7" in body and body.startswith(b"Received: from")
     finally:
         cluster.stop_all()
+
+
+class GatedSink(Sink):
+    """Holds every RCPT until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        self.waiting.set()
+        while not self.gate.is_set():  # the sink's own loop thread: poll, do not block it
+            await asyncio.sleep(0.01)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+def test_without_quorum_the_final_dot_is_withheld(tmp_path: Path) -> None:
+    handler = GatedSink()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["fenced@dest.example"], b"Subject: f\r\n\r\nx\r\n")
+        wait_for("a delivery attempt to reach the sink", handler.waiting.is_set, 30)
+        holder = next(r["node"] for m in cluster.queued("n1") for r in m["recipients"] if r["node"])
+        for nid in cluster.nodes:
+            if nid != holder:
+                cluster.kill(nid)  # the worker is left without a quorum to fence with
+        handler.gate.set()
+        # It sends the body, cannot commit BeginDot, and hangs up before the dot.
+        log = tmp_path / f"{holder}.log"
+        wait_for(
+            "the worker to withhold the dot", lambda: b"final dot withheld" in log.read_bytes(), 60
+        )
+        assert handler.received == []
+        for nid in cluster.nodes:
+            if nid != holder:
+                cluster.start(nid)
+        wait_for("delivery once a quorum is back", lambda: len(handler.received) == 1, 60)
+        wait_for("the spools to empty", lambda: all(
+            not cluster.queued(n) for n in cluster.nodes), 30)  # fmt: skip
+        assert [r for r, _ in handler.received] == ["fenced@dest.example"]
+    finally:
+        cluster.stop_all()
+        controller.stop()
