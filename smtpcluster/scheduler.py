@@ -23,11 +23,18 @@ NODE_DOWN_S = 5.0  # a node not heard from this long gets no work, and loses its
 class Scheduler:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.term = -1
+        self.lead_since = 0.0
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            if self.node.raft.core.role is Role.LEADER:
+            core = self.node.raft.core
+            if core.role is Role.LEADER:
+                if core.term != self.term:
+                    # A node this leader has not heard from yet is not silent yet: every
+                    # member gets NODE_DOWN_S from the start of this leadership.
+                    self.term, self.lead_since = core.term, time.monotonic()
                 try:
                     await self.tick()
                 except (RaftError, TimeoutError) as exc:
@@ -39,7 +46,8 @@ class Scheduler:
         members = raft.core.conf().members()
         return [
             n for n in members
-            if n == raft.cfg.id or now - raft.last_heard.get(n, 0.0) < NODE_DOWN_S
+            if n == raft.cfg.id
+            or now - max(raft.last_heard.get(n, 0.0), self.lead_since) < NODE_DOWN_S
         ]  # fmt: skip
 
     async def tick(self) -> None:

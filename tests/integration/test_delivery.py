@@ -120,3 +120,31 @@ def test_without_quorum_the_final_dot_is_withheld(tmp_path: Path) -> None:
     finally:
         cluster.stop_all()
         controller.stop()
+
+
+def test_a_worker_killed_before_its_dot_is_replaced_without_a_duplicate(tmp_path: Path) -> None:
+    handler = GatedSink()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n2"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["moved@dest.example"], b"Subject: m\r\n\r\nx\r\n")
+        wait_for("a delivery attempt to reach the sink", handler.waiting.is_set, 30)
+        holder = next(r["node"] for m in cluster.queued("n2") for r in m["recipients"] if r["node"])
+        cluster.kill(holder)  # kill -9 in the middle of its SMTP transaction
+        handler.gate.set()
+        survivor = next(n for n in cluster.nodes if n != holder)
+        wait_for("another node to deliver it", lambda: len(handler.received) == 1, 60)
+        wait_for("the spools to empty", lambda: not cluster.queued(survivor), 30)
+        assert [r for r, _ in handler.received] == ["moved@dest.example"]
+        cluster.start(holder)  # the dead worker's return changes nothing
+        wait_for("its spool to agree", lambda: not cluster.queued(holder), 30)
+        assert len(handler.received) == 1
+    finally:
+        cluster.stop_all()
+        controller.stop()
