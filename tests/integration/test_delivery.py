@@ -148,3 +148,58 @@ def test_a_worker_killed_before_its_dot_is_replaced_without_a_duplicate(tmp_path
     finally:
         cluster.stop_all()
         controller.stop()
+
+
+class PickySink(Sink):
+    """Defers `later@` the first time, refuses `nobody@`, takes everything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred = 0
+        self.senders: list[tuple[str, str]] = []  # (envelope sender, recipient) accepted
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        if address.startswith("later@") and self.deferred == 0:
+            self.deferred += 1
+            return "451 4.2.0 try again later"
+        if address.startswith("nobody@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        self.senders.append((envelope.mail_from or "", address))
+        return "250 2.1.5 Ok"
+
+
+def test_deferred_is_retried_and_refused_bounces_to_the_sender(tmp_path: Path) -> None:
+    handler = PickySink()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail(
+                "sender@example.org", ["later@dest.example", "nobody@dest.example"],
+                b"Subject: mixed\r\nMessage-ID: <mixed@example.org>\r\n\r\nx\r\n",
+            )  # fmt: skip
+        # "later" is retried after the 1 s schedule step and delivered; "nobody" bounces
+        # and the DSN goes from <> back to the sender, through the same smarthost.
+        wait_for("the retry and the DSN", lambda: len(handler.received) == 2, 60)
+        assert handler.deferred == 1
+        assert sorted(handler.senders) == [
+            ("<>", "sender@example.org"),
+            ("sender@example.org", "later@dest.example"),
+        ]
+        dsn = dict(handler.received)["sender@example.org"]
+        assert b"multipart/report" in dsn and b"nobody@dest.example" in dsn
+        assert b"5.1.1" in dsn and b"Message-ID: <mixed@example.org>" in dsn
+        wait_for("the spools to empty", lambda: all(
+            not cluster.queued(n) for n in cluster.nodes), 30)  # fmt: skip
+    finally:
+        cluster.stop_all()
+        controller.stop()
