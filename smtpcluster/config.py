@@ -76,6 +76,7 @@ class DeliverySection:
     )  # fmt: skip
     max_queue_lifetime_ms: int = 5 * 86_400_000
     on_uncertain: str = "redeliver"
+    mx_port: int = 25  # the exchanges' SMTP port; only tests on loopback change it
 
 
 @dataclass(frozen=True)
@@ -274,8 +275,11 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     policy = r.take("on_uncertain", str, "redeliver")
     if policy not in ("redeliver", "hold"):
         raise r.fail("on_uncertain", f"{policy!r}: use 'redeliver' or 'hold'")
+    mx_port = r.take("mx_port", int, 25)
+    if not 0 < mx_port < 65536:
+        raise r.fail("mx_port", f"{mx_port} is not a port")
     r.done()
-    return DeliverySection(smarthost, nameservers, retry, lifetime, policy)
+    return DeliverySection(smarthost, nameservers, retry, lifetime, policy, mx_port)
 
 
 def _admin(path: str, top: _Reader) -> AdminSection:

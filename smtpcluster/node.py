@@ -21,6 +21,7 @@ from smtpcluster import admin
 from smtpcluster.auth import Users
 from smtpcluster.config import Config, SmtpSection
 from smtpcluster.frontend import Handler, smtp_factory
+from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
 from smtpcluster.worker import Worker
 
@@ -60,6 +61,7 @@ class Node:
             max_lifetime_ms=cfg.delivery.max_queue_lifetime_ms,
             smarthost=cfg.delivery.smarthost,
         )
+        self.router = Router(cfg.delivery.nameservers, cfg.delivery.mx_port)
         self.scheduler = Scheduler(self)
         self.worker = Worker(self)
         self._tasks: list[asyncio.Task[None]] = []

@@ -9,6 +9,7 @@ message. This uses aiosmtplib's protocol object directly (pinned to 5.x).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,8 +70,9 @@ async def send(
             await smtp.quit()
             return t
         await _data(smtp, stuff(job.body), accepted, fence=fence, t=t, timeout=timeout)
-        if t.dot_sent:
-            await smtp.quit()
+        if t.final is not None:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await smtp.quit()
     finally:
         smtp.close()
     return t
@@ -101,5 +103,8 @@ async def _data(
         proto._response_pending = True
         proto.write(b".\r\n")
         t.dot_sent = True
-        reply = await proto.read_response(timeout=timeout)
+        try:
+            reply = await proto.read_response(timeout=timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return  # the remote may have it: never try another exchange for this attempt
         t.final = (reply.code, reply.message)

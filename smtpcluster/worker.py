@@ -2,8 +2,7 @@
 
 For each (message, attempt) assigned here it runs one SMTP transaction, fenced at the
 final dot by BeginDot, then commits the Outcome (retried until applied: it is
-idempotent). MX routing is not built yet: without a smarthost, assignments are
-deferred with a clear error.
+idempotent). Destinations come from the smarthost, or from MX records in order.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from mailqueue.spool import RcptState
 from raft.core import RaftError
 from raft.transport import Address
 from smtpcluster import smtp_client
+from smtpcluster.route import RouteTemporaryFailure, Undeliverable
 
 if TYPE_CHECKING:
     from smtpcluster.node import Node
@@ -80,28 +80,41 @@ class Worker:
         msg = spool.messages.get(mid)
         if msg is None:
             return []
-        smarthost = self.node.cfg.delivery.smarthost
-        if not smarthost:
-            return self._defer(mid, ks, "4.4.0 MX delivery is not built yet: set a smarthost")
-        target = Address.parse(smarthost)
-        job = smtp_client.Outbound(
-            target.host, target.port, self.node.cfg.smtp.hostname, msg.sender,
-            {k: msg.rcpts[k].address for k in ks}, spool.bodies.get(mid),
-        )  # fmt: skip
+        try:
+            targets = await self._targets(msg.rcpts[ks[0]].address)
+        except Undeliverable as exc:
+            return [RcptResult(k, OutcomeKind.FAILED, str(exc)) for k in ks]
+        except RouteTemporaryFailure as exc:
+            return self._defer(mid, ks, str(exc))
+        rcpts = {k: msg.rcpts[k].address for k in ks}
+        body = spool.bodies.get(mid)
 
         async def fence(accepted: list[int]) -> bool:
             return await self._begin_dot(mid, accepted, attempt)
 
-        try:
-            t = await smtp_client.send(job, fence)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return self._defer(mid, ks, f"4.4.1 {type(exc).__name__}: {exc}")
-        if t.fenced_off:
-            # BeginDot was refused or could not commit: the dot was withheld and the
-            # connection dropped, so the remote discards it. Nothing to report.
-            log.info("fenced off: %s attempt %d, final dot withheld", mid, attempt)
-            return []
-        return self._results(mid, ks, t)
+        error = "4.4.1 no exchange to try"
+        for target in targets:  # in MX order: the next one when one cannot be reached
+            job = smtp_client.Outbound(
+                target.host, target.port, self.node.cfg.smtp.hostname, msg.sender, rcpts, body
+            )
+            try:
+                t = await smtp_client.send(job, fence)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                error = f"4.4.1 {target}: {type(exc).__name__}: {exc}"
+                continue
+            if t.fenced_off:
+                # BeginDot was refused or could not commit: the dot was withheld and the
+                # connection dropped, so the remote discards it. Nothing to report.
+                log.info("fenced off: %s attempt %d, final dot withheld", mid, attempt)
+                return []
+            return self._results(mid, ks, t)
+        return self._defer(mid, ks, error)
+
+    async def _targets(self, address: str) -> list[Address]:
+        delivery = self.node.cfg.delivery
+        if delivery.smarthost:
+            return [Address.parse(delivery.smarthost)]
+        return await self.node.router.exchanges(address.rpartition("@")[2])
 
     def _results(self, mid: str, ks: list[int], t: smtp_client.Transaction) -> list[RcptResult]:
         out = []

@@ -33,7 +33,7 @@ class SmtpCluster:
     def __init__(
         self, root: Path, n: int = 3, *, relay_networks: str = '"127.0.0.0/30"',
         idle: str = "5m", submission: bool = False, max_size: int = 65536,
-        smarthost: str = "",
+        smarthost: str = "", nameservers: str = "", mx_port: int = 25,
     ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
@@ -61,14 +61,20 @@ class SmtpCluster:
                 f'relay_domains = ["inbound.test"]\nmax_message_size = {max_size}\n'
                 f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
                 + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
-                + (
-                    f'[delivery]\nsmarthost = "{smarthost}"\nretry_schedule = ["1s"]\n'
-                    if smarthost
-                    else ""
-                )
+                + self._delivery(smarthost, nameservers, mx_port)
                 + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
                 f'token_file = "{root / "admin.token"}"\n'
             )
+
+    @staticmethod
+    def _delivery(smarthost: str, nameservers: str, mx_port: int) -> str:
+        if not (smarthost or nameservers):
+            return ""
+        servers = f'"{nameservers}"' if nameservers else ""
+        return (
+            f'[delivery]\nsmarthost = "{smarthost}"\nretry_schedule = ["1s"]\n'
+            f"nameservers = [{servers}]\nmx_port = {mx_port}\n"
+        )
 
     @staticmethod
     def _submission_files(root: Path) -> str:

@@ -1,0 +1,74 @@
+"""MX routing against a real dnsmasq on loopback: priority, fallback, null MX, NXDOMAIN."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.test_delivery import Sink
+
+MX_PORT_HOST = "127.0.0.10"
+
+
+@pytest.fixture
+def dns(tmp_path: Path) -> Iterator[str]:
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen(
+        ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+         f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root",
+         "--mx-host=prio.test,mx1.prio.test,10", "--mx-host=prio.test,mx2.prio.test,20",
+         "--host-record=mx1.prio.test,127.0.0.10", "--host-record=mx2.prio.test,127.0.0.11",
+         "--mx-host=null.test,.,0", "--host-record=plain.test,127.0.0.11",
+         "--local=/test/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def send(cluster: SmtpCluster, rcpt: str) -> None:
+    node = cluster.nodes["n1"]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+        s.sendmail("sender@prio.test", [rcpt], b"Subject: mx\r\n\r\nx\r\n")
+
+
+def test_mx_priority_fallback_null_mx_and_nxdomain(tmp_path: Path, dns: str) -> None:
+    port = free_port("127.0.0.10")
+    mx1, mx2 = Sink(), Sink()
+    c1 = Controller(mx1, hostname="127.0.0.10", port=port)
+    c2 = Controller(mx2, hostname="127.0.0.11", port=port)
+    c1.start()
+    c2.start()
+    (tmp_path / "c").mkdir()
+    cluster = SmtpCluster(tmp_path / "c", n=1, nameservers=dns, mx_port=port)
+    try:
+        cluster.start_all()
+        cluster.leader()
+        send(cluster, "first@prio.test")
+        wait_for("delivery to the preferred MX", lambda: mx1.received, 30)
+        c1.stop()  # the preferred exchange goes away: the next one takes the mail
+        send(cluster, "second@prio.test")
+        wait_for("fallback to the second MX", lambda: mx2.received, 30)
+        send(cluster, "implicit@plain.test")  # no MX: the domain's own address
+        wait_for("the implicit MX", lambda: len(mx2.received) == 2, 30)
+        assert [r for r, _ in mx1.received] == ["first@prio.test"]
+        assert [r for r, _ in mx2.received] == ["second@prio.test", "implicit@plain.test"]
+        send(cluster, "anyone@null.test")  # RFC 7505: bounce at once
+        send(cluster, "anyone@nowhere.test")  # NXDOMAIN: bounce at once
+        wait_for("two DSNs back to the sender", lambda: len(mx2.received) == 4, 30)
+        dsns = b"".join(body for _, body in mx2.received[2:])
+        assert b"5.1.10" in dsns and b"5.1.2" in dsns
+    finally:
+        cluster.stop_all()
+        c2.stop()
