@@ -16,6 +16,10 @@ from typing import Any
 from smtpcluster.auth import hash_password
 from tests.integration.kvcluster import free_port, wait_for
 
+# A smarthost nobody listens on: delivery is deferred and accepted mail stays in the
+# spool where acceptance tests look for it.
+PARKED = "127.0.0.1:9"
+
 
 @dataclass
 class SmtpNode:
@@ -33,7 +37,7 @@ class SmtpCluster:
     def __init__(
         self, root: Path, n: int = 3, *, relay_networks: str = '"127.0.0.0/30"',
         idle: str = "5m", submission: bool = False, max_size: int = 65536,
-        smarthost: str = "", nameservers: str = "", mx_port: int = 25,
+        smarthost: str = PARKED, nameservers: str = "", mx_port: int = 25,
     ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())

@@ -51,7 +51,7 @@ def test_mx_priority_fallback_null_mx_and_nxdomain(tmp_path: Path, dns: str) -> 
     c1.start()
     c2.start()
     (tmp_path / "c").mkdir()
-    cluster = SmtpCluster(tmp_path / "c", n=1, nameservers=dns, mx_port=port)
+    cluster = SmtpCluster(tmp_path / "c", n=1, smarthost="", nameservers=dns, mx_port=port)
     try:
         cluster.start_all()
         cluster.leader()
