@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import smtplib
 import threading
 from collections import Counter
@@ -200,6 +201,57 @@ def test_deferred_is_retried_and_refused_bounces_to_the_sender(tmp_path: Path) -
         assert b"5.1.1" in dsn and b"Message-ID: <mixed@example.org>" in dsn
         wait_for("the spools to empty", lambda: all(
             not cluster.queued(n) for n in cluster.nodes), 30)  # fmt: skip
+    finally:
+        cluster.stop_all()
+        controller.stop()
+
+
+class CountingGate(GatedSink):
+    """A gated sink that counts the sessions waiting at RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        self.waiters += 1
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def test_a_paused_worker_cannot_deliver_what_was_reassigned(tmp_path: Path) -> None:
+    handler = CountingGate()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
+    try:
+        cluster.start_all()
+        leader = cluster.leader()
+        node = cluster.nodes[next(n for n in cluster.nodes if n != leader)]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["once@dest.example"], b"Subject: o\r\n\r\nx\r\n")
+        wait_for("a delivery attempt to reach the sink", handler.waiting.is_set, 30)
+        holder = next(
+            r["node"] for m in cluster.queued(leader) for r in m["recipients"] if r["node"]
+        )
+        if holder == leader:
+            pytest.skip("the leader took the assignment; this test pauses a follower")
+        popen = cluster.nodes[holder].popen
+        assert popen is not None
+        popen.send_signal(signal.SIGSTOP)  # a partitioned worker: alive, but silent
+        try:
+            wait_for("the assignment to move on", lambda: handler.waiters >= 2, 60)
+            handler.gate.set()  # both transactions may go on now
+            wait_for("the new worker to deliver", lambda: len(handler.received) == 1, 30)
+        finally:
+            popen.send_signal(signal.SIGCONT)
+        log = tmp_path / f"{holder}.log"
+        withheld = b"final dot withheld"
+        wait_for("the old worker to be fenced off", lambda: withheld in log.read_bytes(), 60)
+        assert [r for r, _ in handler.received] == ["once@dest.example"]  # one final dot
     finally:
         cluster.stop_all()
         controller.stop()
