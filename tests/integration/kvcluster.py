@@ -94,9 +94,16 @@ class KVCluster:
     def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs[nid]
         assert p.popen is not None
+        p.popen.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
         p.popen.send_signal(sig)
-        p.popen.wait(timeout=10)
-        p.popen = None
+        try:
+            p.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.popen.kill()  # never leave a node behind to disturb later tests
+            p.popen.wait(timeout=20)
+            raise
+        finally:
+            p.popen = None
 
     def stop_all(self) -> None:
         for nid, p in self.procs.items():

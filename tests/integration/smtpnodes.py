@@ -111,9 +111,16 @@ class SmtpCluster:
     def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[nid]
         assert node.popen is not None
+        node.popen.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
         node.popen.send_signal(sig)
-        node.popen.wait(timeout=20)
-        node.popen = None
+        try:
+            node.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.popen.kill()  # never leave a node behind to disturb later tests
+            node.popen.wait(timeout=20)
+            raise
+        finally:
+            node.popen = None
 
     def stop_all(self) -> None:
         for nid, node in self.nodes.items():
