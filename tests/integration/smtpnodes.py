@@ -38,6 +38,7 @@ class SmtpCluster:
         self, root: Path, n: int = 3, *, relay_networks: str = '"127.0.0.0/30"',
         idle: str = "5m", submission: bool = False, max_size: int = 65536,
         smarthost: str = PARKED, nameservers: str = "", mx_port: int = 25,
+        lifetime: str = "5d",
     ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
@@ -65,19 +66,17 @@ class SmtpCluster:
                 f'relay_domains = ["inbound.test"]\nmax_message_size = {max_size}\n'
                 f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
                 + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
-                + self._delivery(smarthost, nameservers, mx_port)
+                + self._delivery(smarthost, nameservers, mx_port, lifetime)
                 + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
                 f'token_file = "{root / "admin.token"}"\n'
             )
 
     @staticmethod
-    def _delivery(smarthost: str, nameservers: str, mx_port: int) -> str:
-        if not (smarthost or nameservers):
-            return ""
+    def _delivery(smarthost: str, nameservers: str, mx_port: int, lifetime: str) -> str:
         servers = f'"{nameservers}"' if nameservers else ""
         return (
             f'[delivery]\nsmarthost = "{smarthost}"\nretry_schedule = ["1s"]\n'
-            f"nameservers = [{servers}]\nmx_port = {mx_port}\n"
+            f'nameservers = [{servers}]\nmx_port = {mx_port}\nmax_queue_lifetime = "{lifetime}"\n'
         )
 
     @staticmethod

@@ -255,3 +255,38 @@ def test_a_paused_worker_cannot_deliver_what_was_reassigned(tmp_path: Path) -> N
     finally:
         cluster.stop_all()
         controller.stop()
+
+
+class DeferringSink(Sink):
+    """Defers every recipient but the sender's address, which receives the DSN."""
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        if address != "sender@example.org":
+            return "451 4.3.2 not now"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+def test_a_message_past_its_queue_lifetime_bounces(tmp_path: Path) -> None:
+    handler = DeferringSink()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, n=1, smarthost=f"127.0.0.1:{port}", lifetime="3s")
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("sender@example.org", ["stuck@dest.example"], b"Subject: s\r\n\r\nx\r\n")
+        wait_for("the expiry DSN at the sender", lambda: handler.received, 60)
+        [(rcpt, dsn)] = handler.received
+        assert rcpt == "sender@example.org"
+        assert b"5.4.7" in dsn and b"stuck@dest.example" in dsn
+        wait_for("the spool to empty", lambda: not cluster.queued("n1"), 30)
+    finally:
+        cluster.stop_all()
+        controller.stop()
