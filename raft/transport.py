@@ -226,6 +226,10 @@ class Transport:
                 log.warning("peer %s at %s refused: %s", node, peer.addr, exc)
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 log.debug("peer %s at %s unreachable: %s", node, peer.addr, exc)
+            except Exception:
+                # Whatever broke this connection, the sender must live on: a dead sender
+                # task would cut this peer off for good, silently.
+                log.exception("connection to peer %s at %s failed", node, peer.addr)
             finally:
                 peer.connected = False
                 if writer is not None:

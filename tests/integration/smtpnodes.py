@@ -151,7 +151,14 @@ class SmtpCluster:
             lead = leaders.pop() if len(leaders) == 1 else None
             return lead if lead in self.live() else None
 
-        return wait_for("an agreed leader", agreed, 30)
+        try:
+            return wait_for("an agreed leader", agreed, 30)
+        except AssertionError as exc:
+            views = {n: self.status(n) for n in self.live()}
+            brief = {
+                n: v and (v["role"], v["term"], v["leader"], v["commit"]) for n, v in views.items()
+            }
+            raise AssertionError(f"{exc}; the nodes say {brief}") from None
 
     def queued(self, nid: str) -> list[dict[str, Any]]:
         """Every message in the node's spool (a linearizable read)."""
