@@ -1,9 +1,10 @@
 """The product's promise under faults: 2,000 messages, kill -9s and a pause during
 delivery; every 250 delivered, nothing twice beyond what the cluster calls uncertain.
 
-Not in the default run (marker `chaos`): `scripts/test -m chaos`. Work in progress: on
-the 2-core machine it failed waiting for the three nodes to agree on a leader after
-the kills (see the note on issue 6).
+Not in the default run (marker `chaos`): `scripts/test -m chaos`. Work in progress: it
+found the transport bug that cut restarted peers off; since that fix it has passed
+(2 of 4 runs, once with 3 duplicates = 3 uncertain) and failed waiting for every
+accepted message to be delivered; the failure message says where the missing ones are.
 """
 
 from __future__ import annotations
@@ -90,10 +91,23 @@ def test_exactly_once_through_kills_and_a_pause(tmp_path: Path) -> None:
         popen.send_signal(signal.SIGCONT)
         sender.join(300)
         assert done.is_set()
-        wait_for("every accepted message delivered",
-                 lambda: accepted <= {r for r, _ in sink.received}, 240)  # fmt: skip
-        wait_for("the spools to empty", lambda: all(
-            not cluster.queued(n) for n in cluster.live()), 120)  # fmt: skip
+        try:
+            wait_for("every accepted message delivered",
+                     lambda: accepted <= {r for r, _ in sink.received}, 240)  # fmt: skip
+        except AssertionError:
+            missing = accepted - {r for r, _ in sink.received}
+            queued = {
+                r["address"]: (r["state"], r["node"], r["last_error"][:60])
+                for m in cluster.queued(cluster.leader()) for r in m["recipients"]
+            }  # fmt: skip
+            where = {a: queued.get(a, "NOT IN THE SPOOL") for a in sorted(missing)[:5]}
+            raise AssertionError(f"{len(missing)} undelivered: {where}") from None
+        try:
+            wait_for("the spools to empty", lambda: all(
+                not cluster.queued(n) for n in cluster.live()), 120)  # fmt: skip
+        except AssertionError:
+            left = cluster.queued(cluster.leader())
+            raise AssertionError(f"{len(left)} left, e.g. {left[:3]}") from None
         counts = Counter(r for r, _ in sink.received)
         duplicates = sum(c - 1 for c in counts.values())
         stats = cluster.admin(cluster.leader(), "/v1/queue-stats")
