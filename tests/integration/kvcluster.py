@@ -40,6 +40,18 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0) ->
     raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
 
 
+def stop_process(popen: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal a node and wait for it; never leave one behind to disturb later tests."""
+    popen.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+    popen.send_signal(sig)
+    try:
+        popen.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=20)
+        raise
+
+
 @dataclass
 class Proc:
     id: str
@@ -94,16 +106,8 @@ class KVCluster:
     def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs[nid]
         assert p.popen is not None
-        p.popen.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-        p.popen.send_signal(sig)
-        try:
-            p.popen.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.popen.kill()  # never leave a node behind to disturb later tests
-            p.popen.wait(timeout=20)
-            raise
-        finally:
-            p.popen = None
+        popen, p.popen = p.popen, None
+        stop_process(popen, sig)
 
     def stop_all(self) -> None:
         for nid, p in self.procs.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpcluster.auth import hash_password
-from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.kvcluster import free_port, stop_process, wait_for
 
 # A smarthost nobody listens on: delivery is deferred and accepted mail stays in the
 # spool where acceptance tests look for it.
@@ -110,16 +110,8 @@ class SmtpCluster:
     def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[nid]
         assert node.popen is not None
-        node.popen.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-        node.popen.send_signal(sig)
-        try:
-            node.popen.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.popen.kill()  # never leave a node behind to disturb later tests
-            node.popen.wait(timeout=20)
-            raise
-        finally:
-            node.popen = None
+        popen, node.popen = node.popen, None
+        stop_process(popen, sig)
 
     def stop_all(self) -> None:
         for nid, node in self.nodes.items():
