@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING
 import aiosmtplib
 
 from mailqueue import codec, policy
-from mailqueue.commands import BeginDot, Command, Outcome, OutcomeKind, RcptResult
+from mailqueue.commands import (
+    BeginDot,
+    Command,
+    NodeDown,
+    Outcome,
+    OutcomeKind,
+    RcptResult,
+    UncertainPolicy,
+)
 from mailqueue.machine import decode_result
 from mailqueue.spool import RcptState
 from raft.core import RaftError
@@ -46,6 +54,11 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
+        # A previous run of this node may have died between BeginDot and Outcome, and if
+        # it came back quickly the leader never saw it down: declare it down ourselves,
+        # before taking any new work (so this cannot touch an attempt of ours).
+        on_uncertain = UncertainPolicy[self.node.cfg.delivery.on_uncertain.upper()]
+        await self._commit(NodeDown(_now(), self.me, on_uncertain))
         while True:
             self.dispatch()
             await asyncio.sleep(POLL_S)
