@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import smtplib
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -16,6 +18,22 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.smtpnodes import SmtpCluster
+
+
+@contextlib.contextmanager
+def sink_and_cluster(tmp_path: Path, handler: Sink, **opts: Any) -> Iterator[SmtpCluster]:
+    """A sink on loopback as the smarthost of a running cluster; both stopped after."""
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}", **opts)
+    try:
+        cluster.start_all()
+        cluster.leader()
+        yield cluster
+    finally:
+        cluster.stop_all()
+        controller.stop()
 
 
 class Sink:
@@ -89,13 +107,7 @@ class GatedSink(Sink):
 
 def test_without_quorum_the_final_dot_is_withheld(tmp_path: Path) -> None:
     handler = GatedSink()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
-    try:
-        cluster.start_all()
-        cluster.leader()
+    with sink_and_cluster(tmp_path, handler) as cluster:
         node = cluster.nodes["n1"]
         with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
             s.sendmail("a@example.org", ["fenced@dest.example"], b"Subject: f\r\n\r\nx\r\n")
@@ -118,20 +130,11 @@ def test_without_quorum_the_final_dot_is_withheld(tmp_path: Path) -> None:
         wait_for("the spools to empty", lambda: all(
             not cluster.queued(n) for n in cluster.nodes), 30)  # fmt: skip
         assert [r for r, _ in handler.received] == ["fenced@dest.example"]
-    finally:
-        cluster.stop_all()
-        controller.stop()
 
 
 def test_a_worker_killed_before_its_dot_is_replaced_without_a_duplicate(tmp_path: Path) -> None:
     handler = GatedSink()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
-    try:
-        cluster.start_all()
-        cluster.leader()
+    with sink_and_cluster(tmp_path, handler) as cluster:
         node = cluster.nodes["n2"]
         with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
             s.sendmail("a@example.org", ["moved@dest.example"], b"Subject: m\r\n\r\nx\r\n")
@@ -146,9 +149,6 @@ def test_a_worker_killed_before_its_dot_is_replaced_without_a_duplicate(tmp_path
         cluster.start(holder)  # the dead worker's return changes nothing
         wait_for("its spool to agree", lambda: not cluster.queued(holder), 30)
         assert len(handler.received) == 1
-    finally:
-        cluster.stop_all()
-        controller.stop()
 
 
 class PickySink(Sink):
@@ -175,13 +175,7 @@ class PickySink(Sink):
 
 def test_deferred_is_retried_and_refused_bounces_to_the_sender(tmp_path: Path) -> None:
     handler = PickySink()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
-    try:
-        cluster.start_all()
-        cluster.leader()
+    with sink_and_cluster(tmp_path, handler) as cluster:
         node = cluster.nodes["n1"]
         with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
             s.sendmail(
@@ -201,9 +195,6 @@ def test_deferred_is_retried_and_refused_bounces_to_the_sender(tmp_path: Path) -
         assert b"5.1.1" in dsn and b"Message-ID: <mixed@example.org>" in dsn
         wait_for("the spools to empty", lambda: all(
             not cluster.queued(n) for n in cluster.nodes), 30)  # fmt: skip
-    finally:
-        cluster.stop_all()
-        controller.stop()
 
 
 class CountingGate(GatedSink):
@@ -272,13 +263,7 @@ class DeferringSink(Sink):
 
 def test_a_message_past_its_queue_lifetime_bounces(tmp_path: Path) -> None:
     handler = DeferringSink()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    cluster = SmtpCluster(tmp_path, n=1, smarthost=f"127.0.0.1:{port}", lifetime="3s")
-    try:
-        cluster.start_all()
-        cluster.leader()
+    with sink_and_cluster(tmp_path, handler, n=1, lifetime="3s") as cluster:
         node = cluster.nodes["n1"]
         with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
             s.sendmail("sender@example.org", ["stuck@dest.example"], b"Subject: s\r\n\r\nx\r\n")
@@ -287,6 +272,3 @@ def test_a_message_past_its_queue_lifetime_bounces(tmp_path: Path) -> None:
         assert rcpt == "sender@example.org"
         assert b"5.4.7" in dsn and b"stuck@dest.example" in dsn
         wait_for("the spool to empty", lambda: not cluster.queued("n1"), 30)
-    finally:
-        cluster.stop_all()
-        controller.stop()
