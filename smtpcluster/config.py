@@ -65,6 +65,11 @@ class SmtpSection:
     users_file: str = ""
     accept_timeout_ms: int = 120_000  # how long a client may wait for a leader, then 451
     idle_timeout_ms: int = 300_000  # a client silent this long is disconnected
+    # Postfix's smtpd_hard_error_limit and smtpd_junk_command_limit: a session that
+    # collects this many error replies, or sends this many NOOP/RSET/VRFY/EXPN/HELP
+    # without queueing a message, is cut off with 421.
+    max_errors: int = 20
+    max_junk_commands: int = 100
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     size = r.take("max_message_size", int, 26_214_400)
     if size < 1024:
         raise r.fail("max_message_size", "must be at least 1024 bytes")
-    rcpts = r.take("max_recipients", int, 1000)
+    rcpts = _positive(r, "max_recipients", 1000)
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
     users = r.file("users_file", required=False)
     if users:
@@ -247,11 +252,19 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         raise r.fail("submission_listen", "needs tls_cert, tls_key and users_file")
     accept = r.duration("accept_timeout", 120_000)
     idle = r.duration("idle_timeout", 300_000)
+    errors, junk = _positive(r, "max_errors", 20), _positive(r, "max_junk_commands", 100)
     r.done()
     return SmtpSection(
         hostname, relay, submission, tuple(networks), domains, size, rcpts, tls_cert, tls_key,
-        users, accept, idle,
+        users, accept, idle, errors, junk,
     )  # fmt: skip
+
+
+def _positive(r: _Reader, name: str, default: int) -> int:
+    value: int = r.take(name, int, default)
+    if value < 1:
+        raise r.fail(name, f"must be at least 1, not {value}")
+    return value
 
 
 def _delivery(path: str, top: _Reader) -> DeliverySection:

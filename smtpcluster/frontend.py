@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 Submit = Callable[[Accept, float], Awaitable[bool]]
 
 RELAY_DENIED = "554 5.7.1 Relaying denied"
+QUEUED = "250 2.0.0 Ok: queued as "
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing connection"
 BAD_ADDRESS_CHARS = frozenset('%!:"\\ ')
 
 
@@ -148,7 +152,7 @@ class Handler:
             "accepted id=%s from=<%s> rcpts=%d size=%d peer=%s",
             message_id, cmd.sender, len(cmd.recipients), len(body), session.peer,
         )  # fmt: skip
-        return f"250 2.0.0 Ok: queued as {message_id}"
+        return QUEUED + message_id
 
     def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
@@ -171,9 +175,57 @@ def _unbracket(address: str | None) -> str:
     return "" if a in ("", "<>") else a.strip("<>")
 
 
+def _junk_command(name: str) -> Any:  # Any: it replaces methods of differing stub types
+    """aiosmtpd's command, counted against the junk limit first; `wraps` keeps the
+    syntax attributes aiosmtpd's HELP reads."""
+    parent = getattr(SMTP, name)
+
+    @functools.wraps(parent)
+    async def command(self: FrontendSMTP, arg: str) -> None:
+        if not await self._junk_over_limit():
+            await parent(self, arg)
+
+    return command
+
+
 class FrontendSMTP(SMTP):
-    """aiosmtpd's SMTP with the RFC 5321 syntax it lets through refused, and AUTH slowed
-    down for addresses that keep failing."""
+    """aiosmtpd's SMTP with the RFC 5321 syntax it lets through refused, AUTH slowed
+    down for addresses that keep failing, and Postfix's two session limits: too many
+    error replies, or too many commands that carry no mail, end the session."""
+
+    def __init__(self, handler: Handler, *args: Any, **kw: Any) -> None:
+        super().__init__(handler, *args, **kw)
+        self.limits = handler.cfg
+        self.errors = 0
+        self.junk = 0
+
+    async def push(self, status: AnyStr) -> None:
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        await super().push(status)
+        if text.startswith(QUEUED):
+            self.junk = 0
+        elif text[:1] in "45" and not text.startswith("421"):
+            self.errors += 1
+            if self.errors >= self.limits.max_errors:
+                await self._hang_up(TOO_MANY_ERRORS)
+
+    async def _hang_up(self, reply: str) -> None:
+        await super().push(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _junk_over_limit(self) -> bool:
+        self.junk += 1
+        if self.junk <= self.limits.max_junk_commands:
+            return False
+        await self._hang_up(TOO_MANY_JUNK)
+        return True
+
+    smtp_NOOP = _junk_command("smtp_NOOP")
+    smtp_RSET = _junk_command("smtp_RSET")
+    smtp_VRFY = _junk_command("smtp_VRFY")
+    smtp_EXPN = _junk_command("smtp_EXPN")
+    smtp_HELP = _junk_command("smtp_HELP")
 
     async def smtp_AUTH(self, arg: str) -> None:
         handler = self.event_handler

@@ -75,12 +75,45 @@ def test_a_100_kb_line_is_refused_and_the_session_goes_on(cluster: SmtpCluster) 
 
 
 def test_a_flood_of_pipelined_commands_is_answered_in_order(cluster: SmtpCluster) -> None:
+    transaction = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@dest.example>\r\nRSET\r\n"
     raw = Raw(cluster)
-    raw.send(b"EHLO flood.test\r\n" + b"NOOP\r\n" * 5000 + b"BOGUS\r\n" + b"NOOP\r\n")
+    raw.send(b"EHLO flood.test\r\n" + transaction * 90 + b"BOGUS\r\nNOOP\r\n")
     assert raw.reply().startswith(b"250-")
-    assert all(raw.reply().startswith(b"250") for _ in range(5000))
+    replies = [raw.reply()[:3] for _ in range(270)]
+    assert replies == [b"250"] * 270
     assert raw.reply()[:1] == b"5"
     assert raw.reply().startswith(b"250")
+    raw.close()
+    still_serving(cluster)
+
+
+def test_a_flood_of_junk_commands_is_cut_off_at_the_junk_limit(cluster: SmtpCluster) -> None:
+    raw = Raw(cluster)
+    raw.send(b"EHLO junk.test\r\n" + b"NOOP\r\n" * 5000)
+    assert raw.reply().startswith(b"250-")
+    assert all(raw.reply().startswith(b"250") for _ in range(100))  # max_junk_commands
+    assert raw.reply().startswith(b"421 4.7.0")
+    wait_for("the junk sender to be cut off", lambda: raw.file.read() == b"", 20)
+    raw.close()
+    still_serving(cluster)
+
+
+def test_a_queued_message_resets_the_junk_count(cluster: SmtpCluster) -> None:
+    node = cluster.nodes["n1"]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=20) as s:
+        for _ in range(3):
+            for _ in range(60):
+                assert s.noop()[0] == 250
+            assert s.sendmail("a@example.org", ["u@dest.example"], MESSAGE) == {}
+
+
+def test_a_session_is_cut_off_after_too_many_errors(cluster: SmtpCluster) -> None:
+    raw = Raw(cluster)
+    raw.send(b"EHLO errors.test\r\n" + b"RCPT TO:<u@dest.example>\r\n" * 30)
+    assert raw.reply().startswith(b"250-")
+    assert all(raw.reply().startswith(b"503") for _ in range(20))  # max_errors
+    assert raw.reply().startswith(b"421 4.7.0")
+    wait_for("the erring client to be cut off", lambda: raw.file.read() == b"", 20)
     raw.close()
     still_serving(cluster)
 
