@@ -1,11 +1,13 @@
-"""SMTP acceptance benchmark: a 3-node cluster against Postfix, in the same run.
+"""SMTP acceptance and end-to-end benchmark: a 3-node cluster against Postfix, same run.
 
     scripts/setup-system && sudo PYTHONPATH=. .venv/bin/python -m bench.smtp_bench
 
-Throughput: smtp-source sends N messages over S sessions, timed from start to finish;
-to a follower of ours (so every Accept is forwarded to the leader) and to a private
-Postfix instance (as shipped: fsync on) that relays everything to smtp-sink. Latency:
-one sequential smtplib client, from the end of DATA to the 250. Postfix needs root to
+Both relay everything to one smtp-sink: ours through `smarthost`, a private Postfix
+instance (as shipped: fsync on) through `relayhost`. Throughput: smtp-source sends N
+messages over S sessions; "accept" is timed until smtp-source has its last 250, "end
+to end" until the queue is empty again (every message delivered to the sink). Ours
+gets the mail on a follower, so every Accept is forwarded to the leader. Latency: one
+sequential smtplib client, from the end of DATA to the 250. Postfix needs root to
 start. Not a test: it prints figures.
 """
 
@@ -18,26 +20,32 @@ import smtplib
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.smtpnodes import SmtpCluster
 
-WORKLOADS = [(1024, 1, 500), (1024, 20, 3000), (1024, 100, 3000), (102400, 1, 200),
+Workload = tuple[int, int, int]  # message size, sessions, messages
+WORKLOADS: list[Workload] = [(1024, 1, 500), (1024, 20, 3000), (1024, 100, 3000), (102400, 1, 200),
              (102400, 20, 1000), (102400, 100, 1000)]  # fmt: skip
 
 
-def throughput(host: str, port: int, size: int, sessions: int, n: int) -> float:
+def throughput(
+    host: str, port: int, size: int, sessions: int, n: int, *, drained: Callable[[], bool]
+) -> tuple[float, float]:
+    """Messages/s accepted, and messages/s delivered (until `drained()`)."""
     began = time.perf_counter()
     out = subprocess.run(
         ["smtp-source", "-s", str(sessions), "-m", str(n), "-l", str(size),
          "-f", "bench@example.org", "-t", "sink@dest.example", f"{host}:{port}"],
         check=False, capture_output=True, text=True,
     )  # fmt: skip
-    elapsed = time.perf_counter() - began
+    accepted = time.perf_counter() - began
     if out.returncode != 0:
         raise RuntimeError(f"smtp-source failed: {out.stderr.strip()[:300]}")
-    return n / elapsed
+    wait_for("the queue to drain", drained, 600)
+    return n / accepted, n / (time.perf_counter() - began)
 
 
 def latency(host: str, port: int, n: int = 500) -> tuple[float, float]:
@@ -70,9 +78,9 @@ def _greets(host: str, port: int) -> bool:
 class Postfix:
     """A private Postfix instance on 127.0.0.1, relaying to an smtp-sink."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sink: int) -> None:
         self.root, self.conf = root, root / "conf"
-        self.port, sink = free_port("127.0.0.1"), free_port("127.0.0.1")
+        self.port = free_port("127.0.0.1")
         for d in ("conf", "spool", "data"):
             (root / d).mkdir(parents=True)
         root.parent.chmod(0o755)  # mkdtemp's 0700 would keep Postfix's own user out
@@ -97,10 +105,6 @@ class Postfix:
         )
         shutil.chown(root / "data", "postfix")
         self._postfix("set-permissions")
-        self.sink = subprocess.Popen(
-            ["smtp-sink", "-u", "postfix", f"127.0.0.1:{sink}", "1000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
         self._postfix("start")
         wait_for("postfix to listen", lambda: _greets("127.0.0.1", self.port), 30)
 
@@ -116,43 +120,81 @@ class Postfix:
         if out.returncode != 0:
             raise RuntimeError(f"{cmd}: {out.stdout}{out.stderr}")
 
+    def drained(self) -> bool:
+        out = subprocess.run(
+            ["postqueue", "-c", str(self.conf), "-j"], check=True, capture_output=True
+        )
+        return not out.stdout.strip()
+
     def stop(self) -> None:
         self._postfix("stop")
-        self.sink.kill()
         subprocess.run(["postconf", "-X", "alternate_config_directories"], check=True)
 
 
-def run_workloads(name: str, host: str, port: int) -> dict[str, float]:
+def run_workloads(
+    name: str, host: str, port: int, drained: Callable[[], bool], workloads: list[Workload]
+) -> dict[str, float]:
     out = {}
-    for size, sessions, n in WORKLOADS:
-        rate = throughput(host, port, size, sessions, n)
-        out[f"{size // 1024}KiB_s{sessions}"] = rate
-        print(f"{name}, {size // 1024} KiB, {sessions} sessions: {rate:,.0f} messages/s")
+    for size, sessions, n in workloads:
+        accept, e2e = throughput(host, port, size, sessions, n, drained=drained)
+        key = f"{size // 1024}KiB_s{sessions}"
+        out[f"{key}_accept"], out[f"{key}_e2e"] = accept, e2e
+        print(f"{name}, {size // 1024} KiB, {sessions} sessions: accepted {accept:,.0f}"
+              f" messages/s, delivered end to end {e2e:,.0f} messages/s")  # fmt: skip
     p50, p99 = latency(host, port)
     out["seq_p50_ms"], out["seq_p99_ms"] = p50, p99
     print(f"{name}, sequential 1 KiB: DATA-to-250 p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     return out
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-          f"Python {platform.python_version()}")  # fmt: skip
-    root = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
-    (root / "ours").mkdir()
-    cluster = SmtpCluster(root / "ours", relay_networks='"127.0.0.0/8"', max_size=1 << 20)
+def run_ours(root: Path, sink_port: int, workloads: list[Workload]) -> dict[str, float]:
+    cluster = SmtpCluster(
+        root, relay_networks='"127.0.0.0/8"', max_size=1 << 20,
+        smarthost=f"127.0.0.1:{sink_port}",
+    )  # fmt: skip
     try:
         cluster.start_all()
         leader = cluster.leader()
         follower = cluster.nodes[next(n for n in cluster.nodes if n != leader)]
-        ours = run_workloads("ours", follower.host, follower.smtp_port)
+
+        def drained() -> bool:
+            return bool(cluster.admin(leader, "/v1/queue-stats?stale=1")["messages"] == 0)
+
+        return run_workloads("ours", follower.host, follower.smtp_port, drained, workloads)
     finally:
         cluster.stop_all()
-    postfix = Postfix(root / "postfix")
+
+
+def _workload(text: str) -> Workload:
+    size, sessions, n = map(int, text.split(":"))
+    return size, sessions, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--workload", action="append", type=_workload, metavar="SIZE:SESSIONS:N",
+        help="run only these, e.g. 1024:20:3000 (repeatable)",
+    )  # fmt: skip
+    workloads = parser.parse_args().workload or WORKLOADS
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
+          f"Python {platform.python_version()}")  # fmt: skip
+    root = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
+    (root / "ours").mkdir()
+    sink_port = free_port("127.0.0.1")
+    sink = subprocess.Popen(
+        ["smtp-sink", "-u", "postfix", f"127.0.0.1:{sink_port}", "1000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        theirs = run_workloads("postfix", "127.0.0.1", postfix.port)
+        ours = run_ours(root / "ours", sink_port, workloads)
+        postfix = Postfix(root / "postfix", sink_port)
+        try:
+            theirs = run_workloads("postfix", "127.0.0.1", postfix.port, postfix.drained, workloads)
+        finally:
+            postfix.stop()
     finally:
-        postfix.stop()
+        sink.kill()
     print("\n| workload | ours | postfix | ours/postfix |\n|---|---|---|---|")
     for key, value in ours.items():
         print(f"| {key} | {value:,.2f} | {theirs[key]:,.2f} | {value / theirs[key]:.2f} |")

@@ -82,6 +82,9 @@ class DeliverySection:
     max_queue_lifetime_ms: int = 5 * 86_400_000
     on_uncertain: str = "redeliver"
     mx_port: int = 25  # the exchanges' SMTP port; only tests on loopback change it
+    concurrency: int = 100  # SMTP transactions at once from this node (Postfix: 100)
+    destination_concurrency: int = 20  # ... towards one host:port (Postfix: 20)
+    node_down_after_ms: int = 5000  # silent this long: the leader takes its work back
 
 
 @dataclass(frozen=True)
@@ -291,8 +294,15 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     mx_port = r.take("mx_port", int, 25)
     if not 0 < mx_port < 65536:
         raise r.fail("mx_port", f"{mx_port} is not a port")
+    total = _positive(r, "concurrency", 100)
+    per_destination = _positive(r, "destination_concurrency", 20)
+    down = r.duration("node_down_after", 5000)
+    if down < 1000:
+        raise r.fail("node_down_after", "must be at least 1s")
     r.done()
-    return DeliverySection(smarthost, nameservers, retry, lifetime, policy, mx_port)
+    return DeliverySection(
+        smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down
+    )
 
 
 def _admin(path: str, top: _Reader) -> AdminSection:

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TICK_S = 0.1
-NODE_DOWN_S = 5.0  # a node not heard from this long gets no work, and loses its work
 
 
 class Scheduler:
@@ -33,7 +32,7 @@ class Scheduler:
             if core.role is Role.LEADER:
                 if core.term != self.term:
                     # A node this leader has not heard from yet is not silent yet: every
-                    # member gets NODE_DOWN_S from the start of this leadership.
+                    # member gets node_down_after from the start of this leadership.
                     self.term, self.lead_since = core.term, time.monotonic()
                 try:
                     await self.tick()
@@ -44,10 +43,12 @@ class Scheduler:
         raft = self.node.raft
         now = time.monotonic()
         members = raft.core.conf().members()
+        # A node not heard from this long gets no work, and loses what it had.
+        down_s = self.node.cfg.delivery.node_down_after_ms / 1000
         return [
             n for n in members
             if n == raft.cfg.id
-            or now - max(raft.last_heard.get(n, 0.0), self.lead_since) < NODE_DOWN_S
+            or now - max(raft.last_heard.get(n, 0.0), self.lead_since) < down_s
         ]  # fmt: skip
 
     async def tick(self) -> None:

@@ -5,6 +5,10 @@ pause between them (DESIGN, "Fencing at the final dot"): the body goes out, then
 `fence()` commits BeginDot through Raft, and only if it succeeds does the dot follow.
 Otherwise the connection is dropped without the dot and the remote discards the
 message. This uses aiosmtplib's protocol object directly (pinned to 5.x).
+
+Connections are opened by `connect` and may carry several transactions (the pool in
+smtpcluster.connections decides); `transact` leaves `Transaction.clean` set when the
+connection is ready for the next MAIL.
 """
 
 from __future__ import annotations
@@ -19,6 +23,27 @@ import aiosmtplib
 PERIOD = re.compile(rb"(?m)^\.")
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """RFC 5321 section 4.5.3.2, in seconds. The body is written in one go, so its
+    "data block" time is part of waiting for the reply to the final dot."""
+
+    greeting: float = 300.0  # connect, 220, EHLO, STARTTLS
+    command: float = 300.0  # MAIL, RCPT, RSET
+    data_start: float = 120.0  # the 354
+    data_end: float = 600.0  # the reply to the final dot
+
+
+RFC_5321 = Timeouts()
+# Commits BeginDot for the accepted recipients; False means "withhold the final dot".
+Fence = Callable[[list[int]], Awaitable[bool]]
+
+
+class StaleConnection(Exception):
+    """A reused connection was closed by the remote before it answered MAIL: nothing
+    was sent, so a fresh connection may try the same transaction."""
+
+
 @dataclass
 class Transaction:
     """What happened, per recipient: the remote's reply code and text."""
@@ -27,6 +52,7 @@ class Transaction:
     dot_sent: bool = False
     fenced_off: bool = False  # BeginDot was refused or failed: nothing was delivered
     final: tuple[int, str] | None = None  # the reply to the final dot
+    clean: bool = False  # the connection may carry another transaction
 
 
 def stuff(body: bytes) -> bytes:
@@ -44,15 +70,21 @@ class Outbound:
     rcpts: dict[int, str]  # recipient index in the message -> address
     body: bytes
 
+    @property
+    def needs_smtputf8(self) -> bool:
+        return not all(a.isascii() for a in (self.sender, *self.rcpts.values()))
 
-async def send(
-    job: Outbound, fence: Callable[[list[int]], Awaitable[bool]], timeout: float = 300
-) -> Transaction:
-    """Deliver one message. Raises aiosmtplib.SMTPException or OSError when the
-    transaction fails before any recipient is decided."""
-    t = Transaction()
+    @property
+    def eight_bit(self) -> bool:
+        return not self.body.isascii()
+
+
+async def connect(
+    host: str, port: int, helo: str, timeouts: Timeouts = RFC_5321
+) -> aiosmtplib.SMTP:
+    """A connection that has said EHLO, over TLS when the remote offers STARTTLS."""
     smtp = aiosmtplib.SMTP(
-        hostname=job.host, port=job.port, timeout=timeout, local_hostname=job.helo,
+        hostname=host, port=port, timeout=timeouts.greeting, local_hostname=helo,
         start_tls=False,
     )  # fmt: skip
     await smtp.connect()
@@ -61,21 +93,79 @@ async def send(
         if smtp.supports_extension("starttls"):
             await smtp.starttls(validate_certs=False)  # opportunistic, as MTAs do
             await smtp.ehlo()
-        await smtp.mail(job.sender)
-        for k, address in job.rcpts.items():
-            reply = await smtp.execute_command(f"RCPT TO:<{address}>".encode())
-            t.rcpt_replies[k] = (reply.code, reply.message)
-        accepted = [k for k, (code, _) in t.rcpt_replies.items() if 200 <= code < 300]
-        if not accepted:
-            await smtp.quit()
-            return t
-        await _data(smtp, stuff(job.body), accepted, fence=fence, t=t, timeout=timeout)
-        if t.final is not None:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await smtp.quit()
-    finally:
+    except BaseException:
         smtp.close()
+        raise
+    return smtp
+
+
+def refusal(smtp: aiosmtplib.SMTP, job: Outbound) -> tuple[int, str] | None:
+    """A permanent reason this remote cannot take the message, read from its EHLO."""
+    if job.needs_smtputf8 and not smtp.supports_extension("smtputf8"):
+        return 553, "5.6.7 the message needs SMTPUTF8 and the remote server lacks it"
+    limit = smtp.esmtp_extensions.get("size", "")
+    if limit.isdigit() and 0 < int(limit) < len(job.body):
+        return 552, f"5.3.4 message of {len(job.body)} bytes exceeds the remote's {limit}"
+    return None
+
+
+def mail_options(smtp: aiosmtplib.SMTP, job: Outbound) -> list[str]:
+    options = []
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={len(job.body)}")
+    if job.needs_smtputf8:
+        options.append("SMTPUTF8")
+    if job.eight_bit and smtp.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return options
+
+
+async def transact(
+    smtp: aiosmtplib.SMTP,
+    job: Outbound,
+    fence: Fence,
+    *,
+    reused: bool = False,
+    timeouts: Timeouts = RFC_5321,
+) -> Transaction:
+    """One message on an open connection. Raises aiosmtplib.SMTPException or OSError
+    when the transaction fails before any recipient is decided."""
+    t = Transaction()
+    if (refused := refusal(smtp, job)) is not None:
+        t.rcpt_replies = dict.fromkeys(job.rcpts, refused)
+        t.clean = True
+        return t
+    encoding = "utf-8" if job.needs_smtputf8 else "ascii"
+    try:
+        reply = await smtp.execute_command(
+            f"MAIL FROM:<{job.sender}>".encode(encoding), *map(str.encode, mail_options(smtp, job)),
+            timeout=timeouts.command,
+        )  # fmt: skip
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        if reused:
+            raise StaleConnection from exc
+        raise
+    if reply.code != 250:
+        t.rcpt_replies = dict.fromkeys(job.rcpts, (reply.code, reply.message))
+        t.clean = await _rset(smtp, timeouts)
+        return t
+    for k, address in job.rcpts.items():
+        reply = await smtp.execute_command(
+            f"RCPT TO:<{address}>".encode(encoding), timeout=timeouts.command
+        )
+        t.rcpt_replies[k] = (reply.code, reply.message)
+    accepted = [k for k, (code, _) in t.rcpt_replies.items() if 200 <= code < 300]
+    if not accepted:
+        t.clean = await _rset(smtp, timeouts)
+        return t
+    await _data(smtp, stuff(job.body), accepted, fence=fence, t=t, timeouts=timeouts)
     return t
+
+
+async def _rset(smtp: aiosmtplib.SMTP, timeouts: Timeouts) -> bool:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        return (await smtp.execute_command(b"RSET", timeout=timeouts.command)).code == 250
+    return False
 
 
 async def _data(
@@ -83,19 +173,19 @@ async def _data(
     stuffed: bytes,
     accepted: list[int],
     *,
-    fence: Callable[[list[int]], Awaitable[bool]],
+    fence: Fence,
     t: Transaction,
-    timeout: float,
+    timeouts: Timeouts,
 ) -> None:
     proto = smtp.protocol
     assert proto is not None and proto._command_lock is not None
     async with proto._command_lock:
         proto._response_pending = True
         proto.write(b"DATA\r\n")
-        start = await proto.read_response(timeout=timeout)
+        start = await proto.read_response(timeout=timeouts.data_start)
         if start.code != 354:
             t.final = (start.code, start.message)
-            return
+            return  # the envelope is still open there: this connection is not reused
         proto.write(stuffed)
         if not await fence(accepted):
             t.fenced_off = True  # closing without the dot: the remote discards it
@@ -104,7 +194,8 @@ async def _data(
         proto.write(b".\r\n")
         t.dot_sent = True
         try:
-            reply = await proto.read_response(timeout=timeout)
+            reply = await proto.read_response(timeout=timeouts.data_end)
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             return  # the remote may have it: never try another exchange for this attempt
         t.final = (reply.code, reply.message)
+        t.clean = True

@@ -29,6 +29,7 @@ from mailqueue.spool import RcptState
 from raft.core import RaftError
 from raft.transport import Address
 from smtpcluster import smtp_client
+from smtpcluster.connections import ConnectionPool
 from smtpcluster.route import RouteTemporaryFailure, Undeliverable
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ class Worker:
         self.node = node
         self.me = node.cfg.node.id
         self.inflight: set[tuple[str, int]] = set()
-        self.slots = asyncio.Semaphore(20)
+        delivery = node.cfg.delivery
+        self.slots = asyncio.Semaphore(delivery.concurrency)
+        self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -59,9 +62,13 @@ class Worker:
         # before taking any new work (so this cannot touch an attempt of ours).
         on_uncertain = UncertainPolicy[self.node.cfg.delivery.on_uncertain.upper()]
         await self._commit(NodeDown(_now(), self.me, on_uncertain))
-        while True:
-            self.dispatch()
-            await asyncio.sleep(POLL_S)
+        try:
+            while True:
+                self.dispatch()
+                await asyncio.sleep(POLL_S)
+                await self.pool.prune()
+        finally:
+            await self.pool.close()
 
     def dispatch(self) -> None:
         spool = self.node.machine.spool
@@ -111,7 +118,7 @@ class Worker:
                 target.host, target.port, self.node.cfg.smtp.hostname, msg.sender, rcpts, body
             )
             try:
-                t = await smtp_client.send(job, fence)
+                t = await self.pool.deliver(job, fence)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 error = f"4.4.1 {target}: {type(exc).__name__}: {exc}"
                 continue

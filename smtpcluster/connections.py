@@ -1,0 +1,118 @@
+"""Outbound SMTP connections: reused across messages, limited per destination.
+
+Opening a connection costs a TCP handshake, a greeting, EHLO and often TLS; a busy
+relay sends many messages to the same few servers, so after a clean transaction the
+connection waits here for the next message to the same host, as Postfix's connection
+cache does. A connection is reused at most `max_uses` times and never kept idle
+longer than `idle_s`. At most `per_destination` transactions run at once towards one
+host:port, so one slow destination cannot take every delivery slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from smtpcluster import smtp_client
+from smtpcluster.smtp_client import (
+    RFC_5321,
+    Fence,
+    Outbound,
+    StaleConnection,
+    Timeouts,
+    Transaction,
+)
+
+Destination = tuple[str, int]
+
+
+@dataclass
+class _Idle:
+    smtp: aiosmtplib.SMTP
+    uses: int
+    since: float
+
+
+class ConnectionPool:
+    def __init__(
+        self, *, per_destination: int = 20, max_uses: int = 100, idle_s: float = 5.0,
+        timeouts: Timeouts = RFC_5321,
+    ) -> None:  # fmt: skip
+        self.per_destination = per_destination
+        self.max_uses = max_uses
+        self.idle_s = idle_s
+        self.timeouts = timeouts
+        self._idle: dict[Destination, list[_Idle]] = {}
+        self._limits: dict[Destination, asyncio.Semaphore] = {}
+        self.opened = 0  # connections opened, for metrics and tests
+
+    async def deliver(self, job: Outbound, fence: Fence) -> Transaction:
+        """One transaction to job.host:job.port, on a cached connection when one is
+        ready. Raises like smtp_client.transact."""
+        dest = (job.host, job.port)
+        limit = self._limits.setdefault(dest, asyncio.Semaphore(self.per_destination))
+        async with limit:
+            cached = self._take(dest)
+            if cached is not None:
+                try:
+                    return await self._run(dest, cached, job, fence)
+                except StaleConnection:
+                    pass  # closed while idle: nothing was sent, open a fresh one
+            smtp = await smtp_client.connect(job.host, job.port, job.helo, self.timeouts)
+            self.opened += 1
+            return await self._run(dest, _Idle(smtp, 0, 0.0), job, fence)
+
+    async def _run(
+        self, dest: Destination, conn: _Idle, job: Outbound,
+        fence: Fence,
+    ) -> Transaction:  # fmt: skip
+        reused = conn.uses > 0
+        try:
+            t = await smtp_client.transact(
+                conn.smtp, job, fence, reused=reused, timeouts=self.timeouts
+            )
+        except BaseException:
+            conn.smtp.close()
+            raise
+        conn.uses += 1
+        if t.clean and conn.uses < self.max_uses:
+            conn.since = time.monotonic()
+            self._idle.setdefault(dest, []).append(conn)
+        else:
+            await self._close(conn.smtp, polite=t.clean)
+        return t
+
+    def _take(self, dest: Destination) -> _Idle | None:
+        idle = self._idle.get(dest, [])
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be closed
+            if conn.smtp.is_connected and time.monotonic() - conn.since < self.idle_s:
+                return conn
+            conn.smtp.close()
+        return None
+
+    async def prune(self) -> None:
+        """Say QUIT on connections idle for longer than idle_s."""
+        now = time.monotonic()
+        for dest, idle in list(self._idle.items()):
+            keep = [c for c in idle if c.smtp.is_connected and now - c.since < self.idle_s]
+            self._idle[dest] = keep
+            for conn in idle:
+                if conn not in keep:
+                    await self._close(conn.smtp, polite=conn.smtp.is_connected)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await self._close(conn.smtp, polite=True)
+
+    async def _close(self, smtp: aiosmtplib.SMTP, *, polite: bool) -> None:
+        if polite:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await smtp.quit(timeout=5)
+        smtp.close()

@@ -1,0 +1,173 @@
+"""The outbound client and its connection pool against a real aiosmtpd server on
+loopback: reuse, per-destination limits, stale connections, and the remote's EHLO
+(SIZE, SMTPUTF8, 8BITMIME) honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtpcluster.connections import ConnectionPool
+from smtpcluster.smtp_client import Outbound, Transaction
+from tests.integration.kvcluster import free_port
+
+
+class Recorder:
+    """Counts connections and the most transactions it ever saw at once."""
+
+    def __init__(self, hold: float = 0.0) -> None:
+        self.hold = hold
+        self.lock = threading.Lock()
+        self.sessions: set[int] = set()
+        self.active = 0
+        self.most_active = 0
+        self.mail_options: list[list[str]] = []
+        self.delivered: list[bytes] = []
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:  # fmt: skip
+        with self.lock:
+            self.sessions.add(id(session))
+            self.mail_options.append(options)
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.hold)
+        with self.lock:
+            self.active -= 1
+            self.delivered.append(envelope.original_content or b"")
+        return "250 queued"
+
+
+def serve(handler: Recorder, **kw: Any) -> Iterator[tuple[Recorder, int]]:
+    port = free_port("127.0.0.1")
+    ctl = Controller(handler, hostname="127.0.0.1", port=port, **kw)
+    ctl.start()
+    try:
+        yield handler, port
+    finally:
+        ctl.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Recorder, int]]:
+    yield from serve(Recorder(), enable_SMTPUTF8=True)
+
+
+def job(port: int, n: int = 0, body: bytes = b"Subject: t\r\n\r\nhi\r\n", **kw: Any) -> Outbound:
+    fields: dict[str, Any] = {
+        "host": "127.0.0.1", "port": port, "helo": "relay.test",
+        "sender": "s@example.org", "rcpts": {0: f"r{n}@dest.example"}, "body": body,
+    }  # fmt: skip
+    return Outbound(**(fields | kw))
+
+
+async def dot_ok(accepted: list[int]) -> bool:
+    return True
+
+
+def deliver_all(pool: ConnectionPool, jobs: list[Outbound]) -> list[Transaction]:
+    async def run() -> list[Transaction]:
+        try:
+            return list(await asyncio.gather(*(pool.deliver(j, dot_ok) for j in jobs)))
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def test_sequential_messages_share_one_connection(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    pool = ConnectionPool()
+
+    async def one_by_one() -> list[Transaction]:
+        out = [await pool.deliver(job(port, n), dot_ok) for n in range(10)]
+        await pool.close()
+        return out
+
+    results = asyncio.run(one_by_one())
+    assert all(t.final and t.final[0] == 250 for t in results)
+    assert len(rec.delivered) == 10
+    assert pool.opened == 1 and len(rec.sessions) == 1
+
+
+def test_a_connection_is_retired_after_max_uses(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    pool = ConnectionPool(max_uses=3)
+
+    async def one_by_one() -> None:
+        for n in range(7):
+            await pool.deliver(job(port, n), dot_ok)
+        await pool.close()
+
+    asyncio.run(one_by_one())
+    assert len(rec.delivered) == 7
+    assert pool.opened == 3
+
+
+def test_concurrency_towards_one_destination_is_limited() -> None:
+    for rec, port in serve(Recorder(hold=0.05)):
+        pool = ConnectionPool(per_destination=3)
+        results = deliver_all(pool, [job(port, n) for n in range(12)])
+        assert all(t.final and t.final[0] == 250 for t in results)
+        assert rec.most_active == 3
+
+
+def test_a_connection_closed_while_idle_is_replaced(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    pool = ConnectionPool()
+
+    async def run() -> Transaction:
+        await pool.deliver(job(port, 1), dot_ok)
+        for conns in pool._idle.values():
+            for conn in conns:  # the remote hangs up while the connection idles
+                assert conn.smtp.transport is not None
+                conn.smtp.transport.abort()
+        await asyncio.sleep(0.05)
+        t = await pool.deliver(job(port, 2), dot_ok)
+        await pool.close()
+        return t
+
+    t = asyncio.run(run())
+    assert t.final and t.final[0] == 250
+    assert len(rec.delivered) == 2 and pool.opened == 2
+
+
+def test_a_message_over_the_remotes_size_limit_is_refused_before_sending() -> None:
+    for rec, port in serve(Recorder(), data_size_limit=2048):
+        big = b"Subject: big\r\n\r\n" + b"x" * 78 + b"\r\n" * 100 + b"y" * 4000 + b"\r\n"
+        [t] = deliver_all(ConnectionPool(), [job(port, body=big)])
+        code, text = t.rcpt_replies[0]
+        assert code == 552 and "5.3.4" in text
+        assert not t.dot_sent and rec.delivered == []
+
+
+def test_smtputf8_mail_to_a_server_without_it_bounces_with_a_reason() -> None:
+    for rec, port in serve(Recorder(), enable_SMTPUTF8=False):
+        [t] = deliver_all(ConnectionPool(), [job(port, rcpts={0: "josé@dest.example"})])
+        code, text = t.rcpt_replies[0]
+        assert code == 553 and "SMTPUTF8" in text
+        assert rec.delivered == []
+
+
+def test_smtputf8_and_size_are_declared_to_a_server_that_has_them(
+    sink: tuple[Recorder, int],
+) -> None:
+    rec, port = sink
+    body = "Subject: café\r\n\r\nü\r\n".encode()
+    [t] = deliver_all(ConnectionPool(), [job(port, rcpts={0: "josé@dest.example"}, body=body)])
+    assert t.final and t.final[0] == 250
+    [options] = rec.mail_options
+    assert "SMTPUTF8" in options and f"SIZE={len(body)}" in options
+    assert rec.delivered == [body]
