@@ -132,8 +132,8 @@ def test_a_connection_closed_while_idle_is_replaced(sink: tuple[Recorder, int]) 
         await pool.deliver(job(port, 1), dot_ok)
         for conns in pool._idle.values():
             for conn in conns:  # the remote hangs up while the connection idles
-                assert conn.smtp.transport is not None
-                conn.smtp.transport.abort()
+                assert conn.smtp.protocol is not None and conn.smtp.protocol.transport
+                conn.smtp.protocol.transport.abort()
         await asyncio.sleep(0.05)
         t = await pool.deliver(job(port, 2), dot_ok)
         await pool.close()
