@@ -5,6 +5,7 @@ loopback: reuse, per-destination limits, stale connections, and the remote's EHL
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -131,10 +132,11 @@ def test_a_connection_closed_while_idle_is_replaced(sink: tuple[Recorder, int]) 
     async def run() -> Transaction:
         await pool.deliver(job(port, 1), dot_ok)
         for conns in pool._idle.values():
-            for conn in conns:  # the remote hangs up while the connection idles
+            for conn in conns:
+                # The socket dies under the idle connection, unnoticed until it is used:
+                # the MAIL fails, nothing was sent, and a fresh connection takes over.
                 assert conn.smtp.protocol is not None and conn.smtp.protocol.transport
-                conn.smtp.protocol.transport.abort()
-        await asyncio.sleep(0.05)
+                conn.smtp.protocol.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
         t = await pool.deliver(job(port, 2), dot_ok)
         await pool.close()
         return t
