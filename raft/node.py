@@ -44,7 +44,11 @@ from raft.types import (
 
 log = logging.getLogger(__name__)
 
-_APP, _PEER = 0, 1
+_APP, _PEER, _BATCH = 0, 1, 2
+# Proposals that wait while the previous batch is being persisted share one log entry,
+# up to these bounds (one entry stays well under an AppendEntries message's size).
+BATCH_MAX_BYTES = 512 << 10
+BATCH_MAX_COUNT = 256
 _RAFT, _FORWARD, _ANSWER = b"R", b"F", b"A"
 _ADDR_LEN = struct.Struct("<I")
 
@@ -87,6 +91,7 @@ class _Waiter:
     index: int
     term: int
     future: asyncio.Future[bytes]
+    slot: int = -1  # its place in a batch entry; -1 when the entry is not a batch
 
 
 class RaftNode:
@@ -113,6 +118,7 @@ class RaftNode:
             self.sm_applied = init.snapshot.index
         self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame)
         self._waiters: dict[int, list[_Waiter]] = {}
+        self._pending: list[tuple[bytes, asyncio.Future[bytes]]] = []  # not yet in the log
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._read_points: list[tuple[int, asyncio.Future[int]]] = []
         self._forwards: dict[int, asyncio.Future[bytes]] = {}
@@ -185,8 +191,40 @@ class RaftNode:
             delay = min(delay * 2, 0.5)
 
     async def _propose_local(self, envelope: bytes) -> bytes:
-        index, term = self.core.propose(envelope)
-        return await self._wait_applied(index, term)
+        """Queue `envelope` for the Ready loop, which appends everything queued since
+        its last pass as one entry: group commit, one fsync and one log entry for the
+        proposals that arrived while the previous ones were being persisted."""
+        if self.core.role is not Role.LEADER:
+            raise NotLeader(self.core.lead)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending.append((envelope, fut))
+        self._wake.set()
+        return await fut
+
+    def _flush_proposals(self) -> None:
+        pending, self._pending = self._pending, []
+        start = 0
+        while start < len(pending):
+            end, size = start, 0
+            while end < len(pending) and end - start < BATCH_MAX_COUNT and size < BATCH_MAX_BYTES:
+                size += len(pending[end][0])
+                end += 1
+            self._propose_batch(pending[start:end])
+            start = end
+
+    def _propose_batch(self, batch: list[tuple[bytes, asyncio.Future[bytes]]]) -> None:
+        single = len(batch) == 1
+        data = batch[0][0] if single else cbor2.dumps([_BATCH, [env for env, _ in batch]])
+        try:
+            index, term = self.core.propose(data)
+        except RaftError as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(type(exc)(*exc.args))
+            return
+        waiters = self._waiters.setdefault(index, [])
+        for slot, (_, fut) in enumerate(batch):
+            waiters.append(_Waiter(index, term, fut, -1 if single else slot))
 
     async def _wait_applied(self, index: int, term: int) -> bytes:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -318,6 +356,7 @@ class RaftNode:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._flush_proposals()
             while self.core.has_ready():
                 rd = self.core.ready()
                 if rd.snapshot is not None and self._snap_task is not None:
@@ -328,6 +367,7 @@ class RaftNode:
                 elif rd.hard_state is not None:
                     self.storage.save(rd)  # a commit index only: written, not fsynced
                 self._handle(rd, early)
+                self._flush_proposals()  # what arrived during the fsync: the next batch
 
     def _send_early(self, rd: Ready) -> int:
         """A leader's replication messages may leave before its own fsync (Raft thesis
@@ -366,21 +406,28 @@ class RaftNode:
     def _apply(self, e: Entry) -> None:
         assert e.index == self.sm_applied + 1, (e.index, self.sm_applied)
         self.sm_applied = e.index
-        result = b""
+        results = [b""]
         if e.kind is EntryKind.NORMAL:
             kind, *rest = cbor2.loads(e.data)
-            if kind == _APP:
-                result = self.sm.apply(e.index, rest[0])
-            elif kind == _PEER:
-                self.addresses[rest[0]] = Address.parse(rest[1])
-                self.transport.set_peer(rest[0], self.addresses[rest[0]])
+            if kind == _BATCH:
+                results = [self._apply_envelope(e.index, *cbor2.loads(env)) for env in rest[0]]
+            else:
+                results = [self._apply_envelope(e.index, kind, *rest)]
         for w in self._waiters.pop(e.index, []):
             if w.future.done():
                 continue
             if w.term == e.term:
-                w.future.set_result(result)
+                w.future.set_result(results[max(w.slot, 0)])
             else:
                 w.future.set_exception(ProposalLost(f"entry {e.index} went to term {e.term}"))
+
+    def _apply_envelope(self, index: int, kind: int, *rest: Any) -> bytes:
+        if kind == _APP:
+            return self.sm.apply(index, rest[0])
+        if kind == _PEER:
+            self.addresses[rest[0]] = Address.parse(rest[1])
+            self.transport.set_peer(rest[0], self.addresses[rest[0]])
+        return b""
 
     def _release_reads(self) -> None:
         keep = []

@@ -8,6 +8,8 @@ import socket
 import threading
 from collections.abc import Iterable
 
+import cbor2
+
 from raft.core import Role
 from raft.kv import KV, put
 from raft.node import NodeConfig, RaftNode
@@ -48,6 +50,17 @@ async def _until(cond: object, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _one_entry_each(node: RaftNode, datas: list[bytes]) -> list[asyncio.Task[bytes]]:
+    """Propose without waiting for the results, but each in a log entry of its own
+    (proposals made together would share one batch entry)."""
+    tasks = []
+    for data in datas:
+        last = node.core.log.last_index()
+        tasks.append(asyncio.create_task(node.propose(data)))
+        await _until(lambda last=last: node.core.log.last_index() > last)
+    return tasks
+
+
 def test_a_slow_snapshot_holds_back_applying_but_not_the_raft_loop(tmp_path: pathlib.Path) -> None:
     async def run() -> None:
         addr = Address("127.0.0.1", _port())
@@ -57,9 +70,9 @@ def test_a_slow_snapshot_holds_back_applying_but_not_the_raft_loop(tmp_path: pat
         node = RaftNode(cfg, kv)
         await node.start()
         await _until(lambda: node.core.role is Role.LEADER)
-        early = [asyncio.create_task(node.propose(put(f"k{k}", b"v"))) for k in range(6)]
+        early = await _one_entry_each(node, [put(f"k{k}", b"v") for k in range(6)])
         await _until(kv.inside.is_set)  # a snapshot is due at 5: its thread is parked
-        late = [asyncio.create_task(node.propose(put(f"late{k}", b"v"))) for k in range(20)]
+        late = await _one_entry_each(node, [put(f"late{k}", b"v") for k in range(20)])
         await _until(lambda: node.core.log.committed >= node.sm_applied + 20)
         term = node.core.term
         assert not any(t.done() for t in late)  # committed, durable, not yet applied
@@ -102,3 +115,35 @@ def test_restart_restores_from_the_snapshot_and_the_log(tmp_path: pathlib.Path) 
     asyncio.run(first())
     data = asyncio.run(second())
     assert data == {f"k{k}": b"%d" % k for k in range(25)}
+
+
+class EchoKV(KV):
+    """Answers each put with its own key, so a result can be matched to its proposal."""
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        super().apply(index, command)
+        key: str = cbor2.loads(command)[1]
+        return key.encode()
+
+
+def test_proposals_made_together_share_an_entry_and_get_their_own_results(
+    tmp_path: pathlib.Path,
+) -> None:
+    async def run(kv: KV) -> tuple[list[bytes], int]:
+        addr = Address("127.0.0.1", _port())
+        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
+        node = RaftNode(cfg, kv)
+        await node.start()
+        await _until(lambda: node.core.role is Role.LEADER)
+        before = node.core.log.last_index()
+        results = await asyncio.gather(*(node.propose(put(f"k{k}", b"v")) for k in range(50)))
+        entries = node.core.log.last_index() - before
+        await node.stop()
+        return list(results), entries
+
+    results, entries = asyncio.run(run(EchoKV()))
+    assert results == [f"k{k}".encode() for k in range(50)]
+    assert entries < 50  # batched: one entry per pass of the Ready loop
+    replayed = EchoKV()
+    asyncio.run(run(replayed))  # a restart applies the batch entries from the log again
+    assert {f"k{k}" for k in range(50)} <= set(replayed.data)
