@@ -49,7 +49,8 @@ _APP, _PEER, _BATCH = 0, 1, 2
 # up to these bounds (one entry stays well under an AppendEntries message's size).
 BATCH_MAX_BYTES = 512 << 10
 BATCH_MAX_COUNT = 256
-_RAFT, _FORWARD, _ANSWER = b"R", b"F", b"A"
+_RAFT, _FORWARD, _ANSWER, _CALL = b"R", b"F", b"A", b"C"
+JOIN_CATCH_UP_S = 60.0  # how long a joining node may take to catch up before promotion
 _ADDR_LEN = struct.Struct("<I")
 
 
@@ -283,6 +284,49 @@ class RaftNode:
         self.core.transfer_leader(target)
         self._wake.set()
 
+    async def membership(self, op: str, target: NodeId, addr: str = "") -> None:
+        """An operator's membership change from any node, carried out by the leader:
+        "join" (add as learner, wait for it to catch up, promote), "leave" (remove),
+        "transfer" (hand leadership to `target`). Raises Unavailable with the leader's
+        reason when it refuses."""
+        if op not in ("join", "leave", "transfer"):
+            raise ValueError(f"unknown membership operation {op!r}")
+        deadline = JOIN_CATCH_UP_S + 20 if op == "join" else 20.0
+        if self.core.role is Role.LEADER:
+            await asyncio.wait_for(self._membership_here(op, target, addr), deadline)
+            return
+        leader = self.core.lead
+        if leader is None or leader == self.cfg.id:
+            raise NoLeader("no leader to carry out the change")
+        req = next(self._ids)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._forwards[req] = fut
+        try:
+            self.transport.send(leader, _CALL + cbor2.dumps([req, op, target, addr]))
+            await asyncio.wait_for(asyncio.shield(fut), deadline)
+        finally:
+            self._forwards.pop(req, None)
+
+    async def _membership_here(self, op: str, target: NodeId, addr: str) -> None:
+        if self.core.role is not Role.LEADER:
+            raise NotLeader(self.core.lead)
+        if op == "transfer":
+            self.transfer_leader(target)
+        elif op == "leave":
+            await self.change(ConfChange(ConfChangeOp.REMOVE, target))
+        elif op == "join":
+            await self.add_learner(target, Address.parse(addr))
+            await self._caught_up(target, JOIN_CATCH_UP_S)
+            await self.change(ConfChange(ConfChangeOp.PROMOTE, target))
+
+    async def _caught_up(self, target: NodeId, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (p := self.core.prs.get(target)) is None or p.match < self.core.log.committed:
+            if loop.time() > deadline or self.core.role is not Role.LEADER:
+                raise Unavailable(f"{target} did not catch up within {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
     def status(self) -> dict[str, Any]:
         c = self.core
         progress = {
@@ -322,6 +366,9 @@ class RaftNode:
                 asyncio.get_running_loop().create_task(self._serve_forward(peer, req, envelope))
             elif kind == _ANSWER:
                 self._answer(cbor2.loads(body))
+            elif kind == _CALL:
+                call = self._serve_call(peer, *cbor2.loads(body))
+                asyncio.get_running_loop().create_task(call)
             else:
                 log.warning("unknown frame kind %r from %s", kind, peer)
         except codec.DecodeError as exc:
@@ -336,6 +383,14 @@ class RaftNode:
         except RaftError as exc:
             result, error = b"", f"{type(exc).__name__}: {exc}"
         self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
+
+    async def _serve_call(self, peer: NodeId, req: int, op: str, target: str, addr: str) -> None:
+        try:
+            await self._membership_here(op, target, addr)
+            error = None
+        except (RaftError, TimeoutError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        self.transport.send(peer, _ANSWER + cbor2.dumps([req, b"", error]))
 
     def _answer(self, answer: list[Any]) -> None:
         req, result, error = answer
