@@ -146,6 +146,7 @@ class Raft:
         self.term = init.hard_state.term
         self.vote = init.hard_state.vote
         self.lead: NodeId | None = None
+        self.campaigns = 0  # elections (pre-votes included) this node started: for metrics
         self.role = Role.FOLLOWER
         self.prs: dict[NodeId, Progress] = {}
         self.votes: dict[NodeId, bool] = {}
@@ -200,6 +201,7 @@ class Raft:
         """Start an election (pre-vote first unless this answers a TimeoutNow)."""
         if not self.promotable():
             return
+        self.campaigns += 1
         if self.cfg.pre_vote and not transfer:
             self._become_pre_candidate()
             self._request_votes(self.term + 1, pre_vote=True, transfer=False)

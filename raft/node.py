@@ -18,7 +18,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,6 +127,7 @@ class RaftNode:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._applied_events: list[asyncio.Event] = []
+        self.on_fsync: Callable[[float], None] = lambda seconds: None  # for metrics
         self.last_heard: dict[NodeId, float] = {}  # peer -> monotonic time of its last frame
         self.stopped = False
 
@@ -294,7 +295,38 @@ class RaftNode:
         deadline = JOIN_CATCH_UP_S + 20 if op == "join" else 20.0
         if self.core.role is Role.LEADER:
             await asyncio.wait_for(self._membership_here(op, target, addr), deadline)
-            return
+        else:
+            await self._call_leader(op, target, addr, deadline)
+
+    async def members(self) -> list[dict[str, Any]]:
+        """The leader's view of every member: role, address, whether the leader hears
+        from it, and how far its log is behind. Asked of the leader from any node."""
+        if self.core.role is Role.LEADER:
+            return self._members_here()
+        view: list[dict[str, Any]] = cbor2.loads(await self._call_leader("view", "", "", 5.0))
+        return view
+
+    def _members_here(self) -> list[dict[str, Any]]:
+        c = self.core
+        conf = c.conf()
+        now = time.monotonic()
+        heard_s = 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000
+        last = c.log.last_index()
+        out = []
+        for n in sorted(conf.members()):
+            p = c.prs.get(n)
+            match = last if n == self.cfg.id else p.match if p else 0
+            out.append({
+                "id": n,
+                "address": str(self.addresses.get(n, "")),
+                "role": "leader" if n == c.lead else "follower" if conf.is_voter(n) else "learner",
+                "reachable": n == self.cfg.id or now - self.last_heard.get(n, -1e9) < heard_s,
+                "match": match,
+                "lag": last - match,
+            })  # fmt: skip
+        return out
+
+    async def _call_leader(self, op: str, target: str, addr: str, deadline: float) -> bytes:
         leader = self.core.lead
         if leader is None or leader == self.cfg.id:
             raise NoLeader("no leader to carry out the change")
@@ -303,7 +335,7 @@ class RaftNode:
         self._forwards[req] = fut
         try:
             self.transport.send(leader, _CALL + cbor2.dumps([req, op, target, addr]))
-            await asyncio.wait_for(asyncio.shield(fut), deadline)
+            return await asyncio.wait_for(asyncio.shield(fut), deadline)
         finally:
             self._forwards.pop(req, None)
 
@@ -385,12 +417,15 @@ class RaftNode:
         self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
 
     async def _serve_call(self, peer: NodeId, req: int, op: str, target: str, addr: str) -> None:
+        result, error = b"", None
         try:
-            await self._membership_here(op, target, addr)
-            error = None
+            if op == "view":
+                result = cbor2.dumps(self._members_here())
+            else:
+                await self._membership_here(op, target, addr)
         except (RaftError, TimeoutError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self.transport.send(peer, _ANSWER + cbor2.dumps([req, b"", error]))
+        self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
 
     def _answer(self, answer: list[Any]) -> None:
         req, result, error = answer
@@ -418,7 +453,9 @@ class RaftNode:
                     await self._snap_task  # never install over a snapshot being cut
                 early = self._send_early(rd)
                 if rd.must_sync():
+                    began = time.monotonic()
                     await loop.run_in_executor(None, self.storage.save, rd)
+                    self.on_fsync(time.monotonic() - began)
                 elif rd.hard_state is not None:
                     self.storage.save(rd)  # a commit index only: written, not fsynced
                 self._handle(rd, early)

@@ -1,21 +1,42 @@
-"""The admin HTTP API (aiohttp): queue and cluster views, health, bearer-token auth."""
+"""The admin HTTP API (aiohttp): the queue and the cluster, seen and steered from any
+node; Prometheus metrics; health for load balancers. Bearer token for all but /healthz.
+
+Reads are linearizable (a ReadIndex first) unless `?stale=1`. Writes are spool
+commands proposed through Raft from whichever node is asked. Errors are JSON objects
+with an "error" key and a 4xx/5xx status; the CLI turns them into exit codes.
+"""
 
 from __future__ import annotations
 
 import hmac
+import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from mailqueue import queries
+from mailqueue import codec, queries
+from mailqueue.commands import Command, Delete, Hold, MessageId, Retry, Unhold
+from mailqueue.machine import decode_result
 from mailqueue.spool import RcptState
+from raft.core import RaftError
+from smtpcluster import metrics
 
 if TYPE_CHECKING:
     from smtpcluster.node import Node
 
 NODE_KEY = web.AppKey("node", object)
 RUNNER_KEY = "admin_runner"
+IDS_PER_COMMAND = 1000  # keeps one log entry small when --all names a large queue
+STREAM_CHUNK = 1000  # messages serialized between two yields to the event loop
+
+ACTIONS: dict[str, Callable[[int, tuple[MessageId, ...]], Command]] = {
+    "retry": Retry,
+    "hold": Hold,
+    "release": Unhold,
+    "delete": Delete,
+}
 
 
 def _node(request: web.Request) -> Node:
@@ -23,13 +44,22 @@ def _node(request: web.Request) -> Node:
     return node
 
 
+def _error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
 @web.middleware
 async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path != "/healthz":
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(sent.encode(), _node(request).cfg.admin.token.encode()):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
-    response: web.StreamResponse = await handler(request)
+            return _error(401, "missing or wrong bearer token")
+    try:
+        response: web.StreamResponse = await handler(request)
+    except (RaftError, TimeoutError) as exc:
+        return _error(503, f"cluster unavailable: {type(exc).__name__}: {exc}".strip(": "))
+    except (ValueError, KeyError) as exc:
+        return _error(400, f"bad request: {exc}")
     return response
 
 
@@ -42,6 +72,11 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "leader": node.raft.core.lead})
 
 
+async def prometheus(request: web.Request) -> web.Response:
+    body = _node(request).metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 async def _fresh(request: web.Request) -> None:
     if request.query.get("stale") != "1":
         await _node(request).raft.read_index()  # linearizable unless asked otherwise
@@ -51,15 +86,38 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-async def queue_list(request: web.Request) -> web.Response:
+def _filter(q: Any) -> queries.Filter:
+    state = RcptState[q["state"].upper()] if "state" in q else None
+    return queries.Filter(state, q.get("domain", ""), int(q.get("min_age_s", 0)) * 1000)
+
+
+async def queue_list(request: web.Request) -> web.StreamResponse:
     await _fresh(request)
     q = request.query
-    state = RcptState[q["state"].upper()] if "state" in q else None
-    flt = queries.Filter(state, q.get("domain", ""), int(q.get("min_age_s", 0)) * 1000)
+    if q.get("stream") == "1":
+        return await _queue_stream(request, _filter(q))
     page, after = queries.list_messages(
-        _node(request).spool, _now(), flt, q.get("after", ""), int(q.get("limit", 100))
+        _node(request).spool, _now(), _filter(q), q.get("after", ""), int(q.get("limit", 100))
     )
     return web.json_response({"messages": page, "next": after})
+
+
+async def _queue_stream(request: web.Request, flt: queries.Filter) -> web.StreamResponse:
+    """Every matching message, one JSON object per line, written as it is serialized:
+    a queue of a million messages is never held as one answer."""
+    spool = _node(request).spool
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    ids = list(spool.messages)  # references only; a message gone meanwhile is skipped
+    for start in range(0, len(ids), STREAM_CHUNK):
+        now, lines = _now(), []
+        for mid in ids[start : start + STREAM_CHUNK]:
+            m = spool.messages.get(mid)
+            if m is not None and flt.matches(m, now):
+                lines.append(json.dumps(queries.summary(m, now)) + "\n")
+        await response.write("".join(lines).encode())  # yields: the node keeps working
+    await response.write_eof()
+    return response
 
 
 async def queue_show(request: web.Request) -> web.Response:
@@ -67,7 +125,7 @@ async def queue_show(request: web.Request) -> web.Response:
     spool = _node(request).spool
     mid = request.match_info["id"]
     if mid not in spool.messages:
-        return web.json_response({"error": f"no message {mid} in the queue"}, status=404)
+        return _error(404, f"no message {mid} in the queue")
     body = request.query.get("body") == "1"
     return web.json_response(queries.show(spool, mid, _now(), body))
 
@@ -77,8 +135,52 @@ async def queue_stats(request: web.Request) -> web.Response:
     return web.json_response(queries.stats(_node(request).spool, _now()))
 
 
+async def queue_action(request: web.Request) -> web.Response:
+    """POST {"ids": [...]} or {"all": true}: retry, hold, release or delete."""
+    action = request.match_info["action"]
+    if action not in ACTIONS:
+        return _error(404, f"no queue action {action!r}: use one of {sorted(ACTIONS)}")
+    args = await request.json()
+    node = _node(request)
+    await node.raft.read_index()
+    spool = node.spool
+    if args.get("all") is True:
+        ids = list(spool.messages)
+    elif isinstance(args.get("ids"), list) and args["ids"]:
+        ids = [str(i) for i in args["ids"]]
+    else:
+        return _error(400, 'give "ids": [...] or "all": true')
+    missing = [i for i in ids if i not in spool.messages]
+    present = [i for i in ids if i in spool.messages]
+    changed = 0
+    for k in range(0, len(present), IDS_PER_COMMAND):
+        cmd = ACTIONS[action](_now(), tuple(present[k : k + IDS_PER_COMMAND]))
+        changed += decode_result(await node.raft.propose(codec.encode(cmd), timeout=20)).changed
+    return web.json_response({"action": action, "changed": changed, "missing": missing})
+
+
 async def cluster_status(request: web.Request) -> web.Response:
-    return web.json_response(_node(request).raft.status())
+    node = _node(request)
+    status = node.raft.status()
+    try:
+        status["members"] = await node.raft.members()
+    except (RaftError, TimeoutError) as exc:
+        status["members"] = None  # this node cannot reach a leader: say what it knows
+        status["members_error"] = f"{type(exc).__name__}: {exc}"
+    return web.json_response(status)
+
+
+async def cluster_change(request: web.Request) -> web.Response:
+    """POST join {"id", "address"}, leave {"id"}, transfer-leader {"id"}."""
+    op = {"join": "join", "leave": "leave", "transfer-leader": "transfer"}.get(
+        request.match_info["op"]
+    )
+    if op is None:
+        return _error(404, "use join, leave or transfer-leader")
+    args = await request.json()
+    target = str(args["id"])
+    await _node(request).raft.membership(op, target, str(args.get("address", "")))
+    return web.json_response({"ok": True, "op": request.match_info["op"], "id": target})
 
 
 async def start(node: Node) -> None:
@@ -87,10 +189,13 @@ async def start(node: Node) -> None:
     app.add_routes(
         [
             web.get("/healthz", healthz),
+            web.get("/metrics", prometheus),
             web.get("/v1/queue", queue_list),
             web.get("/v1/queue/{id}", queue_show),
+            web.post("/v1/queue/{action}", queue_action),
             web.get("/v1/queue-stats", queue_stats),
             web.get("/v1/cluster/status", cluster_status),
+            web.post("/v1/cluster/{op}", cluster_change),
         ]
     )
     runner = web.AppRunner(app, access_log=None)

@@ -1,40 +1,120 @@
-"""The `smtpcluster` command: serve a node, check a config (more in later issues).
+"""smtpcluster: a high-availability SMTP relay cluster.
 
 Exit codes: 0 ok, 1 operation failed, 2 usage or config error, 3 node unreachable.
+Admin commands find the node through --config FILE (its [admin] listen and token_file)
+or --admin URL --token-file FILE. --json output is documented in docs/cli.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 try:
     import uvloop
 except ImportError:  # optional: plain asyncio works, more slowly
     uvloop = None  # type: ignore[assignment]
 
-from smtpcluster import config
+from smtpcluster import cli_format, config, dev
+from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.node import serve
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+QUEUE_ACTIONS = ("retry", "hold", "release", "delete")
+
+
+class UsageError(Exception):
+    exit_code = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smtpcluster", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one node")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--log-level", default="INFO")
+    check = sub.add_parser("check-config", help="validate a config without starting")
+    check.add_argument("--config", required=True)
+    dev = sub.add_parser("dev", help="a local cluster with a capture sink, for a first run")
+    dev.add_argument("--nodes", type=int, default=3)
+    dev.add_argument("--dir", default="smtpcluster-dev")
+    _queue_parsers(sub.add_parser("queue", help="inspect and steer the mail queue"))
+    _cluster_parsers(sub.add_parser("cluster", help="members, leader, membership changes"))
+    return p
+
+
+def _admin_options(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("--config", help="the node's config: its admin address and token")
+    p.add_argument("--admin", help="admin URL, e.g. http://127.0.0.1:8025")
+    p.add_argument("--token-file", help="the admin token, with --admin")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _queue_parsers(queue: argparse.ArgumentParser) -> None:
+    sub = queue.add_subparsers(dest="action", required=True)
+    lst = sub.add_parser("list", help="the queue, like mailq")
+    lst.add_argument("--state", help="messages with a recipient in this state")
+    lst.add_argument("--domain", help="messages with a recipient at this domain")
+    _admin_options(lst)
+    show = sub.add_parser("show", help="one message, like postcat")
+    show.add_argument("id")
+    show.add_argument("--body", action="store_true")
+    _admin_options(show)
+    for action in QUEUE_ACTIONS:
+        act = sub.add_parser(action, help=f"{action} messages")
+        act.add_argument("ids", nargs="*", metavar="ID")
+        act.add_argument("--all", action="store_true", help="every message in the queue")
+        _admin_options(act)
+    stats = sub.add_parser("stats", help="pending recipients by domain and age, like qshape")
+    _admin_options(stats)
+
+
+def _cluster_parsers(cluster: argparse.ArgumentParser) -> None:
+    sub = cluster.add_subparsers(dest="action", required=True)
+    _admin_options(sub.add_parser("status", help="members, roles, lag and the leader"))
+    join = sub.add_parser("join", help="add a node (learner, catch up, then voter)")
+    join.add_argument("id")
+    join.add_argument("addr", help="its raft address, host:port")
+    _admin_options(join)
+    leave = sub.add_parser("leave", help="remove a node from the cluster")
+    leave.add_argument("id")
+    _admin_options(leave)
+    transfer = sub.add_parser("transfer-leader", help="hand leadership to a node")
+    transfer.add_argument("id")
+    _admin_options(transfer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="smtpcluster", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    serve_cmd = sub.add_parser("serve", help="run one node")
-    serve_cmd.add_argument("--config", required=True)
-    serve_cmd.add_argument("--log-level", default="INFO")
-    check = sub.add_parser("check-config", help="validate a config without starting")
-    check.add_argument("--config", required=True)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
-        cfg = config.load(args.config)
+        if args.command in ("serve", "check-config"):
+            return _serve_or_check(args)
+        if args.command == "dev":
+            return dev.run(args.dir, args.nodes)
+        client = _client(args)
+        lines = _queue(client, args) if args.command == "queue" else _cluster(client, args)
+        for line in lines:
+            print(line, flush=True)
+        return 0
+    except (AdminError, UsageError, dev.DevError) as exc:
+        print(f"smtpcluster: {exc}", file=sys.stderr)
+        return exc.exit_code
     except config.ConfigError as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve_or_check(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
     if args.command == "check-config":
         print(f"{args.config}: ok (node {cfg.node.id}, {len(cfg.cluster.peers)} peers)")
         return 0
@@ -46,6 +126,66 @@ def main(argv: list[str] | None = None) -> int:
     else:
         uvloop.run(serve(cfg))
     return 0
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    if args.config:
+        cfg = config.load(args.config)
+        return AdminClient(f"http://{cfg.admin.listen}", cfg.admin.token)
+    if not (args.admin and args.token_file):
+        raise UsageError("give --config FILE, or --admin URL with --token-file FILE")
+    try:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    return AdminClient(args.admin, token)
+
+
+def _queue(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
+    if args.action == "list":
+        query = {k: v for k in ("state", "domain") if (v := getattr(args, k))}
+        messages = client.stream("/v1/queue?" + urllib.parse.urlencode(query | {"stream": 1}))
+        return _json_array(messages) if args.json else cli_format.queue_list(messages)
+    if args.action == "show":
+        m = client.get(f"/v1/queue/{urllib.parse.quote(args.id)}" + ("?body=1" * args.body))
+        return [json.dumps(m, indent=2)] if args.json else cli_format.message(m)
+    if args.action == "stats":
+        s = client.get("/v1/queue-stats")
+        return [json.dumps(s, indent=2)] if args.json else cli_format.stats(s)
+    if bool(args.ids) == bool(args.all):
+        raise UsageError(f"queue {args.action}: give message IDs or --all, not both")
+    body: dict[str, Any] = {"all": True} if args.all else {"ids": args.ids}
+    result = client.post(f"/v1/queue/{args.action}", body)
+    if args.json:
+        print(json.dumps(result))
+        if result["missing"]:
+            raise AdminError(f"not in the queue: {' '.join(result['missing'])}")
+        return []
+    if result["missing"]:
+        raise AdminError(
+            f"{args.action}: {result['changed']} recipients changed; "
+            f"not in the queue: {' '.join(result['missing'])}"
+        )
+    return [f"{args.action}: {result['changed']} recipients changed"]
+
+
+def _cluster(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
+    if args.action == "status":
+        s = client.get("/v1/cluster/status")
+        return [json.dumps(s, indent=2)] if args.json else cli_format.cluster(s)
+    body = {"id": args.id, "address": getattr(args, "addr", "")}
+    result = client.post(f"/v1/cluster/{args.action}", body)
+    return [json.dumps(result)] if args.json else [f"{args.action} {args.id}: done"]
+
+
+def _json_array(items: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """A JSON array written an element at a time: valid JSON, yet streamed."""
+    first = True
+    for item in items:
+        yield ("[" if first else ",") + json.dumps(item)
+        first = False
+    yield "[]" if first else "]"
 
 
 def entry() -> None:

@@ -83,8 +83,7 @@ class Handler:
         self.users = users
         self.throttle = Throttle()
         self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
-        self.accepted = 0
-        self.refused = 0
+        self.refused = 0  # recipients refused for relaying: a metric
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -127,6 +126,7 @@ class Handler:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
         if not self.policy.may_relay(peer, bool(session.authenticated), address):
             self.refused += 1
+            log.warning("relaying denied: peer=%s rcpt=<%s>", peer, address)
             return RELAY_DENIED
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -147,7 +147,6 @@ class Handler:
         except TimeoutError:
             log.warning("message %s: no quorum within the accept timeout", message_id)
             return "451 4.3.0 Cluster unavailable, try again later"
-        self.accepted += 1
         log.info(
             "accepted id=%s from=<%s> rcpts=%d size=%d peer=%s",
             message_id, cmd.sender, len(cmd.recipients), len(body), session.peer,

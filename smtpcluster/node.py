@@ -21,6 +21,7 @@ from smtpcluster import admin
 from smtpcluster.auth import Users
 from smtpcluster.config import Config, SmtpSection
 from smtpcluster.frontend import Handler, smtp_factory
+from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
 from smtpcluster.worker import Worker
@@ -68,6 +69,8 @@ class Node:
         self._servers: list[asyncio.Server] = []
         self.fate_unknown = 0  # Accepts answered 451 while perhaps in a log (should be 0)
         self.frontends_up = False
+        self.metrics = Metrics(self)  # last: its registry reads the node's state at once
+        self.raft.on_fsync = self.metrics.fsync_seconds.observe
 
     @property
     def spool(self) -> Spool:
@@ -107,6 +110,8 @@ class Node:
                 await asyncio.sleep(0.05)  # this attempt is in no log; earlier ones may be
                 continue
             if result.ok:
+                self.metrics.accepted.inc()
+                self.metrics.accept_seconds.observe(time.monotonic() - began)
                 return True
             raise RuntimeError(f"the spool refused an Accept: {result.detail}")
 

@@ -40,6 +40,13 @@ POLL_S = 0.05
 BEGIN_DOT_TIMEOUT_S = 10.0
 
 
+OUTCOME_LABELS = {
+    OutcomeKind.DELIVERED: "delivered",
+    OutcomeKind.DEFERRED: "deferred",
+    OutcomeKind.FAILED: "bounced",
+}
+
+
 def _kind(code: int) -> OutcomeKind:
     if 200 <= code < 300:
         return OutcomeKind.DELIVERED
@@ -87,13 +94,27 @@ class Worker:
     async def deliver(self, mid: str, attempt: int, ks: list[int]) -> None:
         try:
             async with self.slots:
+                began = time.monotonic()
                 results = await self._attempt(mid, attempt, ks)
             if results:
+                self._record(mid, attempt, results, time.monotonic() - began)
                 await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))
         except Exception:
             log.exception("delivery of %s attempt %d failed unexpectedly", mid, attempt)
         finally:
             self.inflight.discard((mid, attempt))
+
+    def _record(self, mid: str, attempt: int, results: list[RcptResult], took: float) -> None:
+        metrics = self.node.metrics
+        metrics.delivery_seconds.observe(took)
+        msg = self.node.machine.spool.messages.get(mid)
+        for r in results:
+            metrics.outcomes.labels(OUTCOME_LABELS[r.kind]).inc()
+            log.info(
+                "delivery id=%s attempt=%d rcpt=<%s> outcome=%s reply=%r took=%.3fs",
+                mid, attempt, msg.rcpts[r.rcpt].address if msg else "?",
+                OUTCOME_LABELS[r.kind], r.reply, took,
+            )  # fmt: skip
 
     async def _attempt(self, mid: str, attempt: int, ks: list[int]) -> list[RcptResult]:
         spool = self.node.machine.spool

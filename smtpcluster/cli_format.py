@@ -1,0 +1,77 @@
+"""Human output of the admin CLI: tables in the manner of mailq, postcat and qshape.
+(`--json` output bypasses this module entirely.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+def age(seconds: int) -> str:
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def queue_list(messages: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """mailq: a message per block, its recipients indented with state and last error."""
+    count = total = 0
+    for m in messages:
+        if count == 0:
+            yield f"{'-Queue ID-':<40} {'--Size--':>8} {'-Age-':>6}  -Sender/Recipient-------"
+        count, total = count + 1, total + m["size"]
+        yield f"{m['id']:<40} {m['size']:>8} {age(m['age_s']):>6}  {m['sender'] or '<>'}"
+        for r in m["recipients"]:
+            tries = f", {r['attempts']} attempts" if r["attempts"] else ""
+            yield f"{'':>58}{r['address']}  [{r['state']}{tries}]"
+            if r["last_error"] and r["state"] not in ("delivered", "bounced"):
+                yield f"{'':>60}({r['last_error']})"
+    if count == 0:
+        yield "Mail queue is empty"
+    else:
+        yield f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' * (count != 1)}."
+
+
+def message(m: dict[str, Any]) -> Iterator[str]:
+    """postcat: the envelope, each recipient's state, then the body if asked for."""
+    yield f"id: {m['id']}"
+    yield f"sender: {m['sender'] or '<>'}"
+    yield f"size: {m['size']}  age: {age(m['age_s'])}  accepted by: {m['accepted_by']}"
+    for r in m["recipients"]:
+        where = f" on {r['node']}" if r["node"] else ""
+        yield f"recipient: {r['address']}  {r['state']}{where}  attempts: {r['attempts']}"
+        for label in ("last_error", "reply"):
+            if r[label]:
+                yield f"    {label.replace('_', ' ')}: {r[label]}"
+    if "body" in m:
+        yield ""
+        yield m["body"].replace("\r\n", "\n").rstrip("\n")
+
+
+def stats(s: dict[str, Any]) -> Iterator[str]:
+    """qshape: pending recipients per domain by age (minutes), then totals by state."""
+    buckets = s["buckets_min"]
+    head = ["T"] + [str(b) for b in buckets] + [f"{buckets[-1]}+"]
+    yield f"{'':>28}" + "".join(f"{h:>7}" for h in head)
+    total = [0] * (len(buckets) + 1)
+    for d in s["domains"]:
+        total = [a + b for a, b in zip(total, d["by_age"], strict=True)]
+    yield f"{'TOTAL':>28}" + "".join(f"{n:>7}" for n in [sum(total), *total])
+    for d in s["domains"]:
+        yield f"{d['domain'][-28:]:>28}" + "".join(f"{n:>7}" for n in [d["total"], *d["by_age"]])
+    states = ", ".join(f"{k} {v}" for k, v in sorted(s["states"].items()) if v)
+    yield f"messages: {s['messages']}  recipients: {states or 'none'}"
+    yield f"uncertain (ever): {s['uncertain_total']}"
+
+
+def cluster(s: dict[str, Any]) -> Iterator[str]:
+    yield f"node {s['id']}: {s['role']}, term {s['term']}, leader {s['leader'] or '(none)'}"
+    yield f"commit {s['commit']}, applied {s['applied']}, snapshot at {s['snapshot_index']}"
+    if s.get("members") is None:
+        yield f"members: unknown ({s.get('members_error', 'no leader')})"
+        return
+    yield f"{'ID':<16} {'ROLE':<9} {'ADDRESS':<24} {'REACHABLE':<10} {'LAG':>8}"
+    for m in s["members"]:
+        reach = "yes" if m["reachable"] else "NO"
+        yield f"{m['id']:<16} {m['role']:<9} {m['address']:<24} {reach:<10} {m['lag']:>8}"

@@ -1,0 +1,128 @@
+"""Prometheus metrics of one node (prometheus-client), served at /metrics.
+
+Events are counted where they happen (front end, worker, Raft's fsync); state (queue
+depth, Raft role, term, lag) is read from the node when Prometheus scrapes, so it is
+never stale and costs nothing between scrapes. Each node owns its registry: nothing
+here is module-level state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mailqueue.spool import RcptState
+from raft.core import Role
+
+if TYPE_CHECKING:
+    from smtpcluster.node import Node
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.accepted = Counter(
+            "smtpcluster_messages_accepted", "Messages this node answered 250 to", registry=r
+        )
+        self.outcomes = Counter(
+            "smtpcluster_deliveries", "Recipients this node delivered, deferred or bounced",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.accept_seconds = Histogram(
+            "smtpcluster_accept_seconds", "From the final dot to the 250 (replicated)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.delivery_seconds = Histogram(
+            "smtpcluster_delivery_seconds", "One outbound SMTP transaction, fence included",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.fsync_seconds = Histogram(
+            "smtpcluster_raft_fsync_seconds", "Writing and fsyncing one batch of the Raft log",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        r.register(_StateCollector(node))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._queue()
+        yield from self._raft()
+        up = GaugeMetricFamily("smtpcluster_frontends_up", "1 when the SMTP ports listen")
+        up.add_metric([], 1.0 if self.node.frontends_up else 0.0)
+        yield up
+        yield CounterMetricFamily(
+            "smtpcluster_recipients_refused", "Recipients refused: relaying denied",
+            value=self.node.handler.refused,
+        )  # fmt: skip
+
+    def _queue(self) -> Iterator[Metric]:
+        spool = self.node.spool
+        depth = GaugeMetricFamily(
+            "smtpcluster_queue_recipients", "Recipients in the queue by state", labels=["state"]
+        )
+        for state in RcptState:
+            depth.add_metric([state.name.lower()], spool.counts.get(state, 0))
+        yield depth
+        yield GaugeMetricFamily(
+            "smtpcluster_queue_messages", "Messages in the queue", value=len(spool.messages)
+        )
+        # Messages sit in the spool in the order they were accepted, so the first one
+        # is the oldest (DSNs excepted): no scan of a large queue per scrape.
+        first = next(iter(spool.messages.values()), None)
+        age = time.time() - first.received_at / 1000 if first else 0.0
+        yield GaugeMetricFamily(
+            "smtpcluster_queue_oldest_message_age_seconds", "Age of the oldest message",
+            value=max(age, 0.0),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "smtpcluster_uncertain", "Recipients that became uncertain (cluster-wide)",
+            value=spool.uncertain_total,
+        )  # fmt: skip
+
+    def _raft(self) -> Iterator[Metric]:
+        raft = self.node.raft
+        core = raft.core
+        role = GaugeMetricFamily("smtpcluster_raft_role", "1 for this node's role", labels=["role"])
+        for r in Role:
+            role.add_metric([r.value], 1.0 if core.role is r else 0.0)
+        yield role
+        for name, text, value in (
+            ("term", "Current Raft term", core.term),
+            ("commit_index", "Highest committed log index", core.log.committed),
+            ("applied_index", "Highest index applied to the spool", raft.sm_applied),
+            ("snapshot_bytes", "Size of the newest snapshot", _snapshot_size(self.node)),
+        ):
+            yield GaugeMetricFamily(f"smtpcluster_raft_{name}", text, value=value)
+        yield CounterMetricFamily(
+            "smtpcluster_raft_elections", "Elections this node started", value=core.campaigns
+        )
+        lag = GaugeMetricFamily(
+            "smtpcluster_raft_peer_lag_entries", "Entries a peer is behind (on the leader)",
+            labels=["peer"],
+        )  # fmt: skip
+        if core.role is Role.LEADER:
+            last = core.log.last_index()
+            for peer, p in sorted(core.prs.items()):
+                if peer != raft.cfg.id:
+                    lag.add_metric([peer], last - p.match)
+        yield lag
+
+
+def _snapshot_size(node: Node) -> int:
+    snap = node.raft.storage.snapshot
+    return snap.size if snap is not None else 0
