@@ -49,6 +49,9 @@ class ClusterSection:
     key: bytes
     heartbeat_ms: int = 100
     election_ms: int = 1000
+    # A new node started with join = true waits, empty, to be added by
+    # `smtpcluster cluster join`; its peers name the members it can reach.
+    join: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,8 +226,9 @@ def _cluster(path: str, top: _Reader, node: NodeSection) -> ClusterSection:
     election = r.duration("election_timeout", 1000)
     if not 0 < heartbeat * 2 <= election:
         raise r.fail("election_timeout", "must be at least twice heartbeat_interval")
+    join = r.take("join", bool, False)
     r.done()
-    return ClusterSection(listen, peers, key, heartbeat, election)
+    return ClusterSection(listen, peers, key, heartbeat, election, join)
 
 
 def _smtp(path: str, top: _Reader) -> SmtpSection:

@@ -51,6 +51,7 @@ class Node:
                 tick_ms=TICK_MS,
                 election_ticks=ticks,
                 heartbeat_ticks=heartbeat,
+                join=cfg.cluster.join,
             ),
             self.machine,
         )

@@ -17,8 +17,8 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 
 from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.sinks import Sink
 from tests.integration.smtpnodes import SmtpCluster
-from tests.integration.test_delivery import Sink
 
 MESSAGES = 2000
 SESSIONS = 20

@@ -52,24 +52,42 @@ class SmtpCluster:
                 nid, host, free_port(host), free_port(host), free_port(host),
                 root / f"{nid}.toml", free_port(host),
             )  # fmt: skip
-        peers = ", ".join(f'{n.id} = "{n.host}:{n.raft_port}"' for n in self.nodes.values())
         tls = self._submission_files(root) if submission else ""
+        self._settings = (relay_networks, max_size, idle, tls)
+        self._delivery_text = self._delivery(smarthost, nameservers, mx_port, lifetime)
+        peers = ", ".join(f'{n.id} = "{n.host}:{n.raft_port}"' for n in self.nodes.values())
         for node in self.nodes.values():
-            node.config.write_text(
-                f'[node]\nid = "{node.id}"\ndata_dir = "{root / node.id}"\n'
-                f'[cluster]\nlisten = "{node.host}:{node.raft_port}"\npeers = {{ {peers} }}\n'
-                f'key_file = "{root / "cluster.key"}"\n'
-                'heartbeat_interval = "50ms"\nelection_timeout = "300ms"\n'
-                f'[smtp]\nhostname = "{node.id}.relay.test"\n'
-                f'relay_listen = ["{node.host}:{node.smtp_port}"]\n'
-                f"relay_networks = [{relay_networks}]\n"
-                f'relay_domains = ["inbound.test"]\nmax_message_size = {max_size}\n'
-                f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
-                + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
-                + self._delivery(smarthost, nameservers, mx_port, lifetime)
-                + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
-                f'token_file = "{root / "admin.token"}"\n'
-            )
+            self._write_config(node, peers)
+
+    def _write_config(self, node: SmtpNode, peers: str, join: bool = False) -> None:
+        relay_networks, max_size, idle, tls = self._settings
+        root = self.root
+        node.config.write_text(
+            f'[node]\nid = "{node.id}"\ndata_dir = "{root / node.id}"\n'
+            f'[cluster]\nlisten = "{node.host}:{node.raft_port}"\npeers = {{ {peers} }}\n'
+            f'key_file = "{root / "cluster.key"}"\njoin = {str(join).lower()}\n'
+            'heartbeat_interval = "50ms"\nelection_timeout = "300ms"\n'
+            f'[smtp]\nhostname = "{node.id}.relay.test"\n'
+            f'relay_listen = ["{node.host}:{node.smtp_port}"]\n'
+            f"relay_networks = [{relay_networks}]\n"
+            f'relay_domains = ["inbound.test"]\nmax_message_size = {max_size}\n'
+            f'accept_timeout = "20s"\nidle_timeout = "{idle}"\n'
+            + (tls and f'submission_listen = ["{node.host}:{node.submission_port}"]\n{tls}')
+            + self._delivery_text
+            + f'[admin]\nlisten = "{node.host}:{node.admin_port}"\n'
+            f'token_file = "{root / "admin.token"}"\n'
+        )
+
+    def add_joiner(self, nid: str, host: str) -> SmtpNode:
+        """A node configured to start empty and wait for `cluster join` (not started)."""
+        node = SmtpNode(
+            nid, host, free_port(host), free_port(host), free_port(host),
+            self.root / f"{nid}.toml", free_port(host),
+        )  # fmt: skip
+        self.nodes[nid] = node
+        peers = ", ".join(f'{n.id} = "{n.host}:{n.raft_port}"' for n in self.nodes.values())
+        self._write_config(node, peers, join=True)
+        return node
 
     @staticmethod
     def _delivery(smarthost: str, nameservers: str, mx_port: int, lifetime: str) -> str:

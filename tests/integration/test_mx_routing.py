@@ -12,8 +12,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.sinks import Sink
 from tests.integration.smtpnodes import SmtpCluster
-from tests.integration.test_delivery import Sink
 
 MX_PORT_HOST = "127.0.0.10"
 

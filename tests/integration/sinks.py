@@ -1,0 +1,45 @@
+"""Sinks on loopback that stand in for the destination servers of delivery tests."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.integration.kvcluster import free_port
+from tests.integration.smtpnodes import SmtpCluster
+
+
+@contextlib.contextmanager
+def sink_and_cluster(tmp_path: Path, handler: Sink, **opts: Any) -> Iterator[SmtpCluster]:
+    """A sink on loopback as the smarthost of a running cluster; both stopped after."""
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}", **opts)
+    try:
+        cluster.start_all()
+        cluster.leader()
+        yield cluster
+    finally:
+        cluster.stop_all()
+        controller.stop()
+
+
+class Sink:
+    """A capture sink: records every message whose final dot it answered with 250."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self.lock:
+            for rcpt in envelope.rcpt_tos:
+                self.received.append((rcpt, envelope.original_content or b""))
+        return "250 2.0.0 Ok: captured"

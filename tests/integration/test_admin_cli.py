@@ -1,0 +1,161 @@
+"""The admin CLI as an operator runs it (a subprocess) against a real 3-node cluster:
+queue and cluster commands from any node, --json that matches the spool, exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.smtpnodes import SmtpCluster
+
+MESSAGE = b"Subject: queued\r\n\r\nwaiting for a smarthost that never answers\r\n"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "smtpcluster.cli", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def ok_json(*args: str) -> Any:
+    out = cli(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
+    c = SmtpCluster(Path(tmp_path_factory.mktemp("admin")))  # parked smarthost: mail stays
+    try:
+        c.start_all()
+        c.leader()
+        yield c
+    finally:
+        c.stop_all()
+
+
+def conf(c: SmtpCluster, nid: str) -> str:
+    return str(c.nodes[nid].config)
+
+
+def send(c: SmtpCluster, nid: str, rcpts: list[str]) -> str:
+    node = c.nodes[nid]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+        s.ehlo("admin.test")
+        s.mail("ops@example.org")
+        for r in rcpts:
+            s.rcpt(r)
+        code, reply = s.data(MESSAGE)
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def test_queue_commands_work_from_any_node_and_match_the_spool(cluster: SmtpCluster) -> None:
+    ids = [send(cluster, "n1", [f"a{k}@one.example", f"b{k}@two.example"]) for k in range(3)]
+    for nid in cluster.nodes:
+        listed = ok_json("queue", "list", "--config", conf(cluster, nid))
+        assert {m["id"] for m in listed} == cluster.queued_ids(nid) >= set(ids)
+    two = ok_json("queue", "list", "--domain", "two.example", "--config", conf(cluster, "n3"))
+    assert set(ids) <= {m["id"] for m in two}
+
+    shown = ok_json("queue", "show", ids[0], "--body", "--config", conf(cluster, "n2"))
+    assert shown["id"] == ids[0] and shown["sender"] == "ops@example.org"
+    assert {r["address"] for r in shown["recipients"]} == {"a0@one.example", "b0@two.example"}
+    assert "waiting for a smarthost" in shown["body"]
+    human = cli("queue", "show", ids[0], "--config", conf(cluster, "n2"))
+    assert human.returncode == 0 and "a0@one.example" in human.stdout
+
+    assert ok_json("queue", "hold", ids[1], "--config", conf(cluster, "n3"))["changed"] == 2
+    held = ok_json("queue", "list", "--state", "held", "--config", conf(cluster, "n1"))
+    assert [m["id"] for m in held] == [ids[1]]
+    assert all(r["state"] == "held" for r in held[0]["recipients"])
+    assert ok_json("queue", "release", ids[1], "--config", conf(cluster, "n2"))["changed"] == 2
+    assert ok_json("queue", "list", "--state", "held", "--config", conf(cluster, "n3")) == []
+    assert cli("queue", "retry", "--all", "--config", conf(cluster, "n1")).returncode == 0
+
+    assert ok_json("queue", "delete", ids[2], "--config", conf(cluster, "n1"))["changed"] == 2
+    assert ids[2] not in cluster.queued_ids("n2")
+    gone = cli("queue", "show", ids[2], "--config", conf(cluster, "n3"))
+    assert gone.returncode == 1 and "no message" in gone.stderr
+    missing = cli("queue", "hold", "no-such-id", "--config", conf(cluster, "n1"))
+    assert missing.returncode == 1 and "no-such-id" in missing.stderr
+
+    stats = ok_json("queue", "stats", "--config", conf(cluster, "n2"))
+    assert stats["messages"] == len(cluster.queued("n2"))
+    assert {"one.example", "two.example"} <= {d["domain"] for d in stats["domains"]}
+    table = cli("queue", "list", "--config", conf(cluster, "n1"))
+    assert table.returncode == 0 and ids[0] in table.stdout and "Requests." in table.stdout
+
+
+def test_cluster_status_and_transfer_leader_from_any_node(cluster: SmtpCluster) -> None:
+    leader = cluster.leader()
+    for nid in cluster.nodes:
+        status = ok_json("cluster", "status", "--config", conf(cluster, nid))
+        assert status["leader"] == leader
+        roles = {m["id"]: m["role"] for m in status["members"]}
+        assert roles == {n: "leader" if n == leader else "follower" for n in cluster.nodes}
+        assert all(m["reachable"] for m in status["members"])
+    human = cli("cluster", "status", "--config", conf(cluster, "n1"))
+    assert human.returncode == 0 and f"leader {leader}" in human.stdout
+    target = next(n for n in cluster.nodes if n != leader)
+    asker = next(n for n in cluster.nodes if n not in (leader, target))
+    out = cli("cluster", "transfer-leader", target, "--config", conf(cluster, asker))
+    assert out.returncode == 0, out.stderr
+    assert wait_for("the new leader", lambda: cluster.leader() == target)
+
+
+def test_a_node_joins_and_leaves_through_the_cli(cluster: SmtpCluster) -> None:
+    n4 = cluster.add_joiner("n4", "127.0.0.4")
+    cluster.start("n4")
+    try:
+        addr = f"{n4.host}:{n4.raft_port}"
+        out = cli("cluster", "join", "n4", addr, "--config", conf(cluster, "n2"))
+        assert out.returncode == 0, out.stderr
+        voters = ["n1", "n2", "n3", "n4"]
+        wait_for("n4 to vote", lambda: all(
+            (cluster.status(n) or {}).get("voters") == voters for n in cluster.nodes
+        ))  # fmt: skip
+        assert cluster.queued_ids("n4") == cluster.queued_ids("n1")  # it has the spool
+        out = cli("cluster", "leave", "n4", "--config", conf(cluster, "n3"))
+        assert out.returncode == 0, out.stderr
+        wait_for("n4 to be removed", lambda: all(
+            (cluster.status(n) or {}).get("voters") == voters[:3] for n in ("n1", "n2", "n3")
+        ))  # fmt: skip
+    finally:
+        cluster.kill("n4", signal.SIGTERM)
+        del cluster.nodes["n4"]
+
+
+def test_a_wrong_token_is_refused_with_exit_code_1(cluster: SmtpCluster, tmp_path: Path) -> None:
+    node = cluster.nodes["n1"]
+    bad = tmp_path / "bad.token"
+    bad.write_text("not-the-token\n")
+    url = f"http://{node.host}:{node.admin_port}"
+    out = cli("queue", "list", "--admin", url, "--token-file", str(bad))
+    assert out.returncode == 1
+    assert "401" in out.stderr and "token" in out.stderr
+
+
+def test_an_unreachable_node_gives_exit_code_3_and_one_line(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("whatever-token-value\n")
+    url = f"http://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
+    out = cli("cluster", "status", "--admin", url, "--token-file", str(token))
+    assert out.returncode == 3
+    assert len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
+
+
+def test_usage_errors_exit_2(cluster: SmtpCluster) -> None:
+    assert cli("queue", "hold", "--config", conf(cluster, "n1")).returncode == 2  # no ids
+    assert cli("queue", "list").returncode == 2  # neither --config nor --admin
+    assert cli("queue", "frobnicate").returncode == 2

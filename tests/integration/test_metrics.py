@@ -1,0 +1,76 @@
+"""/metrics scraped like Prometheus does and parsed with prometheus-client's parser: the
+counters move as mail flows, and the Raft and queue gauges describe the cluster."""
+
+from __future__ import annotations
+
+import smtplib
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.kvcluster import wait_for
+from tests.integration.sinks import Sink, sink_and_cluster
+from tests.integration.smtpnodes import SmtpCluster
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(c: SmtpCluster, nid: str) -> Samples:
+    node = c.nodes[nid]
+    req = urllib.request.Request(
+        f"http://{node.host}:{node.admin_port}/metrics",
+        headers={"Authorization": f"Bearer {c.token}"},
+    )
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delivered(c: SmtpCluster) -> float:
+    return sum(
+        value(scrape(c, n), "smtpcluster_deliveries_total", outcome="delivered") for n in c.nodes
+    )
+
+
+def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: Path) -> None:
+    sink = Sink()
+    with sink_and_cluster(tmp_path, sink) as cluster:
+        before = scrape(cluster, "n2")
+        start_delivered = delivered(cluster)
+        node = cluster.nodes["n2"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            for k in range(5):
+                s.sendmail("m@example.org", [f"r{k}@dest.example"], b"Subject: m\r\n\r\nx\r\n")
+        after = scrape(cluster, "n2")
+        accepted = "smtpcluster_messages_accepted_total"
+        assert value(after, accepted) - value(before, accepted) == 5
+        assert value(after, "smtpcluster_accept_seconds_count") >= 5
+        wait_for("5 deliveries counted", lambda: delivered(cluster) - start_delivered == 5)
+        assert len(sink.received) == 5
+
+        leader = cluster.leader()
+        views = {n: scrape(cluster, n) for n in cluster.nodes}
+        leaders = [n for n, v in views.items() if value(v, "smtpcluster_raft_role", role="leader")]
+        assert leaders == [leader]
+        terms = {value(v, "smtpcluster_raft_term") for v in views.values()}
+        assert len(terms) == 1 and terms.pop() >= 1
+        lead = views[leader]
+        assert value(lead, "smtpcluster_raft_commit_index") >= 5
+        assert value(lead, "smtpcluster_raft_fsync_seconds_count") > 0
+        lags = {
+            dict(labels)["peer"]
+            for (name, labels) in lead
+            if name == "smtpcluster_raft_peer_lag_entries"
+        }
+        assert lags == set(cluster.nodes) - {leader}
+        assert ("smtpcluster_queue_recipients", (("state", "queued"),)) in lead
+        assert value(lead, "smtpcluster_frontends_up") == 1
