@@ -32,10 +32,12 @@ def send_all(cluster: SmtpCluster, accepted: set[str], stop: threading.Event) ->
     def client(k: int) -> None:
         for n in todo:
             rcpt = f"m{n}@dest.example"
-            nid = names[(k + n) % len(names)]
+            # Spread over the nodes; a dead one is passed over as an MTA tries its next
+            # MX, so every message is offered to the cluster however long nodes are down.
+            live = cluster.live()
+            order = names[(k + n) % len(names) :] + names[: (k + n) % len(names)]
+            nid = next((x for x in order if x in live), names[0])
             node = cluster.nodes[nid]
-            if nid not in cluster.live():
-                continue
             try:
                 with smtplib.SMTP(node.host, node.smtp_port, timeout=60) as s:
                     s.sendmail("a@example.org", [rcpt], b"Subject: %d\r\n\r\nx\r\n" % n)
