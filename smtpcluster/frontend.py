@@ -84,6 +84,7 @@ class Handler:
         self.throttle = Throttle()
         self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
         self.refused = 0  # recipients refused for relaying: a metric
+        self.sessions: set[FrontendSMTP] = set()  # open connections, for draining
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -194,9 +195,22 @@ class FrontendSMTP(SMTP):
 
     def __init__(self, handler: Handler, *args: Any, **kw: Any) -> None:
         super().__init__(handler, *args, **kw)
+        self.handler = handler
         self.limits = handler.cfg
         self.errors = 0
         self.junk = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.handler.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.handler.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def shut_down(self) -> None:
+        """RFC 5321 3.8: a server that must stop says 421 and closes, at any point."""
+        await self._hang_up("421 4.3.2 Service shutting down, try another server")
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ scans dir(self) with getattr on every name, on every

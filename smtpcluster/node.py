@@ -9,6 +9,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Callable
 
 from mailqueue import codec
 from mailqueue.bodies import DiskBodies
@@ -16,6 +17,7 @@ from mailqueue.commands import Accept
 from mailqueue.machine import SpoolMachine, decode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Spool
+from raft.core import RaftError, Role
 from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
 from smtpcluster import admin
 from smtpcluster.auth import Users
@@ -32,6 +34,7 @@ ATTEMPT_S = 3.0  # one proposal attempt; a stuck one is retried with the same id
 # How long a client may wait for an unsettled Accept: under the 10 minutes RFC 5321
 # gives a client waiting for the reply to its final dot.
 ACCEPT_HARD_CAP_S = 540.0
+DRAIN_S = 12.0  # SIGTERM: how long open sessions and deliveries in hand may take
 
 
 class Node:
@@ -137,6 +140,44 @@ class Node:
         await admin.start(self)
         self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
 
+    async def drain(self, timeout: float = DRAIN_S) -> None:
+        """SIGTERM: stop accepting (listeners closed; open sessions may finish their
+        mail, then get 421), hand leadership to another voter, finish or give back
+        deliveries. Bounded by about `timeout` plus a few seconds."""
+        began = time.monotonic()
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        await self._wait(lambda: not self.handler.sessions, timeout / 3)
+        for session in list(self.handler.sessions):
+            await session.shut_down()
+        await self._hand_over_leadership()
+        left = max(1.0, timeout - (time.monotonic() - began))
+        await self.worker.drain(left)
+        log.info("node %s drained in %.1f s", self.cfg.node.id, time.monotonic() - began)
+
+    async def _hand_over_leadership(self) -> None:
+        raft = self.raft
+        if raft.core.role is not Role.LEADER:
+            return
+        others = [m for m in await raft.members() if m["id"] != self.cfg.node.id]
+        voters = [m for m in others if m["role"] == "follower" and m["reachable"]]
+        if not voters:
+            return
+        target = min(voters, key=lambda m: m["lag"])["id"]
+        try:
+            raft.transfer_leader(target)
+        except RaftError as exc:
+            log.warning("drain: leadership transfer to %s refused: %s", target, exc)
+            return
+        await self._wait(lambda: raft.core.role is not Role.LEADER, 3.0)
+
+    @staticmethod
+    async def _wait(done: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     async def stop(self) -> None:
         self.frontends_up = False
         for t in self._tasks + list(self.worker.tasks):
@@ -165,5 +206,9 @@ async def serve(cfg: Config) -> None:
     log.info("node %s serving SMTP on %s", cfg.node.id, [str(a) for a in cfg.smtp.relay_listen])
     print(f"ready {cfg.node.id}", flush=True)
     await stop.wait()
-    with contextlib.suppress(Exception):
-        await node.stop()
+    log.info("node %s: signal received, draining", cfg.node.id)
+    try:
+        await node.drain()
+    finally:
+        with contextlib.suppress(Exception):
+            await node.stop()

@@ -62,6 +62,7 @@ class Worker:
         self.slots = asyncio.Semaphore(delivery.concurrency)
         self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
 
     async def run(self) -> None:
         # A previous run of this node may have died between BeginDot and Outcome, and if
@@ -77,7 +78,33 @@ class Worker:
         finally:
             await self.pool.close()
 
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM: start nothing new, let the deliveries in hand finish (up to
+        `timeout`), then give back everything still assigned here by declaring this
+        node down: the leader reassigns it at once instead of after the down-detection
+        time. A delivery cut off after its BeginDot becomes uncertain, as it must."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        core = self.node.raft.core
+        # Without a leader nothing in hand can finish (its Outcome cannot commit): when
+        # the whole cluster is being stopped, the last node must not wait for nothing.
+        while self.tasks and time.monotonic() < deadline and core.lead is not None:
+            await asyncio.wait(list(self.tasks), timeout=0.1)
+        for task in list(self.tasks):
+            task.cancel()
+        on_uncertain = UncertainPolicy[self.node.cfg.delivery.on_uncertain.upper()]
+        try:
+            if core.lead is None:
+                raise TimeoutError
+            await asyncio.wait_for(self._commit(NodeDown(_now(), self.me, on_uncertain)), 3)
+        except TimeoutError:
+            log.warning("drain: could not hand back this node's assignments; the leader "
+                        "will, after the down-detection time")  # fmt: skip
+        await self.pool.close()
+
     def dispatch(self) -> None:
+        if self.draining:
+            return
         spool = self.node.machine.spool
         for msg in list(spool.messages.values()):
             groups: dict[int, list[int]] = {}
