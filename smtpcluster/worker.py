@@ -96,7 +96,9 @@ class Worker:
         try:
             if core.lead is None:
                 raise TimeoutError
-            await asyncio.wait_for(self._commit(NodeDown(_now(), self.me, on_uncertain)), 3)
+            # Only a shortcut (the leader notices the silence anyway): kept short, as
+            # when a whole cluster stops the last node has no quorum to commit it.
+            await asyncio.wait_for(self._commit(NodeDown(_now(), self.me, on_uncertain)), 1)
         except TimeoutError:
             log.warning("drain: could not hand back this node's assignments; the leader "
                         "will, after the down-detection time")  # fmt: skip

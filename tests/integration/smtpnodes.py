@@ -132,9 +132,16 @@ class SmtpCluster:
         stop_process(popen, sig)
 
     def stop_all(self) -> None:
-        for nid, node in self.nodes.items():
-            if node.popen is not None:
-                self.kill(nid, signal.SIGTERM)
+        """SIGTERM to every node at once (each drains), then wait for them all."""
+        running = [n for n in self.nodes.values() if n.popen is not None]
+        for node in running:
+            assert node.popen is not None
+            node.popen.send_signal(signal.SIGCONT)
+            node.popen.send_signal(signal.SIGTERM)
+        for node in running:
+            assert node.popen is not None
+            popen, node.popen = node.popen, None
+            stop_process(popen, signal.SIGTERM)
 
     def live(self) -> list[str]:
         return [n for n, node in self.nodes.items() if node.popen is not None]
