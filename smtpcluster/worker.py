@@ -159,8 +159,13 @@ class Worker:
         rcpts = {k: msg.rcpts[k].address for k in ks}
         body = spool.bodies.get(mid)
 
+        refused: list[bool] = []  # the spool itself said no: the attempt is not ours
+
         async def fence(accepted: list[int]) -> bool:
-            return await self._begin_dot(mid, accepted, attempt)
+            ok, definite = await self._begin_dot(mid, accepted, attempt)
+            if not ok and definite:
+                refused.append(True)
+            return ok
 
         error = "4.4.1 no exchange to try"
         for target in targets:  # in MX order: the next one when one cannot be reached
@@ -173,10 +178,16 @@ class Worker:
                 error = f"4.4.1 {target}: {type(exc).__name__}: {exc}"
                 continue
             if t.fenced_off:
-                # BeginDot was refused or could not commit: the dot was withheld and the
-                # connection dropped, so the remote discards it. Nothing to report.
+                # The dot was withheld and the connection dropped: the remote discards
+                # the message. If the spool refused the BeginDot, the attempt belongs to
+                # nobody here: nothing to report. If its fate is unknown (the leader
+                # died, no quorum) it may have committed all the same, leaving the
+                # recipients "sending" on this live node, which nobody would ever
+                # settle: defer them, which is true either way.
                 log.info("fenced off: %s attempt %d, final dot withheld", mid, attempt)
-                return []
+                if refused:
+                    return []
+                return self._defer(mid, ks, "4.4.0 final dot withheld: fence not confirmed")
             return self._results(mid, ks, t)
         return self._defer(mid, ks, error)
 
@@ -205,13 +216,15 @@ class Worker:
         attempts = msg.rcpts[k].attempts + 1 if msg else 1
         return policy.next_attempt(self.node.policy, attempts, _now())
 
-    async def _begin_dot(self, mid: str, ks: list[int], attempt: int) -> bool:
+    async def _begin_dot(self, mid: str, ks: list[int], attempt: int) -> tuple[bool, bool]:
+        """(applied with success, the answer is definite). No quorum or a lost leader
+        is not definite: the BeginDot may still commit."""
         cmd = BeginDot(_now(), mid, tuple(ks), self.me, attempt)
         try:
             raw = await self.node.raft.propose(codec.encode(cmd), timeout=BEGIN_DOT_TIMEOUT_S)
         except (RaftError, TimeoutError):
-            return False  # no quorum to fence with: do not send the dot
-        return decode_result(raw).ok
+            return False, False  # no quorum to fence with: do not send the dot
+        return decode_result(raw).ok, True
 
     async def _commit(self, cmd: Command) -> None:
         """Propose until applied: an Outcome must not be lost, and it is idempotent."""
