@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ Submit = Callable[[Accept, float], Awaitable[bool]]
 
 RELAY_DENIED = "554 5.7.1 Relaying denied"
 QUEUED = "250 2.0.0 Ok: queued as "
+_ATOM = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+"
+PLAIN_ADDRESS = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(.*)\Z",
+    re.DOTALL,
+)
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing connection"
 BAD_ADDRESS_CHARS = frozenset('%!:"\\ ')
@@ -211,6 +218,18 @@ class FrontendSMTP(SMTP):
     async def shut_down(self) -> None:
         """RFC 5321 3.8: a server that must stop says 421 and closes, at any point."""
         await self._hang_up("421 4.3.2 Service shutting down, try another server")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL/RCPT argument with the email package's header
+        # parser (and defines a class on each call): a third of a session's parsing
+        # CPU. A plain <dot-atom@host.name> gives the same answer by regex; anything
+        # else (quotes, literals, <>, UTF-8) still goes through aiosmtpd.
+        if m := PLAIN_ADDRESS.match(arg):
+            local = m.group(1).rpartition("@")[0]
+            if not (self.local_part_limit and len(local) > self.local_part_limit):
+                return m.group(1), m.group(2).lstrip()
+        addr, rest = super()._getaddr(arg)
+        return addr, rest
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ scans dir(self) with getattr on every name, on every
