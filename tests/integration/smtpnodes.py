@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,3 +195,14 @@ class SmtpCluster:
 
     def queued_rcpts(self, nid: str) -> set[str]:
         return {r["address"] for m in self.queued(nid) for r in m["recipients"]}
+
+
+@contextlib.contextmanager
+def running(cluster: SmtpCluster) -> Iterator[SmtpCluster]:
+    """Every node started and a leader agreed; every node stopped afterwards."""
+    try:
+        cluster.start_all()
+        cluster.leader()
+        yield cluster
+    finally:
+        cluster.stop_all()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.kvcluster import free_port, wait_for
-from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.smtpnodes import SmtpCluster, running
 
 MESSAGE = b"Subject: queued\r\n\r\nwaiting for a smarthost that never answers\r\n"
 
@@ -35,13 +35,9 @@ def ok_json(*args: str) -> Any:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
-    c = SmtpCluster(Path(tmp_path_factory.mktemp("admin")))  # parked smarthost: mail stays
-    try:
-        c.start_all()
-        c.leader()
+    # The default smarthost is parked: accepted mail stays in the queue to be steered.
+    with running(SmtpCluster(Path(tmp_path_factory.mktemp("admin")))) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def conf(c: SmtpCluster, nid: str) -> str:

@@ -11,20 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.kvcluster import wait_for
-from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.smtpnodes import SmtpCluster, running
 
 MESSAGE = b"From: a@example.org\r\nSubject: test\r\n\r\nhello\r\n"
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[SmtpCluster]:
-    c = SmtpCluster(tmp_path)
-    try:
-        c.start_all()
-        c.leader()
+    with running(SmtpCluster(tmp_path)) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def send(c: SmtpCluster, nid: str, rcpt: str = "u@dest.example", source: str = "") -> str:

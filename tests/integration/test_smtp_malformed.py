@@ -10,20 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.kvcluster import wait_for
-from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.smtpnodes import SmtpCluster, running
 
 MESSAGE = b"Subject: ok\r\n\r\nfine\r\n"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
-    c = SmtpCluster(Path(tmp_path_factory.mktemp("malformed")), n=1, idle="2s")
-    try:
-        c.start_all()
-        c.leader()
+    with running(SmtpCluster(Path(tmp_path_factory.mktemp("malformed")), n=1, idle="2s")) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 class Raw:

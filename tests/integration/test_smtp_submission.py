@@ -10,20 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.smtpnodes import SmtpCluster, running
 
 OUTSIDER = ("127.0.0.9", 0)  # not in relay_networks
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
-    c = SmtpCluster(Path(tmp_path_factory.mktemp("submission")), n=1, submission=True)
-    try:
-        c.start_all()
-        c.leader()
+    root = Path(tmp_path_factory.mktemp("submission"))
+    with running(SmtpCluster(root, n=1, submission=True)) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def client(c: SmtpCluster) -> smtplib.SMTP:
