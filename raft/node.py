@@ -235,12 +235,16 @@ class RaftNode:
         return await fut
 
     async def _forward(self, leader: NodeId, envelope: bytes) -> bytes:
+        return await self._ask(leader, _FORWARD, [envelope], 5.0)
+
+    async def _ask(self, leader: NodeId, kind: bytes, args: list[Any], timeout: float) -> bytes:
+        """Send a request frame to the leader; its _ANSWER frame settles the result."""
         req = next(self._ids)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._forwards[req] = fut
         try:
-            self.transport.send(leader, _FORWARD + cbor2.dumps([req, envelope]))
-            return await asyncio.wait_for(asyncio.shield(fut), 5.0)
+            self.transport.send(leader, kind + cbor2.dumps([req, *args]))
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
         finally:
             self._forwards.pop(req, None)
 
@@ -330,14 +334,7 @@ class RaftNode:
         leader = self.core.lead
         if leader is None or leader == self.cfg.id:
             raise NoLeader("no leader to carry out the change")
-        req = next(self._ids)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._forwards[req] = fut
-        try:
-            self.transport.send(leader, _CALL + cbor2.dumps([req, op, target, addr]))
-            return await asyncio.wait_for(asyncio.shield(fut), deadline)
-        finally:
-            self._forwards.pop(req, None)
+        return await self._ask(leader, _CALL, [op, target, addr], deadline)
 
     async def _membership_here(self, op: str, target: NodeId, addr: str) -> None:
         if self.core.role is not Role.LEADER:

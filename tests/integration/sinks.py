@@ -12,7 +12,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.integration.kvcluster import free_port
-from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.smtpnodes import SmtpCluster, running
 
 
 @contextlib.contextmanager
@@ -21,13 +21,10 @@ def sink_and_cluster(tmp_path: Path, handler: Sink, **opts: Any) -> Iterator[Smt
     port = free_port("127.0.0.1")
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
-    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}", **opts)
     try:
-        cluster.start_all()
-        cluster.leader()
-        yield cluster
+        with running(SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}", **opts)) as cluster:
+            yield cluster
     finally:
-        cluster.stop_all()
         controller.stop()
 
 
