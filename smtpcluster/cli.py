@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import getpass
 import json
-import logging
 import sys
 import urllib.parse
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 try:
@@ -21,11 +23,11 @@ try:
 except ImportError:  # optional: plain asyncio works, more slowly
     uvloop = None  # type: ignore[assignment]
 
-from smtpcluster import cli_format, config, dev
+from smtpcluster import cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
+from smtpcluster.auth import hash_password
 from smtpcluster.node import serve
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 QUEUE_ACTIONS = ("retry", "hold", "release", "delete")
 
 
@@ -40,9 +42,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one node")
     serve.add_argument("--config", required=True)
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", help="overrides [log] level until a reload")
     check = sub.add_parser("check-config", help="validate a config without starting")
     check.add_argument("--config", required=True)
+    hashpw = sub.add_parser("hash-password", help="a users_file line; the password on stdin")
+    hashpw.add_argument("name")
     dev = sub.add_parser("dev", help="a local cluster with a capture sink, for a first run")
     dev.add_argument("--nodes", type=int, default=3)
     dev.add_argument("--dir", default="smtpcluster-dev")
@@ -80,6 +84,12 @@ def _queue_parsers(queue: argparse.ArgumentParser) -> None:
 
 def _cluster_parsers(cluster: argparse.ArgumentParser) -> None:
     sub = cluster.add_subparsers(dest="action", required=True)
+    init = sub.add_parser(
+        "init", help="make a new cluster's key, admin token, CA and node certificates"
+    )
+    init.add_argument("nodes", nargs="+", metavar="ID=HOST", help="e.g. node1=10.0.0.1")
+    init.add_argument("--dir", default="/etc/smtpcluster", help="where (default %(default)s)")
+    init.add_argument("--hostname", required=True, help="the name clients use, e.g. the MX")
     _admin_options(sub.add_parser("status", help="members, roles, lag and the leader"))
     join = sub.add_parser("join", help="add a node (learner, catch up, then voter)")
     join.add_argument("id")
@@ -100,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             return _serve_or_check(args)
         if args.command == "dev":
             return dev.run(args.dir, args.nodes)
+        if args.command == "hash-password":
+            return _hash_password(args.name)
+        if args.command == "cluster" and args.action == "init":
+            return _init(args)
         client = _client(args)
         lines = _queue(client, args) if args.command == "queue" else _cluster(client, args)
         for line in lines:
             print(line, flush=True)
         return 0
-    except (AdminError, UsageError, dev.DevError) as exc:
+    except (AdminError, UsageError, dev.DevError, pki.PkiError) as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return exc.exit_code
     except config.ConfigError as exc:
@@ -118,13 +132,34 @@ def _serve_or_check(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         print(f"{args.config}: ok (node {cfg.node.id}, {len(cfg.cluster.peers)} peers)")
         return 0
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
-    # aiosmtpd logs every command line at INFO, AUTH credentials included: never that.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    if args.log_level:
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, level=args.log_level))
+    logs.setup(cfg.log.level, cfg.log.format)
     if uvloop is None:
         asyncio.run(serve(cfg))
     else:
         uvloop.run(serve(cfg))
+    return 0
+
+
+def _hash_password(name: str) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("hash-password: an empty password")
+    print(hash_password(name, password))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    nodes = [pki.NodeName.parse(text) for text in args.nodes]
+    where = Path(args.dir)
+    for path in pki.init(where, nodes, args.hostname):
+        print(f"wrote {path}")
+    print(f"keep {where / 'ca.key'} off the nodes; copy to each node cluster.key, "
+          "admin.token and its own tls.key/tls.crt (docs/operations.md)")  # fmt: skip
     return 0
 
 

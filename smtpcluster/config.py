@@ -15,6 +15,7 @@ from typing import Any
 
 from raft.transport import Address
 from smtpcluster.auth import Users, UsersFileError
+from smtpcluster.logs import FORMATS, LEVELS
 
 
 class ConfigError(Exception):
@@ -97,6 +98,12 @@ class AdminSection:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    level: str = "info"  # debug, info, warning, error
+    format: str = "text"  # "text" (key=value) or "json": one line per event, to stdout
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     node: NodeSection
@@ -104,6 +111,7 @@ class Config:
     smtp: SmtpSection
     delivery: DeliverySection
     admin: AdminSection
+    log: LogSection = field(default_factory=LogSection)
 
 
 class _Reader:
@@ -196,8 +204,9 @@ def load(path: str) -> Config:
     smtp = _smtp(path, top)
     delivery = _delivery(path, top)
     admin = _admin(path, top)
+    log = _log(path, top)
     top.done()
-    return Config(path, node, cluster, smtp, delivery, admin)
+    return Config(path, node, cluster, smtp, delivery, admin, log)
 
 
 def _node(path: str, top: _Reader) -> NodeSection:
@@ -317,3 +326,17 @@ def _admin(path: str, top: _Reader) -> AdminSection:
     token = _secret(path, r, "token_file").decode()
     r.done()
     return AdminSection(listen, token)
+
+
+def _log(path: str, top: _Reader) -> LogSection:
+    if "log" not in top.table:
+        return LogSection()
+    r = _Reader(path, "log", top.take("log", dict))
+    level = r.take("level", str, "info").lower()
+    if level not in LEVELS:
+        raise r.fail("level", f"{level!r}: use one of {', '.join(LEVELS)}")
+    fmt = r.take("format", str, "text")
+    if fmt not in FORMATS:
+        raise r.fail("format", f"{fmt!r}: use 'text' (key=value) or 'json'")
+    r.done()
+    return LogSection(level, fmt)

@@ -28,6 +28,7 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from smtpcluster import pki
 from smtpcluster.auth import hash_password
 
 SINK_PORT = 2500
@@ -149,16 +150,9 @@ def _once(path: Path, make: Callable[[Path], object]) -> None:
 
 def _self_signed(where: Path) -> None:
     try:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
-             "-subj", "/CN=localhost", "-keyout", str(where / "tls.key"),
-             "-out", str(where / "tls.crt")],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise DevError(
-            f"openssl could not make a certificate ({exc}): run scripts/setup-system"
-        ) from None
+        pki.self_signed(where / "tls.crt", where / "tls.key", "localhost")
+    except pki.PkiError as exc:
+        raise DevError(f"{exc}: run scripts/setup-system") from None
 
 
 def _config(root: Path, n: DevNode, peers: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailqueue.commands import Accept
+from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
 
@@ -84,14 +85,20 @@ class Handler:
     def __init__(
         self, cfg: SmtpSection, node_id: str, submit: Submit, users: Users | None = None
     ) -> None:
-        self.cfg = cfg
         self.node_id = node_id
         self.submit = submit
-        self.users = users
         self.throttle = Throttle()
-        self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
         self.refused = 0  # recipients refused for relaying: a metric
         self.sessions: set[FrontendSMTP] = set()  # open connections, for draining
+        self.reconfigure(cfg, users)
+
+    def reconfigure(self, cfg: SmtpSection, users: Users | None) -> None:
+        """New limits, relay policy and users, for sessions that start from now on
+        (a session reads them as it goes: a changed relay_networks applies to its next
+        RCPT; AUTH checks the users of the moment)."""
+        self.cfg = cfg
+        self.users = users
+        self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -150,16 +157,19 @@ class Handler:
             int(time.time() * 1000), message_id, _unbracket(envelope.mail_from),
             tuple(envelope.rcpt_tos), body, self.node_id,
         )  # fmt: skip
+        began = time.monotonic()
+        reply = QUEUED + message_id
         try:
             await self.submit(cmd, self.cfg.accept_timeout_ms / 1000)
         except TimeoutError:
-            log.warning("message %s: no quorum within the accept timeout", message_id)
-            return "451 4.3.0 Cluster unavailable, try again later"
-        log.info(
-            "accepted id=%s from=<%s> rcpts=%d size=%d peer=%s",
-            message_id, cmd.sender, len(cmd.recipients), len(body), session.peer,
+            reply = "451 4.3.0 Cluster unavailable, try again later"
+        # One line per transaction, envelope facts only: never the body.
+        logs.event(
+            log, "smtp", id=message_id, sender=f"<{cmd.sender}>", rcpts=",".join(cmd.recipients),
+            size=len(body), peer=_peer(session), auth=_user(session),
+            tls=session.ssl is not None, reply=reply, took=f"{time.monotonic() - began:.3f}s",
         )  # fmt: skip
-        return QUEUED + message_id
+        return reply
 
     def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
@@ -175,6 +185,14 @@ class Handler:
             f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
             f"with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
         ).encode()
+
+
+def _peer(session: Session) -> str:
+    return str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
+
+
+def _user(session: Session) -> str:
+    return str(session.auth_data) if session.authenticated else ""
 
 
 def _unbracket(address: str | None) -> str:
@@ -294,8 +312,9 @@ def _bracketed(arg: str | None, keyword: str) -> bool:
     return arg[len(keyword) :].lstrip().startswith("<")
 
 
-def smtp_factory(handler: Handler, cfg: SmtpSection, **kw: Any) -> Callable[[], SMTP]:
+def smtp_factory(handler: Handler, **kw: Any) -> Callable[[], SMTP]:
     def make() -> SMTP:
+        cfg = handler.cfg  # read per connection: a reload applies to new sessions
         return FrontendSMTP(
             handler,
             hostname=cfg.hostname,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -19,13 +20,14 @@ from mailqueue.policy import Policy
 from mailqueue.spool import Spool
 from raft.core import RaftError, Role
 from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
-from smtpcluster import admin
-from smtpcluster.auth import Users
+from smtpcluster import admin, config, logs
+from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.config import Config, SmtpSection
 from smtpcluster.frontend import Handler, smtp_factory
 from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
+from smtpcluster.sdnotify import Notifier
 from smtpcluster.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ ATTEMPT_S = 3.0  # one proposal attempt; a stuck one is retried with the same id
 # gives a client waiting for the reply to its final dot.
 ACCEPT_HARD_CAP_S = 540.0
 DRAIN_S = 12.0  # SIGTERM: how long open sessions and deliveries in hand may take
+READY_WAIT_S = 30.0  # under systemd: how long start-up waits for a leader before READY
 
 
 class Node:
@@ -125,10 +128,10 @@ class Node:
         smtp = self.cfg.smtp
         auth = {"authenticator": self.handler.authenticate, "auth_require_tls": True}
         # Port 25: STARTTLS offered when there is a certificate, AUTH only after it.
-        relay = smtp_factory(self.handler, smtp, tls_context=self.tls, **auth)
+        relay = smtp_factory(self.handler, tls_context=self.tls, **auth)
         # Port 587: STARTTLS first, then AUTH, then mail.
         submission = smtp_factory(
-            self.handler, smtp, tls_context=self.tls, require_starttls=True,
+            self.handler, tls_context=self.tls, require_starttls=True,
             auth_required=True, **auth,
         )  # fmt: skip
         listeners = [(relay, a) for a in smtp.relay_listen]
@@ -139,6 +142,45 @@ class Node:
         self.frontends_up = True
         await admin.start(self)
         self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file and apply, to sessions that start from now
+        on, its [smtp] policy and limits (relay_networks, relay_domains, sizes,
+        timeouts), users_file, TLS certificate and [log]; open sessions go on. What
+        cannot change while running (listeners, peers, delivery, admin) is logged as
+        waiting for a restart. An invalid file is refused, logged, and changes nothing."""
+        try:
+            new = config.load(self.cfg.path)
+            users = Users.load(new.smtp.users_file) if new.smtp.users_file else None
+            self._reload_tls(new.smtp)
+        except (config.ConfigError, UsersFileError, OSError, ssl.SSLError) as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return False
+        for what in restart_only_changes(self.cfg, new):
+            log.warning("reload: %s changed: it takes effect at the next restart", what)
+        old = self.cfg.smtp
+        smtp = dataclasses.replace(
+            new.smtp, relay_listen=old.relay_listen, submission_listen=old.submission_listen
+        )
+        self.cfg = dataclasses.replace(self.cfg, smtp=smtp, log=new.log)
+        self.handler.reconfigure(smtp, users)
+        logs.setup(new.log.level, new.log.format)
+        log.info("reloaded %s", self.cfg.path)
+        return True
+
+    def _reload_tls(self, smtp: SmtpSection) -> None:
+        """The listeners keep their SSLContext: loading the new pair into it serves
+        it to every handshake from now on. Checked on a scratch context first, so a
+        bad pair leaves the running one alone."""
+        if self.tls is None or not (smtp.tls_cert and smtp.tls_key):
+            return
+        tls_context(smtp)
+        self.tls.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+
+    async def wait_joined(self, timeout: float) -> bool:
+        """True once this node knows a leader of its cluster."""
+        await self._wait(lambda: self.raft.core.lead is not None, timeout)
+        return self.raft.core.lead is not None
 
     async def drain(self, timeout: float = DRAIN_S) -> None:
         """SIGTERM: stop accepting (listeners closed; open sessions may finish their
@@ -188,6 +230,17 @@ class Node:
         await self.raft.stop()
 
 
+def _status(node: Node, joined: bool) -> str:
+    lead = node.raft.core.lead
+    return f"serving; leader {lead}" if joined else "serving; no leader yet (no quorum)"
+
+
+def _reload(node: Node, notify: Notifier) -> None:
+    notify.send("RELOADING=1")
+    node.reload()
+    notify.send("READY=1", f"STATUS={_status(node, node.raft.core.lead is not None)}")
+
+
 def tls_context(smtp: SmtpSection) -> ssl.SSLContext | None:
     if not (smtp.tls_cert and smtp.tls_key):
         return None
@@ -196,17 +249,38 @@ def tls_context(smtp: SmtpSection) -> ssl.SSLContext | None:
     return ctx
 
 
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """What differs between two configs that a reload cannot apply."""
+    out = [name for name in ("node", "cluster", "delivery", "admin")
+           if getattr(old, name) != getattr(new, name)]  # fmt: skip
+    for key in ("relay_listen", "submission_listen"):
+        if getattr(old.smtp, key) != getattr(new.smtp, key):
+            out.append(f"smtp.{key}")
+    if bool(old.smtp.tls_cert) != bool(new.smtp.tls_cert):
+        out.append("smtp.tls_cert (STARTTLS on or off)")
+    return out
+
+
 async def serve(cfg: Config) -> None:
     node = Node(cfg)
+    notify = Notifier()
+    loop = asyncio.get_running_loop()
+    watchdog = loop.create_task(notify.watchdog())
     await node.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, node, notify)
     log.info("node %s serving SMTP on %s", cfg.node.id, [str(a) for a in cfg.smtp.relay_listen])
     print(f"ready {cfg.node.id}", flush=True)
+    # READY=1 once this node is part of a working cluster, or after READY_WAIT_S
+    # without one: the first node of a new cluster must start before its peers.
+    joined = await node.wait_joined(READY_WAIT_S)
+    notify.send("READY=1", f"STATUS={_status(node, joined)}")
     await stop.wait()
+    notify.send("STOPPING=1", "STATUS=draining")
     log.info("node %s: signal received, draining", cfg.node.id)
+    watchdog.cancel()  # a drain is bounded by TimeoutStopSec, not by the watchdog
     try:
         await node.drain()
     finally:

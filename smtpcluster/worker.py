@@ -28,7 +28,7 @@ from mailqueue.machine import decode_result
 from mailqueue.spool import RcptState
 from raft.core import RaftError
 from raft.transport import Address
-from smtpcluster import smtp_client
+from smtpcluster import logs, smtp_client
 from smtpcluster.connections import ConnectionPool
 from smtpcluster.route import RouteTemporaryFailure, Undeliverable
 
@@ -139,10 +139,10 @@ class Worker:
         msg = self.node.machine.spool.messages.get(mid)
         for r in results:
             metrics.outcomes.labels(OUTCOME_LABELS[r.kind]).inc()
-            log.info(
-                "delivery id=%s attempt=%d rcpt=<%s> outcome=%s reply=%r took=%.3fs",
-                mid, attempt, msg.rcpts[r.rcpt].address if msg else "?",
-                OUTCOME_LABELS[r.kind], r.reply, took,
+            logs.event(
+                log, "delivery", id=mid, attempt=attempt,
+                rcpt=f"<{msg.rcpts[r.rcpt].address}>" if msg else "?",
+                outcome=OUTCOME_LABELS[r.kind], reply=r.reply, took=f"{took:.3f}s",
             )  # fmt: skip
 
     async def _attempt(self, mid: str, attempt: int, ks: list[int]) -> list[RcptResult]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smtpcluster import pki
 from smtpcluster.auth import hash_password
 from tests.integration.kvcluster import free_port, stop_process, wait_for
 
@@ -102,24 +103,20 @@ class SmtpCluster:
     @staticmethod
     def _submission_files(root: Path) -> str:
         """A self-signed certificate and a users file with alice / secret."""
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", "/CN=relay.test", "-keyout", str(root / "tls.key"),
-             "-out", str(root / "tls.crt")],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        pki.self_signed(root / "tls.crt", root / "tls.key", "relay.test", days=2)
         (root / "users").write_text(hash_password("alice", "secret") + "\n")
         return (
             f'tls_cert = "{root / "tls.crt"}"\ntls_key = "{root / "tls.key"}"\n'
             f'users_file = "{root / "users"}"\n'
         )
 
-    def start(self, nid: str) -> None:
+    def start(self, nid: str, env: dict[str, str] | None = None) -> None:
+        """Start a node; `env` adds to the environment it inherits."""
         node = self.nodes[nid]
         log = open(self.root / f"{nid}.log", "ab")  # noqa: SIM115 - closed with the process
         node.popen = subprocess.Popen(
             [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config", str(node.config)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         wait_for(f"{nid}'s admin API", lambda: self.status(nid))
 

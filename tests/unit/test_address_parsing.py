@@ -22,7 +22,7 @@ CASES = [
 
 def session() -> FrontendSMTP:
     cfg = SmtpSection(hostname="parse.test")
-    made = smtp_factory(Handler(cfg, "n1", None), cfg)()  # type: ignore[arg-type]
+    made = smtp_factory(Handler(cfg, "n1", None))()  # type: ignore[arg-type]
     assert isinstance(made, FrontendSMTP)
     return made
 

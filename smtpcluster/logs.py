@@ -1,0 +1,81 @@
+"""The node's log: one line per event to stdout (journald takes it from there),
+key=value ("text") or one JSON object per line ("json"), chosen by `[log] format`.
+
+`event()` logs one SMTP transaction or delivery attempt with its fields; the JSON
+formatter carries them as fields, the text one as key=value pairs. Callers pass only
+envelope facts: no message body and no password is ever a field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+FORMATS = ("text", "json")
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\\n\t'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _pairs(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+
+
+def event(logger: logging.Logger, what: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One event: `what` and its fields, e.g. event(log, "smtp", id=..., size=...)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s %s", what, _pairs(fields), extra={"event": what, "fields": fields})
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        head = f"ts={when}.{int(record.msecs):03d}Z level={record.levelname.lower()}"
+        if hasattr(record, "event"):
+            fields = _pairs(getattr(record, "fields", {}))
+            line = f"{head} logger={record.name} event={record.event} {fields}"
+        else:
+            line = f"{head} logger={record.name} msg={_quote(record.getMessage())}"
+        if record.exc_info:
+            line += " exc=" + _quote(self.formatException(record.exc_info))
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if hasattr(record, "event"):
+            out["event"] = record.event
+            out.update(getattr(record, "fields", {}))
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def setup(level: str, fmt: str) -> None:
+    """Log to stdout at `level` in `fmt`; called at start and again on reload."""
+    root = logging.getLogger()
+    if not any(getattr(h, "smtpcluster", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.smtpcluster = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    for ours in root.handlers:
+        if getattr(ours, "smtpcluster", False):
+            ours.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command line at INFO, AUTH credentials included: never that.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,0 +1,103 @@
+"""What systemd and an operator see of a node: sd_notify READY and WATCHDOG, SIGHUP
+reloads, and logs that carry envelope facts but never a body or a password."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+
+from smtpcluster.auth import hash_password
+from tests.integration.kvcluster import wait_for
+from tests.integration.sinks import Sink, sink_and_cluster
+from tests.integration.smtpnodes import SmtpCluster, running
+
+
+def test_node_tells_systemd_ready_and_pings_the_watchdog(tmp_path: Path) -> None:
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        cluster = SmtpCluster(tmp_path, n=1)
+        try:
+            # WATCHDOG_PID names the node itself only once it runs: left out, as
+            # systemd does when the service's main process is the one it started.
+            cluster.start("n1", {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+            seen: list[str] = []
+            while not ({"READY=1", "WATCHDOG=1"} <= set(seen)):
+                seen += sock.recv(4096).decode().split("\n")
+            assert any(f.startswith("STATUS=serving; leader n1") for f in seen), seen
+            popen = cluster.nodes["n1"].popen
+            assert popen is not None
+            popen.send_signal(signal.SIGTERM)
+            while "STOPPING=1" not in seen:
+                seen += sock.recv(4096).decode().split("\n")
+        finally:
+            cluster.stop_all()
+
+
+def _relays(cluster: SmtpCluster) -> int:
+    """The reply to a RCPT for an outside domain from 127.0.0.1 (a new session)."""
+    node = cluster.nodes["n1"]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+        s.ehlo("ops.test")
+        s.mail("a@example.org")
+        return s.rcpt("someone@outside.example")[0]
+
+
+def test_sighup_applies_relay_networks_and_refuses_an_invalid_file(tmp_path: Path) -> None:
+    cluster = SmtpCluster(tmp_path, n=1, relay_networks='"10.0.0.0/8"')
+    config = cluster.nodes["n1"].config
+    with running(cluster):
+        popen = cluster.nodes["n1"].popen
+        assert popen is not None
+        log = tmp_path / "n1.log"
+        assert _relays(cluster) == 554
+
+        text = config.read_text()
+        config.write_text(text.replace('"10.0.0.0/8"', '"127.0.0.0/8"'))
+        popen.send_signal(signal.SIGHUP)
+        wait_for("the reload", lambda: "reloaded" in log.read_text(), 30)
+        assert _relays(cluster) == 250
+
+        config.write_text(text.replace('"10.0.0.0/8"', '"not-a-network"'))
+        popen.send_signal(signal.SIGHUP)
+        wait_for("the refusal", lambda: "reload refused" in log.read_text(), 30)
+        assert "relay_networks[0]" in log.read_text()  # it names the key
+        assert _relays(cluster) == 250  # the running configuration stayed
+        assert popen.poll() is None
+
+
+def test_logs_carry_envelope_facts_and_never_a_body_or_a_password(tmp_path: Path) -> None:
+    marker = "body-" + os.urandom(8).hex()
+    password = "pw-" + os.urandom(8).hex()
+    sink = Sink()
+    cluster_dir = tmp_path / "c"
+    cluster_dir.mkdir()
+    with sink_and_cluster(cluster_dir, sink, submission=True) as cluster:
+        users = cluster_dir / "users"
+        users.write_text(users.read_text() + hash_password("bob", password) + "\n")
+        node = cluster.nodes["n1"]
+        popen = node.popen
+        assert popen is not None
+        popen.send_signal(signal.SIGHUP)  # the new user, by a reload
+        wait_for("the reload", lambda: "reloaded" in (cluster_dir / "n1.log").read_text(), 30)
+        with smtplib.SMTP(node.host, node.submission_port, timeout=30) as s:
+            s.starttls(context=ssl._create_unverified_context())
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.login("bob", password + "-wrong")
+            s.login("bob", password)
+            s.sendmail("bob@example.org", ["r@dest.example"], f"Subject: x\r\n\r\n{marker}\r\n")
+        wait_for("delivery", lambda: len(sink.received) == 1, 60)
+        assert marker.encode() in sink.received[0][1]
+    logs = "".join((cluster_dir / f"n{k}.log").read_text() for k in (1, 2, 3))
+    smtp = [line for line in logs.splitlines() if "event=smtp " in line]
+    assert len(smtp) == 1 and "rcpts=r@dest.example" in smtp[0] and "auth=bob" in smtp[0]
+    assert "event=delivery " in logs and "outcome=delivered" in logs
+    assert marker not in logs
+    assert password not in logs
