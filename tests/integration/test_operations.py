@@ -4,6 +4,7 @@ reloads, and logs that carry envelope facts but never a body or a password."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -101,3 +102,25 @@ def test_logs_carry_envelope_facts_and_never_a_body_or_a_password(tmp_path: Path
     assert "event=delivery " in logs and "outcome=delivered" in logs
     assert marker not in logs
     assert password not in logs
+
+
+def test_forced_recovery_from_one_survivors_data_directory(tmp_path: Path) -> None:
+    """docs/operations.md, "When a majority is lost": the survivor's data directory,
+    copied to the lost nodes' ids, makes a working cluster with the whole queue."""
+    cluster = SmtpCluster(tmp_path)  # deliveries parked: the mail stays queued
+    with running(cluster):
+        node = cluster.nodes["n2"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            for k in range(10):
+                s.sendmail("a@example.org", [f"r{k}@dest.example"], b"Subject: r\r\n\r\nx\r\n")
+        wait_for("n1 has it all", lambda: len(cluster.queued_ids("n1")) == 10, 30)
+    for lost in ("n2", "n3"):  # lost for good: replaced by copies of n1's state
+        shutil.rmtree(tmp_path / lost)
+        shutil.copytree(tmp_path / "n1", tmp_path / lost)
+    with running(cluster):
+        leader = cluster.leader()
+        for nid in cluster.nodes:
+            assert cluster.queued_rcpts(nid) == {f"r{k}@dest.example" for k in range(10)}
+        node = cluster.nodes[leader]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            assert s.sendmail("a@example.org", ["after@dest.example"], b"x\r\n") == {}

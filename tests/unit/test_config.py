@@ -78,6 +78,9 @@ def test_the_example_config_loads(tmp_path: pathlib.Path) -> None:
         (("[admin]", "[admin]\nport = 1"), "admin.port", "unknown key"),
         (('id = "node1"', "id = 7"), "node.id", "must be a str"),
         (("[smtp]", "[smtp]\nmax_errors = 0"), "smtp.max_errors", "at least 1"),
+        (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
+        (("[admin]", '[log]\nformat = "xml"\n[admin]'), "log.format", "'json'"),
+        (("[admin]", "[log]\ncolour = true\n[admin]"), "log.colour", "unknown key"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(
