@@ -124,16 +124,18 @@ class Worker:
         try:
             async with self.slots:
                 began = time.monotonic()
-                results = await self._attempt(mid, attempt, ks)
+                results, remote = await self._attempt(mid, attempt, ks)
             if results:
-                self._record(mid, attempt, results, time.monotonic() - began)
+                self._record(mid, attempt, results, remote, time.monotonic() - began)
                 await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))
         except Exception:
             log.exception("delivery of %s attempt %d failed unexpectedly", mid, attempt)
         finally:
             self.inflight.discard((mid, attempt))
 
-    def _record(self, mid: str, attempt: int, results: list[RcptResult], took: float) -> None:
+    def _record(
+        self, mid: str, attempt: int, results: list[RcptResult], remote: str, took: float
+    ) -> None:
         metrics = self.node.metrics
         metrics.delivery_seconds.observe(took)
         msg = self.node.machine.spool.messages.get(mid)
@@ -142,20 +144,22 @@ class Worker:
             logs.event(
                 log, "delivery", id=mid, attempt=attempt,
                 rcpt=f"<{msg.rcpts[r.rcpt].address}>" if msg else "?",
-                outcome=OUTCOME_LABELS[r.kind], reply=r.reply, took=f"{took:.3f}s",
+                outcome=OUTCOME_LABELS[r.kind], remote=remote, reply=r.reply,
+                took=f"{took:.3f}s",
             )  # fmt: skip
 
-    async def _attempt(self, mid: str, attempt: int, ks: list[int]) -> list[RcptResult]:
+    async def _attempt(self, mid: str, attempt: int, ks: list[int]) -> tuple[list[RcptResult], str]:
+        """The recipients' results, and the last host:port tried ("" for none)."""
         spool = self.node.machine.spool
         msg = spool.messages.get(mid)
         if msg is None:
-            return []
+            return [], ""
         try:
             targets = await self._targets(msg.rcpts[ks[0]].address)
         except Undeliverable as exc:
-            return [RcptResult(k, OutcomeKind.FAILED, str(exc)) for k in ks]
+            return [RcptResult(k, OutcomeKind.FAILED, str(exc)) for k in ks], ""
         except RouteTemporaryFailure as exc:
-            return self._defer(mid, ks, str(exc))
+            return self._defer(mid, ks, str(exc)), ""
         rcpts = {k: msg.rcpts[k].address for k in ks}
         body = spool.bodies.get(mid)
 
@@ -186,10 +190,11 @@ class Worker:
                 # settle: defer them, which is true either way.
                 log.info("fenced off: %s attempt %d, final dot withheld", mid, attempt)
                 if refused:
-                    return []
-                return self._defer(mid, ks, "4.4.0 final dot withheld: fence not confirmed")
-            return self._results(mid, ks, t)
-        return self._defer(mid, ks, error)
+                    return [], str(target)
+                why = "4.4.0 final dot withheld: fence not confirmed"
+                return self._defer(mid, ks, why), str(target)
+            return self._results(mid, ks, t), str(target)
+        return self._defer(mid, ks, error), str(targets[-1]) if targets else ""
 
     async def _targets(self, address: str) -> list[Address]:
         delivery = self.node.cfg.delivery

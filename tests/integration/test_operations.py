@@ -99,7 +99,7 @@ def test_logs_carry_envelope_facts_and_never_a_body_or_a_password(tmp_path: Path
     logs = "".join((cluster_dir / f"n{k}.log").read_text() for k in (1, 2, 3))
     smtp = [line for line in logs.splitlines() if "event=smtp " in line]
     assert len(smtp) == 1 and "rcpts=r@dest.example" in smtp[0] and "auth=bob" in smtp[0]
-    assert "event=delivery " in logs and "outcome=delivered" in logs
+    assert "event=delivery " in logs and "outcome=delivered remote=127.0.0.1:" in logs
     assert marker not in logs
     assert password not in logs
 
