@@ -12,6 +12,7 @@ Departures from the paper are listed in docs/raft-divergences.md.
 from __future__ import annotations
 
 import enum
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,6 +45,8 @@ from raft.types import (
     SnapshotMeta,
     TimeoutNow,
 )
+
+_log = logging.getLogger(__name__)  # not self.log, the Raft log
 
 
 class Role(enum.Enum):
@@ -385,6 +388,9 @@ class Raft:
         self._reset(self.term)
         self.role = Role.LEADER
         self.lead = self.id
+        # One line per leadership, in every node's log: the chaos checker reads these
+        # to prove Election Safety (at most one leader per term) from the outside.
+        _log.info("raft: %s became leader in term %d", self.id, self.term)
         self._sync_progress()
         # A no-op of the new term lets the leader commit what earlier terms left (§5.4.2).
         self.log.append([Entry(self.term, self.log.last_index() + 1, EntryKind.NOOP)])

@@ -128,6 +128,8 @@ class RaftNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._applied_events: list[asyncio.Event] = []
         self.on_fsync: Callable[[float], None] = lambda seconds: None  # for metrics
+        # How a Ready is persisted: the storage's save, which a test may wrap (a slow disk).
+        self.persist: Callable[[Ready], None] = self.storage.save
         self.last_heard: dict[NodeId, float] = {}  # peer -> monotonic time of its last frame
         self.stopped = False
 
@@ -451,10 +453,10 @@ class RaftNode:
                 early = self._send_early(rd)
                 if rd.must_sync():
                     began = time.monotonic()
-                    await loop.run_in_executor(None, self.storage.save, rd)
+                    await loop.run_in_executor(None, self.persist, rd)
                     self.on_fsync(time.monotonic() - began)
                 elif rd.hard_state is not None:
-                    self.storage.save(rd)  # a commit index only: written, not fsynced
+                    self.persist(rd)  # a commit index only: written, not fsynced
                 self._handle(rd, early)
                 self._flush_proposals()  # what arrived during the fsync: the next batch
 

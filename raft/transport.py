@@ -151,6 +151,8 @@ class Transport:
     ) -> None:
         self.me = me
         self.listen = listen
+        wildcard = listen.host in ("", "0.0.0.0", "::")
+        self._source = None if wildcard else (listen.host, 0)
         self._key = key
         self._on_frame = on_frame
         self._limit = queue_limit
@@ -213,7 +215,11 @@ class Transport:
         while True:
             writer = None
             try:
-                reader, writer = await asyncio.open_connection(peer.addr.host, peer.addr.port)
+                # From our own listen address: peers (and firewalls) see the address
+                # the cluster knows this node by, not whatever the route picks.
+                reader, writer = await asyncio.open_connection(
+                    peer.addr.host, peer.addr.port, local_addr=self._source
+                )
                 session = await asyncio.wait_for(
                     client_handshake(reader, writer, self._key, self.me), HANDSHAKE_TIMEOUT
                 )

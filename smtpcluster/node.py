@@ -28,6 +28,7 @@ from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
 from smtpcluster.sdnotify import Notifier
+from smtpcluster.testhooks import TestHooks
 from smtpcluster.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class Node:
         self.frontends_up = False
         self.metrics = Metrics(self)  # last: its registry reads the node's state at once
         self.raft.on_fsync = self.metrics.fsync_seconds.observe
+        self.hooks = TestHooks.from_env()
+        self._planted: set[asyncio.Future[bytes]] = set()  # early_250's proposals
+        self.raft.persist = self.hooks.slow_disk(self.raft.persist)
 
     @property
     def spool(self) -> Spool:
@@ -97,6 +101,11 @@ class Node:
         """
         began = time.monotonic()
         data = codec.encode(cmd)
+        if self.hooks.early_250:  # a planted bug: see smtpcluster/testhooks.py
+            task = asyncio.get_running_loop().create_task(self.raft.propose(data, timeout))
+            self._planted.add(task)
+            task.add_done_callback(_forget(self._planted))
+            return True
         unsettled = False  # an attempt reached a leader and its fate is not known
         while True:
             waited = time.monotonic() - began
@@ -228,6 +237,15 @@ class Node:
             s.close()
         await admin.stop(self)
         await self.raft.stop()
+
+
+def _forget(tasks: set[asyncio.Future[bytes]]) -> Callable[[asyncio.Future[bytes]], None]:
+    def done(task: asyncio.Future[bytes]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an early_250 proposal may fail, unnoticed
+
+    return done
 
 
 def _status(node: Node, joined: bool) -> str:

@@ -1,0 +1,65 @@
+"""Faults the chaos harness injects into a node, and the bugs it must be able to see.
+
+Off unless the environment names them; no config key turns them on.
+
+SMTPCLUSTER_TEST_FSYNC_DELAY_FILE  a file holding a number of milliseconds: every
+    fsync of the Raft log first sleeps that long (a slow disk); the harness rewrites
+    the file to start and end the fault.
+SMTPCLUSTER_TEST_BUGS  comma-separated bugs, to prove the harness has teeth:
+    "skip_fence"  the worker sends the final dot without committing BeginDot;
+    "early_250"   the front end answers 250 before its Accept is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from raft.types import Ready
+
+BUGS = ("skip_fence", "early_250")
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    bugs: frozenset[str] = frozenset()
+    fsync_delay_file: str = ""
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> TestHooks:
+        env = os.environ if env is None else env
+        bugs = frozenset(b for b in env.get("SMTPCLUSTER_TEST_BUGS", "").split(",") if b)
+        if unknown := bugs - set(BUGS):
+            raise ValueError(f"SMTPCLUSTER_TEST_BUGS: unknown {sorted(unknown)}")
+        return TestHooks(bugs, env.get("SMTPCLUSTER_TEST_FSYNC_DELAY_FILE", ""))
+
+    @property
+    def skip_fence(self) -> bool:
+        return "skip_fence" in self.bugs
+
+    @property
+    def early_250(self) -> bool:
+        return "early_250" in self.bugs
+
+    def slow_disk(self, save: Callable[[Ready], None]) -> Callable[[Ready], None]:
+        """`save` (a storage's), delayed before each fsync as the delay file says."""
+        if not self.fsync_delay_file:
+            return save
+        path = self.fsync_delay_file
+
+        def delayed(rd: Ready) -> None:
+            if rd.must_sync():
+                time.sleep(_delay_ms(path) / 1000)  # in the fsync thread, as a disk would
+            save(rd)
+
+        return delayed
+
+
+def _delay_ms(path: str) -> float:
+    try:
+        with open(path, encoding="ascii") as f:
+            return max(0.0, float(f.read().strip() or 0))
+    except (OSError, ValueError):
+        return 0.0

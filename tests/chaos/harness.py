@@ -1,0 +1,268 @@
+"""The chaos harness: a real 3-node cluster on 127.0.0.1-3, clients sending to random
+nodes, a counting sink, and a schedule of faults from a seed; then the checker.
+
+    scripts/chaos --seed 7 --duration 120          # the CI run is tests/chaos/test_harness.py
+    scripts/chaos --seed 1 --duration 1800         # the soak (docs/reliability.md)
+
+Faults come one at a time: inject, hold, heal, then wait until the cluster is
+healthy again (an agreed leader that answers a probe message with 250), which must
+take at most `heal_limit_s`. Exits 1 on any violation, naming the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import smtplib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+from smtpcluster.admin_client import AdminClient
+from tests.chaos.checker import Report, check_deliveries, check_leaders
+from tests.chaos.load import CountingSink, Load
+from tests.chaos.nft import Partitions, PartitionsUnavailable
+from tests.chaos.schedule import KINDS, Fault, plan
+from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.smtpnodes import SmtpCluster
+
+
+@dataclass
+class Options:
+    seed: int
+    duration_s: float
+    root: Path
+    fault_every_s: float = 10.0
+    sessions: int = 16
+    rate: float = 100.0  # messages/s offered, all clients together
+    kinds: tuple[str, ...] = KINDS
+    bugs: tuple[str, ...] = ()  # planted bugs (smtpcluster/testhooks.py)
+    hold_s: float | None = None  # every fault held this long, instead of the plan's
+    heal_limit_s: float = 30.0
+    drain_limit_s: float = 300.0
+    log: list[str] = field(default_factory=list)
+
+
+class Harness:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.sink = CountingSink()
+        sink_port = free_port("127.0.0.1")
+        self.controller = Controller(self.sink, hostname="127.0.0.1", port=sink_port)
+        self.cluster = SmtpCluster(opts.root, smarthost=f"127.0.0.1:{sink_port}")
+        self.report = Report(opts.seed)
+        self.probes: set[str] = set()
+        self.joiners = 0
+        try:
+            self.partitions: Partitions | None = Partitions()
+        except PartitionsUnavailable as exc:
+            self.partitions = None
+            self.say(f"partitions skipped: {exc}")
+        self.load = Load(self._smtp_addresses, opts.seed, opts.sessions, opts.rate)
+
+    def say(self, text: str) -> None:
+        line = f"[chaos {time.strftime('%H:%M:%S')}] {text}"
+        self.opts.log.append(line)
+        print(line, flush=True)
+
+    def _smtp_addresses(self) -> list[tuple[str, int]]:
+        return [(n.host, n.smtp_port) for n in self.cluster.nodes.values() if n.popen]
+
+    def _env(self, nid: str) -> dict[str, str]:
+        return {
+            "SMTPCLUSTER_TEST_FSYNC_DELAY_FILE": str(self.opts.root / f"{nid}.fsync-delay"),
+            "SMTPCLUSTER_TEST_BUGS": ",".join(self.opts.bugs),
+        }
+
+    def start(self, nid: str) -> None:
+        self.cluster.start(nid, self._env(nid))
+
+    def run(self) -> Report:
+        opts = self.opts
+        self.controller.start()
+        try:
+            for nid in self.cluster.nodes:
+                self.start(nid)
+            self.cluster.leader()
+            began = time.monotonic()
+            self.load.start()
+            self._faults(began + opts.duration_s)
+            self.load.finish()
+            self.report.max_unavailable_s = self.load.max_gap(began)
+            self.report.longest_wait_s = self.load.longest_wait
+            self._drain_and_check()
+        except Exception as exc:  # the harness itself failed: a violation, with its seed
+            self.report.violations.append(f"harness: {type(exc).__name__}: {exc}")
+        finally:
+            self.load.finish()
+            if self.partitions is not None:
+                self.partitions.close()
+            self.cluster.stop_all()
+            self.controller.stop()
+        check_leaders(self.report, sorted(opts.root.glob("*.log")))
+        return self.report
+
+    def _faults(self, until: float) -> None:
+        count = int(self.opts.duration_s / self.opts.fault_every_s) + 1
+        for planned in plan(self.opts.seed, count, self.opts.kinds):
+            slot = time.monotonic() + self.opts.fault_every_s
+            if slot - self.opts.fault_every_s >= until:
+                return
+            hold = planned.hold_s if self.opts.hold_s is None else self.opts.hold_s
+            fault = Fault(planned.kind, planned.pick, hold, planned.delay_ms)
+            self.say(f"fault {fault.kind} (hold {fault.hold_s:.1f} s)")
+            self.inject(fault)
+            self.report.faults[fault.kind] += 1
+            took = self.wait_healthy()
+            self.report.healthy_after_last_fault_s = took
+            self.say(f"healthy again in {took:.1f} s")
+            time.sleep(max(0.0, min(slot, until) - time.monotonic()))
+
+    def _voters(self) -> list[str]:
+        return sorted(n for n in self.cluster.live() if not n.startswith("j"))
+
+    def _target(self, fault: Fault) -> str:
+        if fault.kind.endswith("_leader"):
+            return self.cluster.leader()
+        voters = self._voters()
+        return voters[fault.pick % len(voters)]
+
+    def inject(self, fault: Fault) -> None:
+        kind = fault.kind.removesuffix("_leader")
+        if kind == "partition" and self.partitions is None:
+            kind = "pause"  # the nearest fault this machine allows
+        if kind == "restart_all":
+            return self._restart_all(fault.hold_s)
+        if kind == "membership":
+            return self._membership(fault.hold_s)
+        nid = self._target(fault)
+        node = self.cluster.nodes[nid]
+        if kind == "kill9":
+            self.cluster.kill(nid)
+            time.sleep(fault.hold_s)
+            self.start(nid)
+        elif kind == "pause":
+            assert node.popen is not None
+            node.popen.send_signal(signal.SIGSTOP)
+            time.sleep(fault.hold_s)
+            node.popen.send_signal(signal.SIGCONT)
+        elif kind == "partition":
+            assert self.partitions is not None
+            others = [(n.host, n.raft_port) for i, n in self.cluster.nodes.items() if i != nid]
+            self.partitions.isolate(node.host, node.raft_port, others)
+            time.sleep(fault.hold_s)
+            self.partitions.heal()
+        elif kind == "slow_disk":
+            delay = self.opts.root / f"{nid}.fsync-delay"
+            delay.write_text(str(fault.delay_ms))
+            time.sleep(fault.hold_s)
+            delay.write_text("0")
+
+    def _restart_all(self, hold_s: float) -> None:
+        live = self.cluster.live()
+        for nid in live:
+            self.cluster.kill(nid)
+        time.sleep(hold_s)
+        for nid in live:
+            self.start(nid)
+
+    def _membership(self, hold_s: float) -> None:
+        """A fourth node joins (learner, catch-up, voter) under load, then leaves."""
+        self.joiners += 1
+        jid = f"j{self.joiners}"
+        node = self.cluster.add_joiner(jid, "127.0.0.4")
+        self.start(jid)
+        admin = self._admin(self._voters()[0])
+        admin.post("/v1/cluster/join", {"id": jid, "address": f"{node.host}:{node.raft_port}"})
+        time.sleep(hold_s)
+        self._admin(self._voters()[0]).post("/v1/cluster/leave", {"id": jid, "address": ""})
+        self.cluster.kill(jid, signal.SIGTERM)
+        del self.cluster.nodes[jid]
+        shutil.rmtree(self.opts.root / jid, ignore_errors=True)
+
+    def _admin(self, nid: str) -> AdminClient:
+        node = self.cluster.nodes[nid]
+        return AdminClient(f"http://{node.host}:{node.admin_port}", self.cluster.token)
+
+    def wait_healthy(self) -> float:
+        """Seconds until an agreed leader answers a probe message with 250."""
+        began = time.monotonic()
+        deadline = began + self.opts.heal_limit_s
+        while time.monotonic() < deadline:
+            try:
+                leader = self.cluster.leader()
+                node = self.cluster.nodes[leader]
+                rcpt = f"probe{len(self.probes)}@dest.example"
+                with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+                    s.sendmail("probe@example.org", [rcpt], b"Subject: probe\r\n\r\nprobe\r\n")
+                self.probes.add(rcpt)
+                return time.monotonic() - began
+            except (AssertionError, OSError, smtplib.SMTPException):
+                time.sleep(0.5)
+        took = time.monotonic() - began
+        self.report.violations.append(f"not healthy {took:.0f} s after a fault")
+        return took
+
+    def _drain_and_check(self) -> None:
+        load, report = self.load, self.report
+        accepted = set(load.accepted) | self.probes
+
+        def settled() -> bool:  # all delivered, or nothing left that could be
+            if accepted <= set(self.sink.counts):
+                return True
+            return self._stats(self.cluster.leader())["messages"] == 0
+
+        try:
+            wait_for("every 250 delivered or the spool empty", settled, self.opts.drain_limit_s)
+            leader = self.cluster.leader()
+            empty = lambda: self._stats(leader)["messages"] == 0  # noqa: E731
+            wait_for("the spool to empty", empty, self.opts.drain_limit_s)
+        except AssertionError as exc:
+            self.say(f"not drained: {exc}")
+        leader = self.cluster.leader()
+        report.uncertain = int(self._stats(leader)["uncertain_total"])
+        report.sent = load.sent + len(self.probes)
+        report.accepted, report.refused = len(accepted), len(load.refused)
+        report.unknown = len(load.unknown)
+        offered = accepted | set(load.refused) | load.unknown
+        check_deliveries(report, accepted, set(load.refused), offered, self.sink.counts)
+
+    def _stats(self, nid: str) -> dict[str, int]:
+        stats: dict[str, int] = self.cluster.admin(nid, "/v1/queue-stats")
+        return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
+    p.add_argument("--duration", type=float, default=120, help="seconds of faults and load")
+    p.add_argument("--fault-every", type=float, default=10.0, help="seconds between faults")
+    p.add_argument("--rate", type=float, default=100.0, help="messages/s offered")
+    p.add_argument("--kinds", default=",".join(KINDS), help="fault kinds, comma-separated")
+    p.add_argument("--bug", action="append", default=[], help="plant a bug (teeth check)")
+    p.add_argument("--keep", action="store_true", help="keep the nodes' logs and data")
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix=f"chaos-{args.seed}-"))
+    opts = Options(
+        args.seed, args.duration, root, fault_every_s=args.fault_every, rate=args.rate,
+        kinds=tuple(args.kinds.split(",")), bugs=tuple(args.bug),
+    )  # fmt: skip
+    report = Harness(opts).run()
+    print(report.table())
+    if not args.keep and not report.violations:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"logs and data kept in {root}")
+    if report.violations:
+        print(f"FAILED: seed {args.seed}: rerun with scripts/chaos --seed {args.seed}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

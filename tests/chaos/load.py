@@ -1,0 +1,128 @@
+"""The outside of the cluster: clients that send uniquely addressed messages to random
+nodes and record each reply, and a sink that counts every final dot it answers.
+
+A message's recipient is its id (m<N>@dest.example). A client that cannot connect
+tries the next node, as an MTA tries its next MX, and offers the same message again
+later if none answers; a reply is recorded as 250, refused (4xx/5xx), or unknown (the
+connection died with the transaction open: either fate is allowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import random
+import smtplib
+import threading
+import time
+from collections.abc import Callable
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+GREETING_S = 2.0
+TRANSACTION_S = 60.0
+
+
+class CountingSink:
+    """aiosmtpd handler: how many times each recipient's message reached its final
+    dot. It answers after `delay_s`, as a remote MTA does: deliveries stay in flight
+    long enough for faults to catch them between the dot and the recorded outcome."""
+
+    def __init__(self, delay_s: float = 0.05) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+        self.delay_s = delay_s
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self.lock:
+            self.counts.update(envelope.rcpt_tos)
+        await asyncio.sleep(self.delay_s)
+        return "250 2.0.0 Ok: counted"
+
+
+class Load:
+    def __init__(
+        self, nodes: Callable[[], list[tuple[str, int]]], seed: int, sessions: int, rate: float
+    ) -> None:
+        self.nodes = nodes  # the SMTP addresses of the nodes a client may try, now
+        self.seed, self.sessions, self.rate = seed, sessions, rate
+        self.accepted: dict[str, float] = {}  # rcpt -> when the 250 came
+        self.refused: dict[str, int] = {}  # rcpt -> the reply code
+        self.unknown: set[str] = set()
+        self.sent = 0
+        self.longest_wait = 0.0  # the slowest reply to a final dot a client waited for
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self._next = iter(range(1 << 62))
+        self.threads = [
+            threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(sessions)
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def _client(self, k: int) -> None:
+        rng = random.Random(self.seed * 1000 + k)
+        pause = self.sessions / self.rate
+        while not self.stop.is_set():
+            with self.lock:
+                n = next(self._next)
+                self.sent += 1
+            rcpt = f"m{n}@dest.example"
+            while not self.stop.is_set() and not self._offer(rng, rcpt):
+                time.sleep(0.2)  # no node answered: offer it again, like a queued MTA
+            time.sleep(pause * rng.uniform(0.5, 1.5))
+
+    def _offer(self, rng: random.Random, rcpt: str) -> bool:
+        """True once a node took the transaction (whatever its outcome)."""
+        nodes = self.nodes()
+        rng.shuffle(nodes)
+        for host, port in nodes:
+            # A node that does not greet within GREETING_S is passed over, as an MTA
+            # passes over an MX that does not answer (a paused node still accepts TCP).
+            s = smtplib.SMTP(timeout=GREETING_S)
+            try:
+                s.connect(host, port)
+            except OSError:
+                s.close()
+                continue
+            s.timeout = TRANSACTION_S
+            if s.sock is not None:
+                s.sock.settimeout(TRANSACTION_S)
+            self._transact(s, rcpt)
+            return True
+        return False
+
+    def _transact(self, s: smtplib.SMTP, rcpt: str) -> None:
+        began = time.monotonic()
+        try:
+            with s:
+                s.sendmail("load@example.org", [rcpt], b"Subject: chaos\r\n\r\n" + rcpt.encode())
+        except smtplib.SMTPRecipientsRefused as exc:
+            self._record(self.refused, rcpt, next(iter(exc.recipients.values()))[0])
+        except smtplib.SMTPResponseException as exc:
+            self._record(self.refused, rcpt, exc.smtp_code)
+        except (OSError, smtplib.SMTPException):
+            with self.lock:
+                self.unknown.add(rcpt)
+        else:
+            self._record(self.accepted, rcpt, time.monotonic())
+        with self.lock:
+            self.longest_wait = max(self.longest_wait, time.monotonic() - began)
+
+    def _record(self, where: dict[str, float] | dict[str, int], rcpt: str, value: float) -> None:
+        with self.lock:
+            where[rcpt] = value  # type: ignore[assignment]
+
+    def max_gap(self, since: float) -> float:
+        """The longest time no client got a 250 (the unavailability clients saw)."""
+        with self.lock:
+            times = sorted(t for t in self.accepted.values() if t >= since)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
