@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpcluster.auth import hash_password
+from smtpcluster.auth import Users, hash_password
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "smtpcluster.service"
@@ -78,3 +78,16 @@ def test_cluster_init_makes_a_verifying_ca_and_private_secrets(tmp_path: Path) -
     assert out.returncode == 0, out.stderr
     again = _cli("cluster", "init", "--dir", str(etc), "--hostname", "x", "node1=127.0.0.1")
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+
+
+def test_hash_password_prints_a_users_file_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*CLI, "hash-password", "app1"], input="s3cret-pass\n", capture_output=True,
+        text=True, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "s3cret-pass" not in out.stdout
+    users = tmp_path / "users"
+    users.write_text(out.stdout)
+    loaded = Users.load(str(users))
+    assert loaded.verify("app1", "s3cret-pass") and not loaded.verify("app1", "wrong")
