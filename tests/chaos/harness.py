@@ -43,6 +43,7 @@ class Options:
     kinds: tuple[str, ...] = KINDS
     bugs: tuple[str, ...] = ()  # planted bugs (smtpcluster/testhooks.py)
     hold_s: float | None = None  # every fault held this long, instead of the plan's
+    faults: int | None = None  # exactly this many faults, however long they take
     heal_limit_s: float = 30.0
     drain_limit_s: float = 300.0
     log: list[str] = field(default_factory=list)
@@ -108,10 +109,12 @@ class Harness:
         return self.report
 
     def _faults(self, until: float) -> None:
-        count = int(self.opts.duration_s / self.opts.fault_every_s) + 1
+        """Until `until`, or until `faults` faults when that is given: a fault and its
+        heal may outlast their slot, so a duration alone does not fix their number."""
+        count = self.opts.faults or int(self.opts.duration_s / self.opts.fault_every_s) + 1
         for planned in plan(self.opts.seed, count, self.opts.kinds):
             slot = time.monotonic() + self.opts.fault_every_s
-            if slot - self.opts.fault_every_s >= until:
+            if self.opts.faults is None and time.monotonic() >= until:
                 return
             hold = planned.hold_s if self.opts.hold_s is None else self.opts.hold_s
             fault = Fault(planned.kind, planned.pick, hold, planned.delay_ms)
@@ -121,7 +124,7 @@ class Harness:
             took = self.wait_healthy()
             self.report.healthy_after_last_fault_s = took
             self.say(f"healthy again in {took:.1f} s")
-            time.sleep(max(0.0, min(slot, until) - time.monotonic()))
+            time.sleep(max(0.0, slot - time.monotonic()))
 
     def _voters(self) -> list[str]:
         return sorted(n for n in self.cluster.live() if not n.startswith("j"))

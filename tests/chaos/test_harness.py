@@ -22,16 +22,17 @@ def _partitions_possible() -> bool:
 
 @pytest.mark.parametrize("seed", [11, 12])
 def test_no_violation_through_a_seeded_schedule_of_faults(seed: int, tmp_path: Path) -> None:
-    report = Harness(Options(seed, 40, tmp_path, fault_every_s=5)).run()
+    report = Harness(Options(seed, 0, tmp_path, fault_every_s=5, faults=8)).run()
     print(report.table())
     assert report.violations == [], report.table()
-    assert report.accepted > 1000 and sum(report.faults.values()) >= 7
+    assert sum(report.faults.values()) == 8, report.table()
+    assert report.accepted > 500, report.table()  # the faults met a real load
 
 
 def test_the_harness_sees_a_250_before_commit(tmp_path: Path) -> None:
     opts = Options(
-        21, 20, tmp_path, fault_every_s=5, kinds=("kill9_leader", "partition_leader"),
-        bugs=("early_250",), drain_limit_s=30,
+        21, 0, tmp_path, fault_every_s=5, kinds=("kill9_leader", "partition_leader"),
+        bugs=("early_250",), drain_limit_s=30, faults=4,
     )  # fmt: skip
     report = Harness(opts).run()
     assert any("never delivered" in v for v in report.violations), report.table()
@@ -42,8 +43,8 @@ def test_the_harness_sees_a_final_dot_without_its_fence(tmp_path: Path) -> None:
     # Cut off longer than the down detection (5 s): the leader hands the node's work
     # to others while it, unfenced, still sends the final dots it holds.
     opts = Options(
-        22, 10, tmp_path, fault_every_s=10, kinds=("partition",), hold_s=8,
-        bugs=("skip_fence",), drain_limit_s=30,
+        22, 0, tmp_path, fault_every_s=10, kinds=("partition",), hold_s=8,
+        bugs=("skip_fence",), drain_limit_s=30, faults=1,
     )  # fmt: skip
     report = Harness(opts).run()
     assert any("duplicates but only" in v for v in report.violations), report.table()

@@ -113,11 +113,12 @@ class SmtpCluster:
     def start(self, nid: str, env: dict[str, str] | None = None) -> None:
         """Start a node; `env` adds to the environment it inherits."""
         node = self.nodes[nid]
-        log = open(self.root / f"{nid}.log", "ab")  # noqa: SIM115 - closed with the process
-        node.popen = subprocess.Popen(
-            [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config", str(node.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        with open(self.root / f"{nid}.log", "ab") as log:  # the child keeps its own copy
+            node.popen = subprocess.Popen(
+                [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config",
+                 str(node.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )  # fmt: skip
         wait_for(f"{nid}'s admin API", lambda: self.status(nid))
 
     def start_all(self) -> None:
