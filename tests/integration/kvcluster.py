@@ -95,8 +95,8 @@ class KVCluster:
             args += [f"--{k}", str(v)]
         if join:
             args.append("--join")
-        log = open(self.root / f"{nid}.log", "ab")  # noqa: SIM115 - closed with the process
-        p.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.root / f"{nid}.log", "ab") as log:  # the child keeps its own copy
+            p.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_for(f"{nid} to listen", lambda: self.call(nid, {"op": "status"}).get("ok"))
 
     def start_all(self) -> None:
