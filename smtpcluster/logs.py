@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -18,9 +19,12 @@ FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error")
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\\\n\t'):
+    if text and not _NEEDS_QUOTES.search(text):
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -32,7 +36,9 @@ def _pairs(fields: dict[str, Any]) -> str:
 def event(logger: logging.Logger, what: str, level: int = logging.INFO, **fields: Any) -> None:
     """One event: `what` and its fields, e.g. event(log, "smtp", id=..., size=...)."""
     if logger.isEnabledFor(level):
-        logger.log(level, "%s %s", what, _pairs(fields), extra={"event": what, "fields": fields})
+        pairs = _pairs(fields)  # once, on the serving path: the text formatter reuses it
+        extra = {"event": what, "fields": fields, "pairs": pairs}
+        logger.log(level, "%s %s", what, pairs, extra=extra)
 
 
 class TextFormatter(logging.Formatter):
@@ -40,8 +46,8 @@ class TextFormatter(logging.Formatter):
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         head = f"ts={when}.{int(record.msecs):03d}Z level={record.levelname.lower()}"
         if hasattr(record, "event"):
-            fields = _pairs(getattr(record, "fields", {}))
-            line = f"{head} logger={record.name} event={record.event} {fields}"
+            pairs = getattr(record, "pairs", "")
+            line = f"{head} logger={record.name} event={record.event} {pairs}"
         else:
             line = f"{head} logger={record.name} msg={_quote(record.getMessage())}"
         if record.exc_info:
