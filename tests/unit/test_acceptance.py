@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+from collections.abc import Iterator
 
 import pytest
 
+from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import encode_result
 from mailqueue.spool import Applied
@@ -30,11 +32,25 @@ token_file = "{d}/token"
 ACCEPT = Accept(1, "m1", "a@example.org", ("u@x.example",), b"body", "n1")
 
 
-def node(tmp_path: pathlib.Path, outcomes: list[BaseException | None]) -> Node:
+@pytest.fixture
+def made(tmp_path: pathlib.Path) -> Iterator[list[Node]]:
+    """The nodes a test made, closed after it: never started, they still opened their
+    log and body files."""
+    nodes: list[Node] = []
+    yield nodes
+    for n in nodes:
+        n.raft.storage.close()
+        bodies = n.machine.spool.bodies
+        if isinstance(bodies, DiskBodies):
+            bodies.close()
+
+
+def node(made: list[Node], tmp_path: pathlib.Path, outcomes: list[BaseException | None]) -> Node:
     (tmp_path / "key").write_text("k" * 32)
     (tmp_path / "token").write_text("t" * 32)
     (tmp_path / "n1.toml").write_text(CONFIG.format(d=tmp_path))
     n = Node(load(str(tmp_path / "n1.toml")))
+    made.append(n)
     script = iter(outcomes)
 
     async def propose(data: bytes, timeout: float = 10.0) -> bytes:
@@ -49,32 +65,36 @@ def node(tmp_path: pathlib.Path, outcomes: list[BaseException | None]) -> Node:
     return n
 
 
-def test_refusals_before_any_leader_saw_it_end_in_451(tmp_path: pathlib.Path) -> None:
-    n = node(tmp_path, [NoLeader("none")] * 1000)
+def test_refusals_before_any_leader_saw_it_end_in_451(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    n = node(made, tmp_path, [NoLeader("none")] * 1000)
     with pytest.raises(TimeoutError):
         asyncio.run(n.submit(ACCEPT, timeout=0.2, hard_cap=5))
     assert n.fate_unknown == 0
 
 
 def test_an_unsettled_attempt_keeps_the_client_waiting_past_the_timeout(
+    made: list[Node],
     tmp_path: pathlib.Path,
 ) -> None:
     # The first attempt reached a leader and timed out; no leader for a while (longer
     # than the timeout); then the same Accept goes through: 250, not 451.
     outcomes: list[BaseException | None] = [TimeoutError(), *[NoLeader("none")] * 10]
-    n = node(tmp_path, outcomes)
+    n = node(made, tmp_path, outcomes)
     assert asyncio.run(n.submit(ACCEPT, timeout=0.1, hard_cap=5)) is True
 
 
-def test_a_lost_proposal_is_proposed_again(tmp_path: pathlib.Path) -> None:
-    n = node(tmp_path, [ProposalLost("overwritten"), ProposalLost("again")])
+def test_a_lost_proposal_is_proposed_again(made: list[Node], tmp_path: pathlib.Path) -> None:
+    n = node(made, tmp_path, [ProposalLost("overwritten"), ProposalLost("again")])
     assert asyncio.run(n.submit(ACCEPT, timeout=5)) is True
 
 
 def test_an_attempt_never_settled_gives_up_at_the_hard_cap_and_says_so(
+    made: list[Node],
     tmp_path: pathlib.Path,
 ) -> None:
-    n = node(tmp_path, [TimeoutError()] * 1000)
+    n = node(made, tmp_path, [TimeoutError()] * 1000)
     with pytest.raises(TimeoutError):
         asyncio.run(n.submit(ACCEPT, timeout=0.05, hard_cap=0.3))
     assert n.fate_unknown == 1
