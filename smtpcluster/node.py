@@ -80,6 +80,9 @@ class Node:
         self.metrics = Metrics(self)  # last: its registry reads the node's state at once
         self.raft.on_fsync = self.metrics.fsync_seconds.observe
         self.hooks = TestHooks.from_env()
+        if self.hooks.bugs:
+            log.critical("PLANTED TEST BUGS %s: this node breaks its own guarantees; for "
+                         "the chaos harness only", sorted(self.hooks.bugs))  # fmt: skip
         self._planted: set[asyncio.Future[bytes]] = set()  # early_250's proposals
         self.raft.persist = self.hooks.slow_disk(self.raft.persist)
 
@@ -298,9 +301,9 @@ async def serve(cfg: Config) -> None:
     await stop.wait()
     notify.send("STOPPING=1", "STATUS=draining")
     log.info("node %s: signal received, draining", cfg.node.id)
-    watchdog.cancel()  # a drain is bounded by TimeoutStopSec, not by the watchdog
     try:
-        await node.drain()
+        await node.drain()  # the watchdog keeps pinging: a wedged drain is killed too
     finally:
+        watchdog.cancel()
         with contextlib.suppress(Exception):
             await node.stop()
