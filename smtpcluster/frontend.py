@@ -104,7 +104,7 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
         """aiosmtpd's authenticator for PLAIN and LOGIN (only ever after STARTTLS)."""
-        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        peer = _peer(session)
         if self.users is None or not isinstance(data, LoginPassword):
             return AuthResult(success=False, handled=False)
         name = data.login.decode("utf-8", "replace")
@@ -138,7 +138,7 @@ class Handler:
     ) -> str:  # fmt: skip
         if len(envelope.rcpt_tos) >= self.cfg.max_recipients:
             return "452 4.5.3 Too many recipients"
-        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        peer = _peer(session)
         if not self.policy.may_relay(peer, bool(session.authenticated), address):
             self.refused += 1
             log.warning("relaying denied: peer=%s rcpt=<%s>", peer, address)
@@ -164,15 +164,17 @@ class Handler:
         except TimeoutError:
             reply = "451 4.3.0 Cluster unavailable, try again later"
         # One line per transaction, envelope facts only: never the body.
+        level = logging.INFO if reply.startswith("250") else logging.WARNING
         logs.event(
-            log, "smtp", id=message_id, sender=f"<{cmd.sender}>", rcpts=",".join(cmd.recipients),
-            size=len(body), peer=_peer(session), auth=_user(session),
-            tls=session.ssl is not None, reply=reply, took=f"{time.monotonic() - began:.3f}s",
+            log, "smtp", level, id=message_id, sender=f"<{cmd.sender}>",
+            rcpts=",".join(cmd.recipients), size=len(body), peer=_peer(session),
+            auth=_user(session), tls=session.ssl is not None, reply=reply,
+            took=f"{time.monotonic() - began:.3f}s",
         )  # fmt: skip
         return reply
 
     def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        peer = _peer(session)
         proto = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             proto += "S"
@@ -285,7 +287,7 @@ class FrontendSMTP(SMTP):
 
     async def smtp_AUTH(self, arg: str) -> None:
         handler = self.event_handler
-        peer = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else ""
+        peer = _peer(self.session) if self.session else ""
         if isinstance(handler, Handler) and (pause := handler.throttle.delay(peer)):
             await asyncio.sleep(pause)
         await super().smtp_AUTH(arg)
