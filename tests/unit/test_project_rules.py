@@ -6,6 +6,7 @@ import ast
 import importlib
 import pathlib
 import queue
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,3 +47,16 @@ def test_raft_never_imports_the_layers_above_it() -> None:
         text = path.read_text()
         assert "import smtpcluster" not in text and "from smtpcluster" not in text, path
         assert "import mailqueue" not in text and "from mailqueue" not in text, path
+
+
+def test_every_package_directory_is_installed() -> None:
+    """A subpackage missing from pyproject's list is missing from the wheel, and an
+    installed node fails at import (raft.storage once was): only editable installs,
+    which the tests use, would hide it."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    for top in ("raft", "smtpcluster"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            name = ".".join(init.parent.relative_to(ROOT).parts)
+            assert name in listed, f"{name} is not in pyproject.toml's packages"
+    assert "mailqueue" in listed
