@@ -77,8 +77,8 @@ class Load:
                 self.sent += 1
             rcpt = f"m{n}@dest.example"
             while not self.stop.is_set() and not self._offer(rng, rcpt):
-                time.sleep(0.2)  # no node answered: offer it again, like a queued MTA
-            time.sleep(pause * rng.uniform(0.5, 1.5))
+                self.stop.wait(0.2)  # no node answered: offer it again, like a queued MTA
+            self.stop.wait(pause * rng.uniform(0.5, 1.5))  # the offered rate; ends at stop
 
     def _offer(self, rng: random.Random, rcpt: str) -> bool:
         """True once a node took the transaction (whatever its outcome)."""
