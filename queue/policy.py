@@ -54,8 +54,11 @@ class Group:
 
 
 def due_groups(spool: Spool, now: int, policy: Policy) -> list[Group]:
+    """Recipients due by `now`, longest due first: from the spool's index, so a backlog
+    of deferred mail costs a tick nothing until it is due."""
     groups: list[Group] = []
-    for msg in spool.messages.values():
+    for mid in spool.index.due(now):
+        msg = spool.messages[mid]
         if msg.received_at + policy.max_lifetime_ms <= now:
             continue  # expiry's business, not delivery's
         by_dest: dict[str, list[int]] = {}
@@ -94,19 +97,27 @@ def _choose(msg: Message, load: dict[NodeId, int]) -> NodeId:
 
 
 def expired(spool: Spool, now: int, policy: Policy) -> list[Expire]:
+    """Messages past their lifetime with recipients still waiting. The spool keeps
+    messages in the order they were accepted, so the walk stops at the first one still
+    young: a message a little older than one before it (the nodes' clocks differ by
+    their skew) expires a tick later, not never."""
     days = policy.max_lifetime_ms / (24 * 60 * MINUTE)
-    return [
-        Expire(now, m.id, f"5.4.7 delivery time expired: undelivered after {days:g} days")
-        for m in spool.messages.values()
-        if m.received_at + policy.max_lifetime_ms <= now
-        and any(r.state in (RcptState.QUEUED, RcptState.HELD, RcptState.UNCERTAIN) for r in m.rcpts)
-    ]
+    waiting = (RcptState.QUEUED, RcptState.HELD, RcptState.UNCERTAIN)
+    out = []
+    for m in spool.messages.values():
+        if m.received_at + policy.max_lifetime_ms > now:
+            break
+        if any(r.state in waiting for r in m.rcpts):
+            reason = f"5.4.7 delivery time expired: undelivered after {days:g} days"
+            out.append(Expire(now, m.id, reason))
+    return out
 
 
 def bounces(spool: Spool, now: int, reporting_mta: str) -> list[Accept]:
     """A DSN for every message with bounced recipients not yet reported."""
     out = []
-    for m in spool.messages.values():
+    for mid in spool.index.dsn_pending:
+        m = spool.messages[mid]
         pending = tuple(k for k, r in enumerate(m.rcpts) if m.needs_dsn(r))
         if pending:
             out.append(dsn(spool, m, pending, now, reporting_mta))

@@ -54,6 +54,7 @@ def load(chunks: Iterator[bytes], bodies: BodyStore | None = None) -> Spool:
     for _ in range(n_tombs):
         mid, at = decoder.decode()
         spool.finished[mid] = at
+    spool.rebuild_index()
     spool._finished_order.extend(sorted((at, mid) for mid, at in spool.finished.items()))
     return spool
 

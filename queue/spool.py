@@ -37,6 +37,7 @@ from mailqueue.commands import (
     UncertainPolicy,
     Unhold,
 )
+from mailqueue.index import NOBODY, SpoolIndex
 
 TOMBSTONE_MS = 24 * 3600 * 1000  # an Accept replayed within a day of delivery is a no-op
 
@@ -151,6 +152,7 @@ class Spool:
         self.load: dict[NodeId, int] = {}  # assigned + sending recipients per node
         self.uncertain_total = 0
         self.now = 0  # the newest command time applied
+        self.index = SpoolIndex()  # derived, not replicated: see mailqueue.index
 
     # ---- the one way to change a recipient
 
@@ -188,6 +190,7 @@ class Spool:
         self.messages[msg.id] = msg
         self.counts[S.QUEUED] += len(msg.rcpts)
         self.bodies.put(msg.id, cmd.body)
+        self._settle(msg)
         if cmd.bounce_of:
             self._dsn_sent(cmd.bounce_of, cmd.bounce_rcpts)
         return Applied(True, "accepted", len(msg.rcpts))
@@ -199,19 +202,24 @@ class Spool:
         for k in rcpts:
             if 0 <= k < len(orig.rcpts):
                 orig.rcpts[k].dsn_sent = True
-        self._maybe_finish(orig)
+        self._settle(orig)
 
     def _assign(self, cmd: Assign) -> Applied:
         changed = 0
+        touched: dict[MessageId, Message] = {}
         for a in cmd.assignments:
+            msg = self.messages.get(a.message_id)
             r = self._rcpt(a.message_id, a.rcpt)
             # Compare-and-set on the attempt number: a replayed Assign, or one computed
             # from a stale view, changes nothing.
-            if r is None or r.state is not S.QUEUED or a.attempt != r.attempt + 1:
+            if msg is None or r is None or r.state is not S.QUEUED or a.attempt != r.attempt + 1:
                 continue
             r.node, r.attempt = a.node, a.attempt
             self._move(r, S.ASSIGNED)
+            touched[msg.id] = msg
             changed += 1
+        for msg in touched.values():
+            self._settle(msg)
         return Applied(True, "", changed)
 
     def _begin_dot(self, cmd: BeginDot) -> Applied:
@@ -258,7 +266,7 @@ class Spool:
                 r.last_error, r.next_attempt = res.reply, res.retry_at
                 self._move(r, S.QUEUED)
             changed += 1
-        self._maybe_finish(msg)
+        self._settle(msg)
         return Applied(True, "", changed)
 
     def _release(self, cmd: Release) -> Applied:
@@ -268,11 +276,14 @@ class Spool:
             if r and r.state is S.ASSIGNED and (r.node, r.attempt) == (cmd.node, cmd.attempt):
                 self._move(r, S.QUEUED)
                 changed += 1
+        if changed:
+            self._settle(self.messages[cmd.message_id])
         return Applied(True, "", changed)
 
     def _node_down(self, cmd: NodeDown) -> Applied:
         changed = 0
-        for msg in self.messages.values():
+        for mid in self.index.held(cmd.node):
+            msg = self.messages[mid]
             for r in msg.rcpts:
                 if r.node != cmd.node:
                     continue
@@ -286,6 +297,7 @@ class Spool:
                     if cmd.policy is UncertainPolicy.REDELIVER:
                         self._move(r, S.QUEUED)
                     changed += 1
+            self._settle(msg)
         return Applied(True, "", changed)
 
     def _expire(self, cmd: Expire) -> Applied:
@@ -298,7 +310,7 @@ class Spool:
                 r.reply = cmd.reason
                 self._move(r, S.BOUNCED)
                 changed += 1
-        self._maybe_finish(msg)
+        self._settle(msg)
         return Applied(True, "", changed)
 
     def _admin(self, ids: tuple[MessageId, ...], edges: dict[RcptState, RcptState]) -> Applied:
@@ -314,6 +326,8 @@ class Spool:
                 if to is not r.state:
                     self._move(r, to)
                 changed += 1
+            if msg:
+                self._settle(msg)
         return Applied(True, "", changed)
 
     def _delete(self, cmd: Delete) -> Applied:
@@ -329,7 +343,7 @@ class Spool:
                     self._move(r, S.BOUNCED)
                     changed += 1
                 r.dsn_sent = True
-            self._maybe_finish(msg)
+            self._settle(msg)
         return Applied(True, "", changed)
 
     # ---- helpers
@@ -340,15 +354,25 @@ class Spool:
             return None
         return msg.rcpts[k]
 
-    def _maybe_finish(self, msg: Message) -> None:
+    def _settle(self, msg: Message) -> None:
+        """After a command changed `msg`: it leaves the spool if it is done, else the
+        index learns its new state."""
         if any(r.state not in FINAL or msg.needs_dsn(r) for r in msg.rcpts):
+            self.reindex(msg)
             return
+        self.index.drop(msg.id)
         for r in msg.rcpts:
             self.counts[r.state] -= 1
         del self.messages[msg.id]
         self.bodies.delete(msg.id)
         self.finished[msg.id] = self.now
         self._finished_order.append((self.now, msg.id))
+
+    def reindex(self, msg: Message) -> None:
+        self.index.update(*index_entry(msg))
+
+    def rebuild_index(self) -> None:
+        self.index = SpoolIndex.build(index_entry(m) for m in self.messages.values())
 
     def _forget_tombstones(self) -> None:
         horizon = self.now - TOMBSTONE_MS
@@ -368,6 +392,27 @@ class Spool:
         )  # fmt: skip
         tombs = tuple(sorted(self.finished.items()))
         return (msgs, tombs, self.uncertain_total, self.now)
+
+
+def index_entry(msg: Message) -> tuple[MessageId, int | None, frozenset[NodeId], bool]:
+    """What the index holds of `msg`: when it is next due (None: nothing queued), who
+    holds its assigned or sending recipients, whether it needs a DSN. One pass: this
+    runs for every command applied."""
+    due: int | None = None
+    holders: set[NodeId] | None = None
+    dsn = False
+    for r in msg.rcpts:
+        state = r.state
+        if state is S.QUEUED:
+            if due is None or r.next_attempt < due:
+                due = r.next_attempt
+        elif state is S.ASSIGNED or state is S.SENDING:
+            if holders is None:
+                holders = set()
+            holders.add(r.node)
+        elif state is S.BOUNCED and not dsn:
+            dsn = msg.needs_dsn(r)
+    return msg.id, due, frozenset(holders) if holders else NOBODY, dsn
 
 
 _HANDLERS: dict[type, Callable[[Spool, Any], Applied]] = {

@@ -108,7 +108,8 @@ class Worker:
         if self.draining:
             return
         spool = self.node.machine.spool
-        for msg in list(spool.messages.values()):
+        for mid in spool.index.held(self.me):  # not the whole spool: see mailqueue.index
+            msg = spool.messages[mid]
             groups: dict[int, list[int]] = {}
             for k, r in enumerate(msg.rcpts):
                 if r.state is RcptState.ASSIGNED and r.node == self.me:

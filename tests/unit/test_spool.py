@@ -25,6 +25,7 @@ from mailqueue.commands import (
     UncertainPolicy,
     Unhold,
 )
+from mailqueue.index import SpoolIndex
 from mailqueue.spool import FINAL, MemoryBodies, RcptState, Spool
 
 IDS = [f"m{k}" for k in range(5)]
@@ -113,6 +114,15 @@ def check_invariants(spool: Spool) -> None:
         assert not all(r.state in FINAL and not m.needs_dsn(r) for r in m.rcpts), m.id
     assert counts == spool.counts
     assert load == spool.load
+    assert spool.index.view() == rebuilt_index(spool).view()  # kept up to date by every command
+
+
+def rebuilt_index(spool: Spool) -> SpoolIndex:
+    fresh = Spool()
+    fresh.messages = spool.messages
+    for m in spool.messages.values():
+        fresh.reindex(m)
+    return fresh.index
 
 
 @settings(max_examples=300, deadline=None)
@@ -168,12 +178,14 @@ def test_random_command_sequences_keep_the_spool_consistent(data: st.DataObject)
     restored = snapshot.load(iter(snapshot.dump(spool)), MemoryBodies())
     assert restored.state_key() == spool.state_key()
     assert restored.counts == spool.counts and restored.load == spool.load
+    assert restored.index.view() == spool.index.view()
     assert restored.bodies.bodies == spool.bodies.bodies  # type: ignore[attr-defined]
     if snap:  # restore mid-way, replay the rest: same as having applied everything
         resumed = snapshot.load(iter(snap), MemoryBodies())
         for cmd in commands[cut + 1 :]:
             resumed.apply(cmd)
         assert resumed.state_key() == spool.state_key()
+        assert resumed.index.view() == spool.index.view()
 
 
 def accepted(*rcpts: str, sender: str = "s@example.org") -> Spool:
