@@ -7,6 +7,7 @@ half-applied.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -37,8 +38,9 @@ _SCALARS: dict[str, type] = {"int": int, "str": str, "bytes": bytes, "bool": boo
 
 
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    names = _NAMES.get(type(value))
+    if names is not None:
+        return [_to_wire(getattr(value, name)) for name in names]
     if isinstance(value, tuple):
         return [_to_wire(v) for v in value]
     if isinstance(value, int) and not isinstance(value, bool):
@@ -50,41 +52,66 @@ def encode(cmd: Command) -> bytes:
     return cbor2.dumps([COMMAND_TYPES.index(type(cmd)), *_to_wire(cmd)])
 
 
-def _from_wire(kind: str, v: Any, where: str) -> Any:
+Decoder = Callable[[Any], Any]
+
+
+def _decoder(kind: str, where: str) -> Decoder:
+    """A function that checks and converts one wire value of type `kind`."""
     if kind in _SCALARS:
         want = _SCALARS[kind]
-        if type(v) is not want:
-            raise DecodeError(f"{where}: expected {kind}, got {type(v).__name__}")
-        return v
+
+        def scalar(v: Any) -> Any:
+            if type(v) is not want:
+                raise DecodeError(f"{where}: expected {kind}, got {type(v).__name__}")
+            return v
+
+        return scalar
     if kind in _ENUMS:
-        try:
-            return _ENUMS[kind](v)
-        except ValueError as exc:
-            raise DecodeError(f"{where}: bad {kind} {v!r}") from exc
+        enum = _ENUMS[kind]
+
+        def member(v: Any) -> Any:
+            try:
+                return enum(v)
+            except ValueError as exc:
+                raise DecodeError(f"{where}: bad {kind} {v!r}") from exc
+
+        return member
     if kind in {"NodeId", "MessageId"}:
-        return _from_wire("str", v, where)
+        return _decoder("str", where)
     if kind in {"tuple[str, ...]", "tuple[int, ...]", "tuple[MessageId, ...]"}:
-        inner = "int" if "int" in kind else "str"
-        if not isinstance(v, list):
-            raise DecodeError(f"{where}: expected a list")
-        return tuple(_from_wire(inner, x, where) for x in v)
+        return _sequence(_decoder("int" if "int" in kind else "str", where), where)
     if kind in _NESTED:
-        if not isinstance(v, list):
-            raise DecodeError(f"{where}: expected a list")
-        return tuple(_build(_NESTED[kind], x, where) for x in v)
+        cls = _NESTED[kind]
+        return _sequence(lambda v: _build(cls, v, where), where)
     raise AssertionError(f"no decoder for {kind}")  # a bug in this module
 
 
+def _sequence(item: Decoder, where: str) -> Decoder:
+    def sequence(v: Any) -> tuple[Any, ...]:
+        if not isinstance(v, list):
+            raise DecodeError(f"{where}: expected a list")
+        return tuple(item(x) for x in v)
+
+    return sequence
+
+
 def _build(cls: type, v: Any, where: str) -> Any:
-    fields = dataclasses.fields(cls)
-    if not isinstance(v, list) or len(v) != len(fields):
-        raise DecodeError(f"{where}: {cls.__name__} needs {len(fields)} fields")
-    return cls(
-        *(
-            _from_wire(str(f.type), x, f"{cls.__name__}.{f.name}")
-            for f, x in zip(fields, v, strict=True)
-        )
-    )
+    decoders = _DECODERS[cls]
+    if not isinstance(v, list) or len(v) != len(decoders):
+        raise DecodeError(f"{where}: {cls.__name__} needs {len(decoders)} fields")
+    return cls(*(d(x) for d, x in zip(decoders, v, strict=True)))
+
+
+# Worked out once per type: every node decodes every command it applies, and
+# reflecting on the dataclass for each one cost more than cbor2 itself.
+_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls))
+    for cls in (*COMMAND_TYPES, *_NESTED.values())
+}
+_DECODERS: dict[type, tuple[Decoder, ...]] = {
+    cls: tuple(_decoder(str(f.type), f"{cls.__name__}.{f.name}") for f in dataclasses.fields(cls))
+    for cls in (*COMMAND_TYPES, *_NESTED.values())
+}
 
 
 def decode(data: bytes) -> Command:

@@ -8,6 +8,7 @@ so a malformed or hostile frame raises DecodeError and never builds a half-valid
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -145,30 +146,48 @@ def decode_conf_change(data: bytes) -> ConfChange:
 
 
 def encode_message(m: Message) -> bytes:
-    code = MESSAGE_TYPES.index(type(m))
-    fields = [_field_to_wire(getattr(m, f.name)) for f in dataclasses.fields(m)]
-    return cbor2.dumps([code, *fields])
+    code, names, _ = _LAYOUT[type(m)]
+    return cbor2.dumps([code, *(_field_to_wire(getattr(m, name)) for name in names)])
 
 
-def _typed_field(f: dataclasses.Field[Any], v: Any) -> Any:
+Decoder = Callable[[Any], Any]
+
+
+def _field_decoder(f: dataclasses.Field[Any]) -> Decoder:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    name = f.name
     if kind == "int":
-        return _int(v, f.name)
+        return lambda v: _int(v, name)
     if kind == "bool":
-        _expect(type(v) is bool, f"{f.name}: expected a boolean")
-        return v
+        return lambda v: _checked(v, type(v) is bool, f"{name}: expected a boolean")
     if kind in ("NodeId", "str"):
-        _expect(type(v) is str, f"{f.name}: expected a string")
-        return v
+        return lambda v: _checked(v, type(v) is str, f"{name}: expected a string")
     if kind == "bytes":
-        _expect(type(v) is bytes, f"{f.name}: expected bytes")
-        return v
+        return lambda v: _checked(v, type(v) is bytes, f"{name}: expected bytes")
     if kind == "SnapshotMeta":
-        return _meta_from(v)
+        return _meta_from
     if kind == "tuple[Entry, ...]":
-        _expect(isinstance(v, list), f"{f.name}: expected a list of entries")
-        return tuple(_entry_from(e) for e in v)
-    raise AssertionError(f"no decoder for field {f.name}: {kind}")  # a bug in this module
+        return lambda v: tuple(
+            _entry_from(e) for e in _checked(v, isinstance(v, list), f"{name}: expected a list")
+        )
+    raise AssertionError(f"no decoder for field {name}: {kind}")  # a bug in this module
+
+
+def _checked(v: Any, ok: bool, what: str) -> Any:
+    _expect(ok, what)
+    return v
+
+
+# Per message type, worked out once: its code, field names and field decoders (frames
+# are decoded by the thousand per second; reflecting on each one cost more than cbor2).
+_LAYOUT: dict[type, tuple[int, tuple[str, ...], tuple[Decoder, ...]]] = {
+    cls: (
+        code,
+        tuple(f.name for f in dataclasses.fields(cls)),
+        tuple(_field_decoder(f) for f in dataclasses.fields(cls)),
+    )
+    for code, cls in enumerate(MESSAGE_TYPES)
+}
 
 
 def decode_message(data: bytes) -> Message:
@@ -177,7 +196,7 @@ def decode_message(data: bytes) -> Message:
     code = v[0]
     _expect(type(code) is int and 0 <= code < len(MESSAGE_TYPES), f"message: bad type {code!r}")
     cls = MESSAGE_TYPES[code]
-    fields = dataclasses.fields(cls)
-    _expect(len(v) == 1 + len(fields), f"{cls.__name__}: expected {len(fields)} fields")
-    msg: Message = cls(*(_typed_field(f, x) for f, x in zip(fields, v[1:], strict=True)))
+    decoders = _LAYOUT[cls][2]
+    _expect(len(v) == 1 + len(decoders), f"{cls.__name__}: expected {len(decoders)} fields")
+    msg: Message = cls(*(d(x) for d, x in zip(decoders, v[1:], strict=True)))
     return msg

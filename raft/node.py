@@ -173,7 +173,10 @@ class RaftNode:
         commit."""
         handed: list[bool] = [False]
         try:
-            return await asyncio.wait_for(self._propose(cbor2.dumps([_APP, data]), handed), timeout)
+            # asyncio.timeout, not wait_for: wait_for wraps the coroutine in a task of
+            # its own, a cost every Accept, BeginDot and Outcome paid.
+            async with asyncio.timeout(timeout):
+                return await self._propose(cbor2.dumps([_APP, data]), handed)
         except TimeoutError:
             if not handed[0]:
                 raise NoLeader("no leader within the timeout") from None
@@ -195,6 +198,9 @@ class RaftNode:
             delay = min(delay * 2, 0.5)
 
     async def _propose_local(self, envelope: bytes) -> bytes:
+        return await self._enqueue(envelope)
+
+    def _enqueue(self, envelope: bytes) -> asyncio.Future[bytes]:
         """Queue `envelope` for the Ready loop, which appends everything queued since
         its last pass as one entry: group commit, one fsync and one log entry for the
         proposals that arrived while the previous ones were being persisted."""
@@ -203,7 +209,7 @@ class RaftNode:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending.append((envelope, fut))
         self._wake.set()
-        return await fut
+        return fut
 
     def _flush_proposals(self) -> None:
         pending, self._pending = self._pending, []
@@ -246,7 +252,8 @@ class RaftNode:
         self._forwards[req] = fut
         try:
             self.transport.send(leader, kind + cbor2.dumps([req, *args]))
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):
+                return await fut  # ours alone: cancelled on timeout, then forgotten
         finally:
             self._forwards.pop(req, None)
 
@@ -394,7 +401,7 @@ class RaftNode:
                 self.core.step(codec.decode_message(body))
             elif kind == _FORWARD:
                 req, envelope = cbor2.loads(body)
-                asyncio.get_running_loop().create_task(self._serve_forward(peer, req, envelope))
+                self._serve_forward(peer, req, envelope)
             elif kind == _ANSWER:
                 self._answer(cbor2.loads(body))
             elif kind == _CALL:
@@ -406,13 +413,30 @@ class RaftNode:
             log.warning("undecodable frame from %s: %s", peer, exc)
         self._wake.set()
 
-    async def _serve_forward(self, peer: NodeId, req: int, envelope: bytes) -> None:
+    def _serve_forward(self, peer: NodeId, req: int, envelope: bytes) -> None:
+        """A follower's proposal: answered when it applies here, by a callback rather
+        than a task per proposal (the leader serves one for every forwarded Accept,
+        BeginDot and Outcome)."""
         try:
-            if self.core.role is not Role.LEADER:
-                raise NotLeader(self.core.lead)
-            result, error = await self._propose_local(envelope), None
+            fut = self._enqueue(envelope)
         except RaftError as exc:
-            result, error = b"", f"{type(exc).__name__}: {exc}"
+            self._send_answer(peer, req, b"", exc)
+            return
+        fut.add_done_callback(lambda f: self._forward_done(peer, req, f))
+
+    def _forward_done(self, peer: NodeId, req: int, fut: asyncio.Future[bytes]) -> None:
+        if fut.cancelled():
+            return  # the node is stopping: the follower's attempt times out, fate unknown
+        exc = fut.exception()
+        if exc is None:
+            self._send_answer(peer, req, fut.result(), None)
+        elif isinstance(exc, RaftError):
+            self._send_answer(peer, req, b"", exc)
+        else:
+            log.error("forwarded proposal %s from %s failed", req, peer, exc_info=exc)
+
+    def _send_answer(self, peer: NodeId, req: int, result: bytes, exc: RaftError | None) -> None:
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
         self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
 
     async def _serve_call(self, peer: NodeId, req: int, op: str, target: str, addr: str) -> None:
