@@ -17,7 +17,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 
-from mailqueue import codec, snapshot
+from mailqueue import codec, policy, snapshot
 from mailqueue.bodies import DiskBodies
 from mailqueue.commands import (
     Accept,
@@ -90,6 +90,30 @@ def memory_per_message(n: int) -> None:
     print(f"memory: {used / n:,.0f} bytes per queued message outside its body ({n} messages)")
 
 
+def scheduler_pass(n: int) -> None:
+    """One scheduler pass (assign, expire, bounce) and one worker's look at its work,
+    over `n` deferred messages not yet due and 100 fresh ones."""
+    spool = Spool(NullBodies())
+    later = 1_000_000 + 3_600_000
+    for k in range(n):
+        mid, node = f"{k:016x}-bench", f"node{k % 3}"
+        spool.apply(accept(k, 1_000_000))
+        spool.apply(Assign(1_000_000, (Assignment(mid, 0, node, 1),)))
+        deferred = RcptResult(0, OutcomeKind.DEFERRED, "451 4.4.1 later", later)
+        spool.apply(Outcome(1_000_000, mid, node, 1, (deferred,)))
+    for k in range(n, n + 100):
+        spool.apply(accept(k, 1_000_001))
+    pol = policy.Policy()
+    began = time.perf_counter()
+    assigned = policy.assign(spool, 1_000_002, pol, ["node0", "node1", "node2"])
+    policy.expired(spool, 1_000_002, pol)
+    policy.bounces(spool, 1_000_002, "bench.test")
+    held = spool.index.held("node0")
+    took = time.perf_counter() - began
+    assert sum(len(a.assignments) for a in assigned) == 100 and not held
+    print(f"scheduler pass over {n:,} deferred messages and 100 due: {took * 1000:.2f} ms")
+
+
 def snapshot_restore(n: int, root: str) -> None:
     spool = Spool(DiskBodies(os.path.join(root, f"src{n}")))
     for k in range(n):
@@ -119,6 +143,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="spool-bench-")
     try:
         apply_rate(args.messages, root)
+        scheduler_pass(args.messages)
         memory_per_message(args.messages)
         snapshot_restore(args.messages, root)
         if args.big:

@@ -14,6 +14,7 @@ from mailqueue.commands import MessageId
 from mailqueue.spool import Message, RcptState, Spool
 
 AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # qshape's default buckets
+SCAN_LIMIT = 10_000  # messages one page request may look at
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +57,24 @@ def summary(m: Message, now: int) -> dict[str, Any]:
 
 
 def list_messages(
-    spool: Spool, now: int, flt: Filter, after: MessageId = "", limit: int = 100
+    spool: Spool,
+    now: int,
+    flt: Filter,
+    after: MessageId = "",
+    limit: int = 100,
+    *,
+    scan: int = SCAN_LIMIT,
 ) -> tuple[list[dict[str, Any]], MessageId]:
     """One page of matching messages in id order, and the cursor for the next page
-    ("" when there is none)."""
-    ids = sorted(spool.messages)  # an index kept sorted would avoid this; see notes
+    ("" when there is none). At most `scan` messages are looked at per call, so a
+    filter that matches little in a big queue cannot hold the node up: the page may
+    then be short (even empty) with a cursor to go on from."""
     page: list[dict[str, Any]] = []
-    for mid in ids[bisect.bisect_right(ids, after) if after else 0 :]:
+    looked, last = 0, after
+    for mid in spool.index.ids.irange(minimum=after or None, inclusive=(not after, True)):
+        if looked == scan:
+            return page, last
+        looked, last = looked + 1, mid
         m = spool.messages[mid]
         if flt.matches(m, now):
             if len(page) == limit:
@@ -81,22 +93,36 @@ def show(spool: Spool, message_id: MessageId, now: int, body: bool = False) -> d
     return out
 
 
-def stats(spool: Spool, now: int) -> dict[str, Any]:
-    """Pending recipients by destination domain and age, like Postfix's qshape."""
-    by_domain: dict[str, list[int]] = {}
-    for m in spool.messages.values():
-        age_min = (now - m.received_at) / 60_000
+class Shape:
+    """Pending recipients by destination domain and age, like Postfix's qshape, added
+    up a batch of messages at a time (the admin API yields between batches)."""
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+        self.by_domain: dict[str, list[int]] = {}
+
+    def add(self, m: Message) -> None:
+        age_min = (self.now - m.received_at) / 60_000
         bucket = bisect.bisect_left(AGE_BUCKETS_MIN, age_min)
         for k, r in enumerate(m.rcpts):
             if r.state in (RcptState.DELIVERED, RcptState.BOUNCED):
                 continue
-            row = by_domain.setdefault(m.domain(k), [0] * (len(AGE_BUCKETS_MIN) + 1))
+            row = self.by_domain.setdefault(m.domain(k), [0] * (len(AGE_BUCKETS_MIN) + 1))
             row[bucket] += 1
-    rows = sorted(by_domain.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
-    return {
-        "buckets_min": list(AGE_BUCKETS_MIN),
-        "domains": [{"domain": d, "total": sum(c), "by_age": c} for d, c in rows],
-        "states": {s.name.lower(): n for s, n in spool.counts.items()},
-        "messages": len(spool.messages),
-        "uncertain_total": spool.uncertain_total,
-    }
+
+    def result(self, spool: Spool) -> dict[str, Any]:
+        rows = sorted(self.by_domain.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+        return {
+            "buckets_min": list(AGE_BUCKETS_MIN),
+            "domains": [{"domain": d, "total": sum(c), "by_age": c} for d, c in rows],
+            "states": {s.name.lower(): n for s, n in spool.counts.items()},
+            "messages": len(spool.messages),
+            "uncertain_total": spool.uncertain_total,
+        }
+
+
+def stats(spool: Spool, now: int) -> dict[str, Any]:
+    shape = Shape(now)
+    for m in spool.messages.values():
+        shape.add(m)
+    return shape.result(spool)

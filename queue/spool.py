@@ -188,6 +188,7 @@ class Spool:
             [Rcpt(a, next_attempt=cmd.at) for a in cmd.recipients],
         )  # fmt: skip
         self.messages[msg.id] = msg
+        self.index.add(msg.id)
         self.counts[S.QUEUED] += len(msg.rcpts)
         self.bodies.put(msg.id, cmd.body)
         self._settle(msg)

@@ -55,3 +55,17 @@ def test_stats_shape_the_queue_by_domain_and_age() -> None:
     assert x["total"] == 25 and sum(x["by_age"]) == 25
     assert x["by_age"][:2] == [0, 5]  # none under 5 minutes old; m020..m024 are 6-10
     assert st["states"]["held"] == 3 and st["messages"] == 25
+
+
+def test_a_page_looks_at_a_bounded_number_of_messages_and_says_where_to_go_on() -> None:
+    s, now = spool(), 30 * MIN
+    held = queries.Filter(state=RcptState.HELD)  # m003 and m004 only
+    page, after = queries.list_messages(s, now, held, "", limit=10, scan=3)
+    assert page == [] and after == "m002"  # looked at m000-m002, none held: go on
+    page, after = queries.list_messages(s, now, held, after, limit=10, scan=3)
+    assert [m["id"] for m in page] == ["m003", "m004"] and after == "m005"
+    seen = [m["id"] for m in page]
+    while after:
+        page, after = queries.list_messages(s, now, held, after, limit=10, scan=3)
+        seen += [m["id"] for m in page]
+    assert seen == ["m003", "m004"]

@@ -120,8 +120,7 @@ def check_invariants(spool: Spool) -> None:
 def rebuilt_index(spool: Spool) -> SpoolIndex:
     fresh = Spool()
     fresh.messages = spool.messages
-    for m in spool.messages.values():
-        fresh.reindex(m)
+    fresh.rebuild_index()
     return fresh.index
 
 
