@@ -290,6 +290,11 @@ class Transport:
             log.warning("connection from %s refused: %s", where, exc)
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # close() ends this connection. Ending the task normally, not cancelled:
+            # Python 3.11's start_server callback calls exception() on the finished
+            # task, which raises for a cancelled one and logs an ERROR at every stop.
+            pass
         finally:
             self._inbound.discard(task)
             writer.close()
