@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import inspect
 import ipaddress
 import logging
 import os
@@ -26,6 +27,7 @@ from mailqueue.commands import Accept
 from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
+from smtpcluster.smtpdata import DataState, read_data
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,11 @@ class Handler:
         )  # fmt: skip
         return reply
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's SMTP.__init__ looks through dir(handler) twice per connection
+        # (inspect.getmembers for auth_*, a scan for handle_*): only these matter.
+        return list(HANDLER_HOOKS)
+
     def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
         peer = _peer(session)
         proto = "ESMTP" if session.extended_smtp else "SMTP"
@@ -187,6 +194,12 @@ class Handler:
             f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
             f"with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
         ).encode()
+
+
+HANDLER_HOOKS = tuple(n for n in vars(Handler) if n.startswith(("handle_", "auth_")))
+# aiosmtpd also reads handle_EHLO's signature on every connection (to tell its old
+# four-argument form from the new one); inspect.signature honours __signature__.
+Handler.handle_EHLO.__signature__ = inspect.signature(Handler.handle_EHLO)  # type: ignore[attr-defined]
 
 
 def _peer(session: Session) -> str:
@@ -297,6 +310,35 @@ class FrontendSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
             return
         await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the data in blocks (smtpcluster.smtpdata)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        assert self.data_size_limit  # smtp_factory always sets one
+        try:
+            data = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        except (asyncio.CancelledError, asyncio.IncompleteReadError):
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        if data.state is DataState.NOMINAL:
+            self.envelope.content = self.envelope.original_content = data.content
+            status = await self._call_handler_hook("DATA")
+        elif data.state is DataState.TOO_MUCH:
+            status = "552 5.3.4 Message size exceeds fixed limit"
+        else:
+            status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if not _bracketed(arg, "TO:"):

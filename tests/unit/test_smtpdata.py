@@ -1,0 +1,98 @@
+"""The DATA reader: the lone dot ends it, dots are unstuffed, limits hold, the rest stays."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smtpcluster.smtpdata import Data, DataState, read_data
+
+LINE_LIMIT = 1001  # aiosmtpd's
+
+
+def read(pieces: list[bytes], max_size: int = 10_000) -> tuple[Data, bytes, int]:
+    """Feed `pieces` one by one (as separate arrivals); the data, what the reader still
+    holds afterwards, and its limit then."""
+
+    async def run() -> tuple[Data, bytes, int]:
+        reader = asyncio.StreamReader(limit=LINE_LIMIT)
+
+        async def feed() -> None:
+            for p in pieces:
+                reader.feed_data(p)
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.get_running_loop().create_task(feed())
+        data = await read_data(reader, max_size, LINE_LIMIT)
+        await feeder
+        return data, await reader.read(), reader._limit  # type: ignore[attr-defined]
+
+    return asyncio.run(run())
+
+
+def stuffed(lines: list[bytes]) -> bytes:
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+
+
+def test_the_lone_dot_ends_the_data_and_what_follows_stays_for_the_next_command() -> None:
+    data, rest, limit = read([b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"])
+    assert data == Data(b"Subject: hi\r\n\r\nbody\r\n", DataState.NOMINAL)
+    assert rest == b"QUIT\r\n" and limit == LINE_LIMIT
+
+
+def test_empty_data_and_lines_that_merely_end_with_a_dot() -> None:
+    assert read([b".\r\n"])[0] == Data(b"", DataState.NOMINAL)
+    data, _, _ = read([b"Sentence.\r\n.\r\n"])
+    assert data.content == b"Sentence.\r\n"
+
+
+def test_leading_dots_are_unstuffed() -> None:
+    data, _, _ = read([b"..hidden\r\nplain\r\n...two\r\n.\r\n"])
+    assert data.content == b".hidden\r\nplain\r\n..two\r\n"
+
+
+def test_the_end_may_arrive_split_over_many_reads() -> None:
+    wire = b"line one.\r\n.. dotted\r\n.\r\nNOOP\r\n"
+    data, rest, _ = read([bytes([b]) for b in wire])
+    assert data.content == b"line one.\r\n. dotted\r\n" and rest == b"NOOP\r\n"
+
+
+def test_too_much_data_is_read_to_its_end_and_thrown_away() -> None:
+    body = (b"x" * 78 + b"\r\n") * 200  # 16 KB against a 10 KB limit
+    data, rest, _ = read([body, b".\r\nRSET\r\n"])
+    assert data == Data(b"", DataState.TOO_MUCH) and rest == b"RSET\r\n"
+
+
+def test_far_too_much_data_on_one_line_is_thrown_away_as_it_comes() -> None:
+    pieces = [b"y" * 65536] * 40 + [b"\r\n.\r\nRSET\r\n"]  # 2.5 MB, one line, 10 KB limit
+    data, rest, _ = read(pieces)
+    assert data == Data(b"", DataState.TOO_MUCH) and rest == b"RSET\r\n"
+
+
+def test_a_line_over_the_limit_is_refused() -> None:
+    data, rest, _ = read([b"ok\r\n" + b"z" * 1000 + b"\r\n.\r\nQUIT\r\n"])
+    assert data == Data(b"", DataState.TOO_LONG) and rest == b"QUIT\r\n"
+    assert read([b"z" * 999 + b"\r\n.\r\n"])[0].state is DataState.NOMINAL  # 1001 with CRLF
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+             max_size=30),
+    st.lists(st.integers(1, 50), min_size=1, max_size=20),
+)  # fmt: skip
+def test_what_the_client_stuffed_comes_back_exactly(lines: list[bytes], cuts: list[int]) -> None:
+    wire = stuffed(lines) + b".\r\nNEXT\r\n"
+    pieces, at = [], 0
+    for k in range(len(wire)):  # cut the wire at arbitrary places
+        size = cuts[k % len(cuts)]
+        if at >= len(wire):
+            break
+        pieces.append(wire[at : at + size])
+        at += size
+    data, rest, _ = read(pieces)
+    assert data == Data(b"".join(line + b"\r\n" for line in lines), DataState.NOMINAL)
+    assert rest == b"NEXT\r\n"
