@@ -7,16 +7,20 @@ instance (as shipped: fsync on) through `relayhost`. Throughput: smtp-source sen
 messages over S sessions; "accept" is timed until smtp-source has its last 250, "end
 to end" until the queue is empty again (every message delivered to the sink). Ours
 gets the mail on a follower, so every Accept is forwarded to the leader. Latency: one
-sequential smtplib client, from the end of DATA to the 250. Postfix needs root to
-start. Not a test: it prints figures.
+sequential smtplib client, from the end of DATA to the 250. Both run side by side and
+take turns (`--repeat` each, medians), the other one paused meanwhile. Postfix needs
+root to start. Not a test: it prints figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import shutil
+import signal
 import smtplib
+import statistics
 import subprocess
 import tempfile
 import time
@@ -48,7 +52,8 @@ def throughput(
     return n / accepted, n / (time.perf_counter() - began)
 
 
-def latency(host: str, port: int, n: int = 500) -> tuple[float, float]:
+def latency(host: str, port: int, n: int = 500) -> list[float]:
+    """Seconds from the end of DATA to the 250, for `n` messages in one session."""
     body = b"Subject: latency\r\n\r\n" + (b"x" * 98 + b"\r\n") * 10
     took = []
     with smtplib.SMTP(host, port, timeout=30) as s:
@@ -63,8 +68,7 @@ def latency(host: str, port: int, n: int = 500) -> tuple[float, float]:
             code, reply = s.getreply()
             took.append(time.perf_counter() - began)
             assert code == 250, reply
-    took.sort()
-    return took[len(took) // 2] * 1000, took[int(len(took) * 0.99)] * 1000
+    return took
 
 
 def _greets(host: str, port: int) -> bool:
@@ -131,38 +135,97 @@ class Postfix:
         subprocess.run(["postconf", "-X", "alternate_config_directories"], check=True)
 
 
-def run_workloads(
-    name: str, host: str, port: int, drained: Callable[[], bool], workloads: list[Workload]
-) -> dict[str, float]:
-    out = {}
-    for size, sessions, n in workloads:
-        accept, e2e = throughput(host, port, size, sessions, n, drained=drained)
-        key = f"{size // 1024}KiB_s{sessions}"
-        out[f"{key}_accept"], out[f"{key}_e2e"] = accept, e2e
-        print(f"{name}, {size // 1024} KiB, {sessions} sessions: accepted {accept:,.0f}"
-              f" messages/s, delivered end to end {e2e:,.0f} messages/s")  # fmt: skip
-    p50, p99 = latency(host, port)
-    out["seq_p50_ms"], out["seq_p99_ms"] = p50, p99
-    print(f"{name}, sequential 1 KiB: DATA-to-250 p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-    return out
+class System:
+    """One system under test: where to send, how to tell its queue is empty, and how
+    to keep it off the CPU while the other one is measured."""
+
+    def __init__(self, name: str, host: str, port: int, drained: Callable[[], bool]) -> None:
+        self.name, self.host, self.port, self.drained = name, host, port, drained
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
 
 
-def run_ours(root: Path, sink_port: int, workloads: list[Workload]) -> dict[str, float]:
-    cluster = SmtpCluster(
-        root, relay_networks='"127.0.0.0/8"', max_size=1 << 20,
-        smarthost=f"127.0.0.1:{sink_port}",
-    )  # fmt: skip
-    try:
-        cluster.start_all()
-        leader = cluster.leader()
-        follower = cluster.nodes[next(n for n in cluster.nodes if n != leader)]
+class Ours(System):
+    def __init__(self, cluster: SmtpCluster) -> None:
+        self.cluster = cluster
+        self.leader = cluster.leader()
+        follower = cluster.nodes[next(n for n in cluster.nodes if n != self.leader)]
 
         def drained() -> bool:
-            return bool(cluster.admin(leader, "/v1/queue-stats?stale=1")["messages"] == 0)
+            stats = cluster.admin(self.leader, "/v1/queue-stats?stale=1")
+            return bool(stats["messages"] == 0)
 
-        return run_workloads("ours", follower.host, follower.smtp_port, drained, workloads)
-    finally:
-        cluster.stop_all()
+        super().__init__("ours", follower.host, follower.smtp_port, drained)
+
+    def pause(self) -> None:
+        # SIGSTOP: an idle cluster still ticks and heartbeats; frozen, it takes no CPU
+        # from Postfix's turn. All nodes stop and resume together (no election).
+        for node in self.cluster.nodes.values():
+            assert node.popen is not None
+            node.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for node in self.cluster.nodes.values():
+            assert node.popen is not None
+            node.popen.send_signal(signal.SIGCONT)
+        if self.cluster.leader() != self.leader:
+            raise RuntimeError("the leader changed across a pause: the figures would mix")
+
+
+class Turns:
+    """Each workload `repeat` times per system, the systems taking turns (this VM's
+    speed drifts over minutes: turns keep a slow spell from landing on one system
+    only), the others paused meanwhile; the median of each figure. Latency: 500
+    sequential messages per turn, p50 and p99 over all turns' samples."""
+
+    def __init__(self, systems: list[System]) -> None:
+        self.systems = systems
+        self.runs: dict[str, dict[str, list[float]]] = {s.name: {} for s in systems}
+        self.samples: dict[str, list[float]] = {s.name: [] for s in systems}
+
+    def turn(self, system: System, job: Callable[[System], None]) -> None:
+        others = [o for o in self.systems if o is not system]
+        for other in others:
+            other.pause()
+        try:
+            job(system)
+        finally:
+            for other in others:
+                other.resume()
+
+    def throughput(self, system: System, workload: Workload) -> None:
+        size, sessions, n = workload
+        accept, e2e = throughput(
+            system.host, system.port, size, sessions, n, drained=system.drained
+        )
+        key = f"{size // 1024}KiB_s{sessions}"
+        self.runs[system.name].setdefault(f"{key}_accept", []).append(accept)
+        self.runs[system.name].setdefault(f"{key}_e2e", []).append(e2e)
+        print(f"{system.name}, {size // 1024} KiB, {sessions} sessions: accepted {accept:,.0f}"
+              f" messages/s, end to end {e2e:,.0f}", flush=True)  # fmt: skip
+
+    def latency(self, system: System) -> None:
+        self.samples[system.name].extend(latency(system.host, system.port))
+
+    def run(self, workloads: list[Workload], repeat: int) -> dict[str, dict[str, float]]:
+        for workload in workloads:
+            for _ in range(repeat):
+                for system in self.systems:
+                    self.turn(system, functools.partial(self.throughput, workload=workload))
+        for _ in range(repeat):
+            for system in self.systems:
+                self.turn(system, self.latency)
+        return {system.name: self.figures(system.name) for system in self.systems}
+
+    def figures(self, name: str) -> dict[str, float]:
+        out = {k: statistics.median(v) for k, v in self.runs[name].items()}
+        took = sorted(self.samples[name])
+        out["seq_p50_ms"] = took[len(took) // 2] * 1000
+        out["seq_p99_ms"] = took[int(len(took) * 0.99)] * 1000
+        print(f"{name}, sequential 1 KiB, {len(took)} messages: DATA-to-250 p50 "
+              f"{out['seq_p50_ms']:.2f} ms, p99 {out['seq_p99_ms']:.2f} ms")  # fmt: skip
+        return out
 
 
 def _workload(text: str) -> Workload:
@@ -176,9 +239,11 @@ def main() -> None:
         "--workload", action="append", type=_workload, metavar="SIZE:SESSIONS:N",
         help="run only these, e.g. 1024:20:3000 (repeatable)",
     )  # fmt: skip
-    workloads = parser.parse_args().workload or WORKLOADS
+    parser.add_argument("--repeat", type=int, default=3, help="turns per system (median)")
+    args = parser.parse_args()
+    workloads = args.workload or WORKLOADS
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-          f"Python {platform.python_version()}")  # fmt: skip
+          f"Python {platform.python_version()}, {args.repeat} turns each")  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
     (root / "ours").mkdir()
     sink_port = free_port("127.0.0.1")
@@ -186,18 +251,25 @@ def main() -> None:
         ["smtp-sink", "-u", "postfix", f"127.0.0.1:{sink_port}", "1000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    cluster = SmtpCluster(
+        root / "ours", relay_networks='"127.0.0.0/8"', max_size=1 << 20,
+        smarthost=f"127.0.0.1:{sink_port}",
+    )  # fmt: skip
+    postfix = None
     try:
-        ours = run_ours(root / "ours", sink_port, workloads)
+        cluster.start_all()
         postfix = Postfix(root / "postfix", sink_port)
-        try:
-            theirs = run_workloads("postfix", "127.0.0.1", postfix.port, postfix.drained, workloads)
-        finally:
-            postfix.stop()
+        theirs = System("postfix", "127.0.0.1", postfix.port, postfix.drained)
+        results = Turns([Ours(cluster), theirs]).run(workloads, args.repeat)
     finally:
+        if postfix is not None:
+            postfix.stop()
+        cluster.stop_all()
         sink.kill()
+    ours, theirs_ = results["ours"], results["postfix"]
     print("\n| workload | ours | postfix | ours/postfix |\n|---|---|---|---|")
     for key, value in ours.items():
-        print(f"| {key} | {value:,.2f} | {theirs[key]:,.2f} | {value / theirs[key]:.2f} |")
+        print(f"| {key} | {value:,.2f} | {theirs_[key]:,.2f} | {value / theirs_[key]:.2f} |")
 
 
 if __name__ == "__main__":
