@@ -49,7 +49,10 @@ class SpoolIndex:
         due, ids = [], []
         for mid, at, holders, dsn in entries:
             ids.append(mid)
-            index.update(mid, None, holders, dsn)
+            if holders:
+                index._set_holders(mid, holders)
+            if dsn:
+                index.dsn_pending[mid] = None
             if at is not None:
                 due.append((at, mid))
                 index._due_at[mid] = at
