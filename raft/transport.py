@@ -265,6 +265,10 @@ class Transport:
                 await peer.ready.wait()
             # One write for everything queued: a system call per frame cost more than
             # the frames' MACs under load.
+            if writer.is_closing():
+                # The peer reset the connection while there was nothing to send (a
+                # killed node): uvloop would refuse the write with a RuntimeError.
+                raise ConnectionResetError("connection closed by the peer")
             frames = [session.seal(peer.queue.popleft()) for _ in range(len(peer.queue))]
             writer.write(b"".join(frames))
             await writer.drain()

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import struct
 
 import pytest
+import uvloop
 
-from raft.transport import MAC_BYTES, MAGIC, Address, Transport, client_handshake
+from raft.transport import (
+    MAC_BYTES,
+    MAGIC,
+    Address,
+    Transport,
+    client_handshake,
+    server_handshake,
+)
 
 
 def _port() -> int:
@@ -106,3 +116,37 @@ def test_garbage_instead_of_a_handshake_is_refused() -> None:
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="host:port"):
         Address.parse(text)
+
+
+def test_a_peer_that_dies_is_unreachable_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer killed outright resets the connection; uvloop then refuses the next write
+    with a RuntimeError. That is a dead peer to retry, not a failure with a traceback
+    at ERROR (it was logged so at every kill -9 of a node)."""
+
+    async def run() -> None:
+        key = b"k" * 32
+        handshakes: list[bool] = []
+
+        async def doomed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server_handshake(reader, writer, key)
+            handshakes.append(True)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # close with a reset, as a killed process's kernel may
+
+        server = await asyncio.start_server(doomed, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        a = Transport("a", Address("127.0.0.1", _port()), key, lambda p, f: None)
+        await a.start()
+        a.set_peer("b", Address("127.0.0.1", port))
+        await _eventually(lambda: handshakes)
+        await asyncio.sleep(0.2)  # the reset arrives while the sender has nothing to send
+        for _ in range(5):
+            a.send("b", b"into the void")
+            await asyncio.sleep(0.05)
+        server.close()
+        await a.close()
+
+    with caplog.at_level(logging.DEBUG, logger="raft.transport"):
+        uvloop.run(run())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
