@@ -84,4 +84,15 @@ def setup(level: str, fmt: str) -> None:
             ours.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.setLevel(level.upper())
     # aiosmtpd logs every command line at INFO, AUTH credentials included: never that.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    mail_log = logging.getLogger("mail.log")
+    mail_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _AiosmtpdNoise) for f in mail_log.filters):
+        mail_log.addFilter(_AiosmtpdNoise())
+
+
+class _AiosmtpdNoise(logging.Filter):
+    """aiosmtpd 1.4.6 itself sets its deprecated Session.login_data on every successful
+    AUTH and warns about it: a WARNING per authenticated session that nobody can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Session.login_data is deprecated")
