@@ -1,0 +1,82 @@
+"""The front end writes the replies it has at once, not a system call per reply line."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from smtpcluster.config import SmtpSection
+from smtpcluster.frontend import FrontendSMTP, Handler, smtp_factory
+
+
+class Wire(asyncio.Transport):
+    """A transport that records each write the protocol makes (a unit-test double)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+async def until(done: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while not done():
+        assert loop.time() < deadline, "no reply in time"
+        await asyncio.sleep(0.001)
+    for _ in range(10):  # anything still scheduled (a late write would show) runs now
+        await asyncio.sleep(0)
+
+
+async def converse(lines: bytes, last: bytes) -> list[bytes]:
+    """The writes made for a session that connects and sends `lines` in one segment,
+    once a reply line starting with `last` has been written."""
+    cfg = SmtpSection(hostname="reply.test", relay_networks=())
+    proto = smtp_factory(Handler(cfg, "n1", None))()  # type: ignore[arg-type]
+    assert isinstance(proto, FrontendSMTP)
+    wire = Wire()
+    proto.connection_made(wire)
+    await until(lambda: len(wire.writes) == 1)  # the greeting
+    proto.data_received(lines)
+    await until(lambda: any(w.split(b"\r\n")[-2].startswith(last) for w in wire.writes[1:]))
+    proto.connection_lost(None)
+    return wire.writes
+
+
+def test_a_multiline_ehlo_reply_is_one_write() -> None:
+    writes = asyncio.run(converse(b"EHLO client.test\r\n", b"250 HELP"))
+    assert writes[0].startswith(b"220 reply.test")
+    assert len(writes) == 2, writes  # the greeting, then all of EHLO's lines together
+    assert writes[1].startswith(b"250-reply.test\r\n") and writes[1].endswith(b"250 HELP\r\n")
+    assert b"250-PIPELINING\r\n" in writes[1]
+
+
+def test_pipelined_commands_get_their_replies_in_order_in_one_write() -> None:
+    writes = asyncio.run(converse(b"EHLO c.test\r\nNOOP\r\nBOGUS\r\nNOOP\r\n", b"250 OK"))
+    assert len(writes) == 2, writes
+    replies = [line[:3] for line in writes[1].split(b"\r\n") if line[3:4] == b" "]
+    assert replies == [b"250", b"250", b"500", b"250"]  # EHLO, NOOP, unknown command, NOOP
+
+
+def test_quit_is_answered_at_once() -> None:
+    writes = asyncio.run(converse(b"QUIT\r\n", b"221"))
+    assert writes[-1].startswith(b"221")
