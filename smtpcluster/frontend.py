@@ -45,6 +45,9 @@ PLAIN_ADDRESS = re.compile(
 )
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing connection"
+# The greeting says "220 <hostname> ESMTP smtpcluster", as Postfix's default says
+# "ESMTP Postfix"; aiosmtpd's own ("Python SMTP 1.4.6") told scanners a library version.
+BANNER = "ESMTP smtpcluster"
 MAX_HELD_REPLIES = 100  # a client pipelining more than this gets them written, drained
 MAX_UNSENT_BYTES = 64 << 10  # replies the client has not read: stop until it does
 BAD_ADDRESS_CHARS = frozenset('%!:"\\ ')
@@ -393,6 +396,7 @@ def smtp_factory(handler: Handler, **kw: Any) -> Callable[[], SMTP]:
         return FrontendSMTP(
             handler,
             hostname=cfg.hostname,
+            ident=BANNER,
             data_size_limit=cfg.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
