@@ -1,10 +1,10 @@
 """Derived indexes over the spool: what is due, what each node holds, what needs a DSN.
 
-The leader's scheduler runs every 100 ms and every node's worker every 50 ms. Scanning
-the whole spool there cost ~2 us per message per scan: with a backlog of 100,000
-deferred messages (a destination down for an hour) the leader's event loop would be
-busy for most of each tick, delaying acceptance and heartbeats. With these indexes a
-tick touches only the messages that are due, and a worker only those assigned to it.
+The leader's scheduler runs every 100 ms and every node's worker every 50 ms. Walking
+the whole spool there took 34 ms per pass with 100,000 deferred messages (a third of
+the leader's time; with a million, all of it, delaying acceptance and heartbeats).
+With these indexes a pass touches only the messages that are due, and a worker only
+those assigned to it: 0.6-1.0 ms for the same backlog (bench/spool_bench.py).
 
 Nothing here is replicated: every node derives the same indexes from the same spool,
 and they are rebuilt on restore. `Spool` calls `update` for each message a command
