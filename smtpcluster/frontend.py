@@ -2,8 +2,10 @@
 
 Relay policy lives in `handle_RCPT`; acceptance in `handle_DATA`, which answers 250
 only once the Accept command has been applied through Raft (durable on a majority).
-The small SMTP subclass only closes gaps of aiosmtpd 1.4.6: PIPELINING and
-ENHANCEDSTATUSCODES are advertised, MAIL/RCPT without angle brackets are refused.
+The SMTP subclass closes gaps of aiosmtpd 1.4.6 (PIPELINING and ENHANCEDSTATUSCODES
+advertised, MAIL/RCPT without angle brackets refused), adds Postfix's session limits,
+and does two things aiosmtpd does slowly: it reads DATA in blocks and writes the
+replies it has together.
 """
 
 from __future__ import annotations
@@ -360,10 +362,14 @@ class FrontendSMTP(SMTP):
         assert self.data_size_limit  # smtp_factory always sets one
         try:
             data = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
-        except (asyncio.CancelledError, asyncio.IncompleteReadError):
+        except asyncio.CancelledError:  # aiosmtpd's way of ending the session (EOF, QUIT)
             log.info("connection lost during DATA")
             self._writer.close()
             raise
+        except asyncio.IncompleteReadError:  # the client closed mid-DATA: nothing to say
+            log.info("connection lost during DATA")
+            self._writer.close()
+            return
         if data.state is DataState.NOMINAL:
             self.envelope.content = self.envelope.original_content = data.content
             status = await self._call_handler_hook("DATA")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,3 +97,8 @@ def test_what_the_client_stuffed_comes_back_exactly(lines: list[bytes], cuts: li
     data, rest, _ = read(pieces)
     assert data == Data(b"".join(line + b"\r\n" for line in lines), DataState.NOMINAL)
     assert rest == b"NEXT\r\n"
+
+
+def test_a_client_that_hangs_up_mid_data_ends_the_read_with_nothing() -> None:
+    with pytest.raises(asyncio.IncompleteReadError):
+        read([b"Subject: half\r\n\r\nand then"])  # no lone dot, then end of stream
