@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -20,7 +20,7 @@ from aiohttp import web
 from mailqueue import codec, queries
 from mailqueue.commands import Command, Delete, Hold, MessageId, Retry, Unhold
 from mailqueue.machine import decode_result
-from mailqueue.spool import RcptState
+from mailqueue.spool import Message, RcptState, Spool
 from raft.core import RaftError
 from smtpcluster import metrics
 
@@ -106,19 +106,25 @@ async def queue_list(request: web.Request) -> web.StreamResponse:
 async def _queue_stream(request: web.Request, flt: queries.Filter) -> web.StreamResponse:
     """Every matching message, one JSON object per line, written as it is serialized:
     a queue of a million messages is never held as one answer."""
-    spool = _node(request).spool
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    ids = list(spool.messages)  # references only; a message gone meanwhile is skipped
-    for start in range(0, len(ids), STREAM_CHUNK):
-        now, lines = _now(), []
-        for mid in ids[start : start + STREAM_CHUNK]:
-            m = spool.messages.get(mid)
-            if m is not None and flt.matches(m, now):
-                lines.append(json.dumps(queries.summary(m, now)) + "\n")
-        await response.write("".join(lines).encode())  # yields: the node keeps working
+    async for batch in _batches(_node(request).spool):
+        now = _now()
+        lines = [json.dumps(queries.summary(m, now)) + "\n" for m in batch if flt.matches(m, now)]
+        await response.write("".join(lines).encode())
     await response.write_eof()
     return response
+
+
+async def _batches(spool: Spool) -> AsyncIterator[list[Message]]:
+    """The queue's messages, STREAM_CHUNK at a time, yielding to the event loop between
+    batches: a node walking a million messages in one go would stop serving (and
+    heartbeating) for a second or more. A message gone meanwhile is skipped."""
+    ids = list(spool.messages)  # references only
+    for start in range(0, len(ids), STREAM_CHUNK):
+        batch = [spool.messages.get(mid) for mid in ids[start : start + STREAM_CHUNK]]
+        yield [m for m in batch if m is not None]
+        await asyncio.sleep(0)
 
 
 async def queue_show(request: web.Request) -> web.Response:
@@ -132,18 +138,13 @@ async def queue_show(request: web.Request) -> web.Response:
 
 
 async def queue_stats(request: web.Request) -> web.Response:
-    """qshape, over a batch of messages at a time: a node walking a queue of a million
-    messages in one go would stop serving (and heartbeating) for a second or more."""
+    """qshape, added up a batch of messages at a time."""
     await _fresh(request)
     spool = _node(request).spool
     shape = queries.Shape(_now())
-    ids = list(spool.messages)  # references only; a message gone meanwhile is skipped
-    for start in range(0, len(ids), STREAM_CHUNK):
-        for mid in ids[start : start + STREAM_CHUNK]:
-            m = spool.messages.get(mid)
-            if m is not None:
-                shape.add(m)
-        await asyncio.sleep(0)
+    async for batch in _batches(spool):
+        for m in batch:
+            shape.add(m)
     return web.json_response(shape.result(spool))
 
 
