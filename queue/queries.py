@@ -119,10 +119,3 @@ class Shape:
             "messages": len(spool.messages),
             "uncertain_total": spool.uncertain_total,
         }
-
-
-def stats(spool: Spool, now: int) -> dict[str, Any]:
-    shape = Shape(now)
-    for m in spool.messages.values():
-        shape.add(m)
-    return shape.result(spool)

@@ -50,7 +50,10 @@ def test_show_includes_the_body_on_request() -> None:
 
 
 def test_stats_shape_the_queue_by_domain_and_age() -> None:
-    st = queries.stats(spool(), 30 * MIN)
+    s, shape = spool(), queries.Shape(30 * MIN)
+    for m in s.messages.values():
+        shape.add(m)
+    st = shape.result(s)
     x = next(d for d in st["domains"] if d["domain"] == "x.example")
     assert x["total"] == 25 and sum(x["by_age"]) == 25
     assert x["by_age"][:2] == [0, 5]  # none under 5 minutes old; m020..m024 are 6-10
