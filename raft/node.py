@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import struct
 import time
@@ -45,6 +46,7 @@ from raft.types import (
 log = logging.getLogger(__name__)
 
 _APP, _PEER, _BATCH = 0, 1, 2
+_ARITY = {_APP: 1, _PEER: 2}  # an envelope's fields; a forwarded one adds its origin
 # Proposals that wait while the previous batch is being persisted share one log entry,
 # up to these bounds (one entry stays well under an AppendEntries message's size).
 BATCH_MAX_BYTES = 512 << 10
@@ -124,6 +126,9 @@ class RaftNode:
         self._read_points: list[tuple[int, asyncio.Future[int]]] = []
         self._forwards: dict[int, asyncio.Future[bytes]] = {}
         self._ids = itertools.count(1)
+        # Tags this process's forwarded proposals in the log, unlike any other node's or
+        # any earlier run's (whose request numbers started over).
+        self._boot = os.urandom(8)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._applied_events: list[asyncio.Event] = []
@@ -165,8 +170,8 @@ class RaftNode:
         return self.sm_applied
 
     async def propose(self, data: bytes, timeout: float = 10.0) -> bytes:
-        """Replicate `data`; returns the state machine's result once applied here or on
-        the leader.
+        """Replicate `data`; returns the state machine's result once applied on this
+        node (so what this node serves afterwards reflects it).
 
         ProposalLost, Unavailable and NoLeader mean the entry is in no log and never
         will be. TimeoutError means its fate is unknown: a leader got it and it may yet
@@ -176,19 +181,19 @@ class RaftNode:
             # asyncio.timeout, not wait_for: wait_for wraps the coroutine in a task of
             # its own, a cost every Accept, BeginDot and Outcome paid.
             async with asyncio.timeout(timeout):
-                return await self._propose(cbor2.dumps([_APP, data]), handed)
+                return await self._propose([_APP, data], handed)
         except TimeoutError:
             if not handed[0]:
                 raise NoLeader("no leader within the timeout") from None
             raise
 
-    async def _propose(self, envelope: bytes, handed: list[bool] | None = None) -> bytes:
+    async def _propose(self, envelope: list[Any], handed: list[bool] | None = None) -> bytes:
         delay = 0.02
         while True:
             if self.core.role is Role.LEADER:
                 if handed is not None:
                     handed[0] = True
-                return await self._propose_local(envelope)
+                return await self._enqueue(cbor2.dumps(envelope))
             leader = self.core.lead
             if leader is not None and leader != self.cfg.id:
                 if handed is not None:
@@ -196,9 +201,6 @@ class RaftNode:
                 return await self._forward(leader, envelope)
             await asyncio.sleep(delay)  # an election is under way
             delay = min(delay * 2, 0.5)
-
-    async def _propose_local(self, envelope: bytes) -> bytes:
-        return await self._enqueue(envelope)
 
     def _enqueue(self, envelope: bytes) -> asyncio.Future[bytes]:
         """Queue `envelope` for the Ready loop, which appends everything queued since
@@ -242,16 +244,24 @@ class RaftNode:
         self._wake.set()
         return await fut
 
-    async def _forward(self, leader: NodeId, envelope: bytes) -> bytes:
-        return await self._ask(leader, _FORWARD, [envelope], 5.0)
+    async def _forward(self, leader: NodeId, envelope: list[Any]) -> bytes:
+        """Hand a proposal to the leader. The envelope carries this process's tag, and
+        applying it here settles the result (etcd's way: a follower waits for its own
+        apply, not for the leader's word); the leader answers only a refusal."""
+        return await self._ask(
+            leader, _FORWARD, lambda req: [cbor2.dumps([*envelope, [self._boot, req]])], 5.0
+        )
 
-    async def _ask(self, leader: NodeId, kind: bytes, args: list[Any], timeout: float) -> bytes:
-        """Send a request frame to the leader; its _ANSWER frame settles the result."""
+    async def _ask(
+        self, leader: NodeId, kind: bytes, args: Callable[[int], list[Any]], timeout: float
+    ) -> bytes:
+        """Send a request frame to the leader; its _ANSWER frame settles the result (or,
+        for a forwarded proposal, applying it here: see _forward)."""
         req = next(self._ids)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._forwards[req] = fut
         try:
-            self.transport.send(leader, kind + cbor2.dumps([req, *args]))
+            self.transport.send(leader, kind + cbor2.dumps([req, *args(req)]))
             async with asyncio.timeout(timeout):
                 return await fut  # ours alone: cancelled on timeout, then forgotten
         finally:
@@ -287,7 +297,7 @@ class RaftNode:
         await self.change(ConfChange(ConfChangeOp.ADD_LEARNER, node), timeout)
 
     async def propose_peer(self, node: NodeId, addr: Address, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self._propose(cbor2.dumps([_PEER, node, str(addr)])), timeout)
+        await asyncio.wait_for(self._propose([_PEER, node, str(addr)]), timeout)
 
     async def change(self, change: ConfChange, timeout: float = 10.0) -> None:
         """A membership change, proposed on this node (which must be the leader)."""
@@ -343,7 +353,7 @@ class RaftNode:
         leader = self.core.lead
         if leader is None or leader == self.cfg.id:
             raise NoLeader("no leader to carry out the change")
-        return await self._ask(leader, _CALL, [op, target, addr], deadline)
+        return await self._ask(leader, _CALL, lambda req: [op, target, addr], deadline)
 
     async def _membership_here(self, op: str, target: NodeId, addr: str) -> None:
         if self.core.role is not Role.LEADER:
@@ -429,8 +439,8 @@ class RaftNode:
             return  # the node is stopping: the follower's attempt times out, fate unknown
         exc = fut.exception()
         if exc is None:
-            self._send_answer(peer, req, fut.result(), None)
-        elif isinstance(exc, RaftError):
+            return  # the follower settles it when it applies the entry: see _forward
+        if isinstance(exc, RaftError):
             self._send_answer(peer, req, b"", exc)
         else:
             log.error("forwarded proposal %s from %s failed", req, peer, exc_info=exc)
@@ -537,12 +547,19 @@ class RaftNode:
                 w.future.set_exception(ProposalLost(f"entry {e.index} went to term {e.term}"))
 
     def _apply_envelope(self, index: int, kind: int, *rest: Any) -> bytes:
+        result = b""
         if kind == _APP:
-            return self.sm.apply(index, rest[0])
-        if kind == _PEER:
+            result = self.sm.apply(index, rest[0])
+        elif kind == _PEER:
             self.addresses[rest[0]] = Address.parse(rest[1])
             self.transport.set_peer(rest[0], self.addresses[rest[0]])
-        return b""
+        if len(rest) > _ARITY.get(kind, 0):
+            boot, req = rest[-1]
+            if boot == self._boot:  # forwarded from here: see _forward
+                fut = self._forwards.get(req)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+        return result
 
     def _release_reads(self) -> None:
         keep = []

@@ -9,8 +9,9 @@ import threading
 from collections.abc import Iterable
 
 import cbor2
+import pytest
 
-from raft.core import Role
+from raft.core import RaftError, Role
 from raft.kv import KV, put
 from raft.node import NodeConfig, RaftNode
 from raft.transport import Address
@@ -147,3 +148,47 @@ def test_proposals_made_together_share_an_entry_and_get_their_own_results(
     replayed = EchoKV()
     asyncio.run(run(replayed))  # a restart applies the batch entries from the log again
     assert {f"k{k}" for k in range(50)} <= set(replayed.data)
+
+
+def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_answered(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd's way: a follower forwards a proposal and waits until it applies the entry
+    itself; the leader sends no answer frame for a success, only for a refusal."""
+
+    async def run() -> None:
+        addrs = {f"n{k}": Address("127.0.0.1", _port()) for k in (1, 2, 3)}
+        kvs = {n: EchoKV() for n in addrs}
+        nodes = [
+            RaftNode(NodeConfig(n, a, addrs, str(tmp_path / n), b"k" * 32, tick_ms=5), kvs[n])
+            for n, a in addrs.items()
+        ]
+        for node in nodes:
+            await node.start()
+        try:
+            await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            await _until(lambda: all(n.core.lead == leader.cfg.id for n in nodes))
+            follower, other = (n for n in nodes if n is not leader)
+            answers: list[object] = []
+            real = follower._answer
+
+            def counted(answer: list[object]) -> None:
+                answers.append(answer)
+                real(answer)
+
+            monkeypatch.setattr(follower, "_answer", counted)
+            results = await asyncio.gather(
+                *(follower.propose(put(f"k{k}", b"v")) for k in range(20))
+            )
+            assert results == [f"k{k}".encode() for k in range(20)]
+            assert {f"k{k}" for k in range(20)} <= set(kvs[follower.cfg.id].data)
+            assert answers == []
+            with pytest.raises(RaftError, match="NotLeader"):  # `other` refuses: answered
+                await follower._forward(other.cfg.id, [0, put("refused", b"v")])
+            assert len(answers) == 1 and "refused" not in kvs[leader.cfg.id].data
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(run())
