@@ -4,14 +4,17 @@ The leader's scheduler calls these and proposes what they return; nothing here
 changes the spool. Recipients are grouped by destination (their domain, or the
 smarthost), one group per message and destination so one SMTP transaction carries
 them all; each group goes to the accepting node when it is live and not busier than
-the others, else to the least loaded live node.
+the others, else to the least loaded live node. A node's load is the recipients it
+has in hand plus `busy`, the scheduler's measure of its other work (see
+smtpcluster.scheduler): a node whose front end is taking a stream of mail, or the
+leader replicating it, yields deliveries to a quieter one.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mailqueue.commands import Accept, Assign, Assignment, Expire, MessageId, NodeId
@@ -69,12 +72,19 @@ def due_groups(spool: Spool, now: int, policy: Policy) -> list[Group]:
     return groups
 
 
-def assign(spool: Spool, now: int, policy: Policy, live: Iterable[NodeId]) -> list[Assign]:
+def assign(
+    spool: Spool,
+    now: int,
+    policy: Policy,
+    live: Iterable[NodeId],
+    busy: Mapping[NodeId, int] | None = None,
+) -> list[Assign]:
     """Assign due groups to live nodes, in batches of at most `max_batch` recipients."""
     nodes = sorted(set(live))
     if not nodes:
         return []
-    load = {n: spool.load.get(n, 0) for n in nodes}
+    busy = busy or {}
+    load = {n: spool.load.get(n, 0) + busy.get(n, 0) for n in nodes}
     out: list[Assignment] = []
     for g in due_groups(spool, now, policy):
         msg = spool.messages[g.message_id]

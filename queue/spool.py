@@ -150,6 +150,9 @@ class Spool:
         self._finished_order: collections.deque[tuple[int, MessageId]] = collections.deque()
         self.counts: dict[RcptState, int] = dict.fromkeys(RcptState, 0)
         self.load: dict[NodeId, int] = {}  # assigned + sending recipients per node
+        # Messages each node's front end has accepted, counted as Accepts apply: derived
+        # (zero again after a restore), for the scheduler's view of who is busy.
+        self.accepted: collections.Counter[NodeId] = collections.Counter()
         self.uncertain_total = 0
         self.now = 0  # the newest command time applied
         self.index = SpoolIndex()  # derived, not replicated: see mailqueue.index
@@ -189,6 +192,7 @@ class Spool:
         )  # fmt: skip
         self.messages[msg.id] = msg
         self.index.add(msg.id)
+        self.accepted[cmd.accepted_by] += 1
         self.counts[S.QUEUED] += len(msg.rcpts)
         self.bodies.put(msg.id, cmd.body)
         self._settle(msg)

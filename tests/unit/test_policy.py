@@ -63,6 +63,16 @@ def test_the_accepting_node_is_preferred_unless_busier() -> None:
     assert spool.load == {"a": 1, "b": 1}
 
 
+def test_a_node_busy_taking_mail_yields_its_deliveries_to_a_quieter_one() -> None:
+    spool = spool_with(*(accept(f"m{k}", "u@x.example", by="b") for k in range(3)))
+    # b accepted 30 messages in the last second and a (the leader) replicated them all
+    [cmd] = p.assign(spool, 0, POLICY, ["a", "b", "c"], {"a": 30, "b": 30})
+    assert {x.node for x in cmd.assignments} == {"c"}
+    # c has caught up with b's work: the accepting node is preferred again
+    [cmd] = p.assign(spool, 0, POLICY, ["a", "b", "c"], {"a": 30, "b": 30, "c": 30})
+    assert cmd.assignments[0].node == "b"
+
+
 def test_nodes_that_are_down_get_nothing() -> None:
     spool = spool_with(accept("m1", "u@x.example", by="b"))
     [cmd] = p.assign(spool, 0, POLICY, ["a", "c"])
