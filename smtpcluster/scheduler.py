@@ -49,9 +49,8 @@ class Scheduler:
         """Messages each node accepted in the last second, and for this node (the
         leader, which replicates them all) every message the cluster accepted: in the
         same unit as recipients in hand, so a node busy taking mail gets fewer
-        deliveries. Measured: with the accepting node delivering its own mail,
-        acceptance at 20 sessions was 20 % slower and a sequential client's p99 30 %
-        higher (docs/benchmarks.md)."""
+        deliveries: its front end is the cluster's busiest process (docs/benchmarks.md,
+        2026-11-26 third session)."""
         now = self.node.machine.spool.accepted.copy()
         self.seen.append(now)
         busy = now - self.seen[0]  # Counter subtraction keeps only positive counts
