@@ -15,6 +15,7 @@ import cbor2
 from mailqueue.commands import (
     COMMAND_TYPES,
     Assignment,
+    Batch,
     Command,
     OutcomeKind,
     RcptResult,
@@ -38,6 +39,9 @@ _SCALARS: dict[str, type] = {"int": int, "str": str, "bytes": bytes, "bool": boo
 
 
 def _to_wire(value: Any) -> Any:
+    code = _CODES.get(type(value))
+    if code is not None:  # a command, at the top or inside a Batch
+        return [code, *(_to_wire(getattr(value, name)) for name in _NAMES[type(value)])]
     names = _NAMES.get(type(value))
     if names is not None:
         return [_to_wire(getattr(value, name)) for name in names]
@@ -49,7 +53,7 @@ def _to_wire(value: Any) -> Any:
 
 
 def encode(cmd: Command) -> bytes:
-    return cbor2.dumps([COMMAND_TYPES.index(type(cmd)), *_to_wire(cmd)])
+    return cbor2.dumps(_to_wire(cmd))
 
 
 Decoder = Callable[[Any], Any]
@@ -83,6 +87,8 @@ def _decoder(kind: str, where: str) -> Decoder:
     if kind in _NESTED:
         cls = _NESTED[kind]
         return _sequence(lambda v: _build(cls, v, where), where)
+    if kind == "tuple[Command, ...]":
+        return _sequence(lambda v: _command(v, where, nested=True), where)
     raise AssertionError(f"no decoder for {kind}")  # a bug in this module
 
 
@@ -102,6 +108,7 @@ def _build(cls: type, v: Any, where: str) -> Any:
     return cls(*(d(x) for d, x in zip(decoders, v, strict=True)))
 
 
+_CODES: dict[type, int] = {cls: code for code, cls in enumerate(COMMAND_TYPES)}
 # Worked out once per type: every node decodes every command it applies, and
 # reflecting on the dataclass for each one cost more than cbor2 itself.
 _NAMES: dict[type, tuple[str, ...]] = {
@@ -119,12 +126,19 @@ def decode(data: bytes) -> Command:
         v = cbor2.loads(data)
     except Exception as exc:
         raise DecodeError(f"not CBOR: {exc}") from exc
+    return _command(v, "command", nested=False)
+
+
+def _command(v: Any, where: str, nested: bool) -> Command:
     if (
         not isinstance(v, list)
         or not v
         or type(v[0]) is not int
         or not 0 <= v[0] < len(COMMAND_TYPES)
     ):
-        raise DecodeError("not a spool command")
-    cmd: Command = _build(COMMAND_TYPES[v[0]], v[1:], "command")
+        raise DecodeError(f"{where}: not a spool command")
+    cls = COMMAND_TYPES[v[0]]
+    if nested and cls is Batch:
+        raise DecodeError(f"{where}: a Batch inside a Batch")
+    cmd: Command = _build(cls, v[1:], where)
     return cmd

@@ -136,6 +136,16 @@ class Delete:
     message_ids: tuple[MessageId, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A worker's commands made while its previous ones were being committed, applied
+    in order, each with its own result: one proposal, one forward and one decode for a
+    burst of BeginDots and Outcomes instead of one each. Never nested."""
+
+    at: int
+    commands: tuple[Command, ...]
+
+
 Command = (
     Accept
     | Assign
@@ -148,7 +158,9 @@ Command = (
     | Unhold
     | Retry
     | Delete
+    | Batch
 )
 COMMAND_TYPES: tuple[type, ...] = (
     Accept, Assign, BeginDot, Outcome, Release, NodeDown, Expire, Hold, Unhold, Retry, Delete,
+    Batch,
 )  # fmt: skip

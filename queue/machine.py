@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import cbor2
 
@@ -37,9 +38,21 @@ class SpoolMachine:
 
 
 def encode_result(a: Applied) -> bytes:
-    return cbor2.dumps([a.ok, a.detail, a.changed])
+    return cbor2.dumps(_result_to_wire(a))
+
+
+def _result_to_wire(a: Applied) -> list[Any]:
+    wire: list[Any] = [a.ok, a.detail, a.changed]
+    if a.items:
+        wire.append([_result_to_wire(i) for i in a.items])
+    return wire
 
 
 def decode_result(data: bytes) -> Applied:
-    ok, detail, changed = cbor2.loads(data)
-    return Applied(bool(ok), str(detail), int(changed))
+    return _result_from_wire(cbor2.loads(data))
+
+
+def _result_from_wire(wire: list[Any]) -> Applied:
+    ok, detail, changed, *items = wire
+    nested = tuple(_result_from_wire(i) for i in items[0]) if items else ()
+    return Applied(bool(ok), str(detail), int(changed), nested)

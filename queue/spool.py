@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from mailqueue.commands import (
     Accept,
     Assign,
+    Batch,
     BeginDot,
     Command,
     Delete,
@@ -140,6 +141,7 @@ class Applied:
     ok: bool = True
     detail: str = ""
     changed: int = 0  # recipients whose state changed
+    items: tuple[Applied, ...] = ()  # a Batch: each command's own result, in order
 
 
 class Spool:
@@ -177,11 +179,16 @@ class Spool:
     # ---- applying commands
 
     def apply(self, cmd: Command) -> Applied:
-        self.now = max(self.now, cmd.at)
+        if not isinstance(cmd, Batch):  # a Batch's commands each bring their own time
+            self.now = max(self.now, cmd.at)
         handler = _HANDLERS[type(cmd)]
         result: Applied = handler(self, cmd)
         self._forget_tombstones()
         return result
+
+    def _batch(self, cmd: Batch) -> Applied:
+        items = tuple(self.apply(c) for c in cmd.commands)
+        return Applied(True, "", sum(a.changed for a in items), items)
 
     def _accept(self, cmd: Accept) -> Applied:
         if cmd.message_id in self.messages or cmd.message_id in self.finished:
@@ -428,6 +435,7 @@ _HANDLERS: dict[type, Callable[[Spool, Any], Applied]] = {
     Release: Spool._release,
     NodeDown: Spool._node_down,
     Expire: Spool._expire,
+    Batch: Spool._batch,
     Hold: lambda s, c: s._admin(c.message_ids, {S.QUEUED: S.HELD, S.ASSIGNED: S.HELD}),
     Unhold: lambda s, c: s._admin(c.message_ids, {S.HELD: S.QUEUED, S.UNCERTAIN: S.QUEUED}),
     Retry: lambda s, c: s._admin(

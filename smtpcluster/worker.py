@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import aiosmtplib
 
-from mailqueue import codec, policy
+from mailqueue import policy
 from mailqueue.commands import (
     BeginDot,
     Command,
@@ -24,11 +24,11 @@ from mailqueue.commands import (
     RcptResult,
     UncertainPolicy,
 )
-from mailqueue.machine import decode_result
 from mailqueue.spool import RcptState
 from raft.core import RaftError
 from raft.transport import Address
 from smtpcluster import logs, smtp_client
+from smtpcluster.batcher import Batcher
 from smtpcluster.connections import ConnectionPool
 from smtpcluster.route import RouteTemporaryFailure, Undeliverable
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05
-BEGIN_DOT_TIMEOUT_S = 10.0
+PROPOSE_TIMEOUT_S = 10.0
 
 
 OUTCOME_LABELS = {
@@ -63,6 +63,7 @@ class Worker:
         self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.batcher = Batcher(node.raft.propose, PROPOSE_TIMEOUT_S)
 
     async def run(self) -> None:
         # A previous run of this node may have died between BeginDot and Outcome, and if
@@ -229,17 +230,17 @@ class Worker:
         is not definite: the BeginDot may still commit."""
         cmd = BeginDot(_now(), mid, tuple(ks), self.me, attempt)
         try:
-            raw = await self.node.raft.propose(codec.encode(cmd), timeout=BEGIN_DOT_TIMEOUT_S)
+            applied = await self.batcher.submit(cmd)
         except (RaftError, TimeoutError):
             return False, False  # no quorum to fence with: do not send the dot
-        return decode_result(raw).ok, True
+        return applied.ok, True
 
     async def _commit(self, cmd: Command) -> None:
         """Propose until applied: an Outcome must not be lost, and it is idempotent."""
         delay = 0.05
         while True:
             try:
-                await self.node.raft.propose(codec.encode(cmd), timeout=10)
+                await self.batcher.submit(cmd)
                 return
             except (RaftError, TimeoutError):
                 await asyncio.sleep(delay)

@@ -8,9 +8,11 @@ from hypothesis import strategies as st
 
 from mailqueue import codec, snapshot
 from mailqueue.commands import (
+    COMMAND_TYPES,
     Accept,
     Assign,
     Assignment,
+    Batch,
     BeginDot,
     Command,
     Delete,
@@ -185,6 +187,38 @@ def test_random_command_sequences_keep_the_spool_consistent(data: st.DataObject)
             resumed.apply(cmd)
         assert resumed.state_key() == spool.state_key()
         assert resumed.index.view() == spool.index.view()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_batch_applies_exactly_as_its_commands_one_by_one(data: st.DataObject) -> None:
+    one_by_one, batched = Spool(), Spool()
+    at, pending = 1_000, []
+    for _ in range(data.draw(st.integers(1, 60))):
+        at += data.draw(st.integers(0, 5_000))
+        cmd = draw_command(data, one_by_one, at)  # may depend on the commands before it
+        pending.append((cmd, one_by_one.apply(cmd)))
+        if data.draw(st.booleans()):
+            continue  # the next one joins the same batch
+        batch = Batch(max(c.at for c, _ in pending), tuple(c for c, _ in pending))
+        assert codec.decode(codec.encode(batch)) == batch
+        result = batched.apply(batch)
+        assert result.items == tuple(r for _, r in pending)  # each its own result, in order
+        assert result.changed == sum(r.changed for _, r in pending)
+        assert batched.state_key() == one_by_one.state_key()
+        pending = []
+
+
+def test_a_batch_inside_a_batch_is_refused() -> None:
+    inner = Batch(1, (Hold(1, ("m1",)),))
+    wire = cbor2.dumps([COMMAND_TYPES.index(Batch), 1, [codec._to_wire(inner)]])
+    try:
+        codec.decode(wire)
+    except codec.DecodeError as exc:
+        assert "Batch inside a Batch" in str(exc)
+    else:
+        raise AssertionError("a nested Batch was decoded")
+    assert codec.decode(codec.encode(inner)) == inner
 
 
 def accepted(*rcpts: str, sender: str = "s@example.org") -> Spool:

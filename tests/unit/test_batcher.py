@@ -1,0 +1,81 @@
+"""Group commit of the worker's commands (smtpcluster.batcher), against a spool
+machine standing in for Raft."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mailqueue import codec
+from mailqueue.commands import Accept, Assign, Assignment, Batch, BeginDot, Command
+from mailqueue.machine import SpoolMachine
+from smtpcluster.batcher import Batcher
+
+
+class FakeRaft:
+    """Applies each proposal once `gate` opens; records what was proposed."""
+
+    def __init__(self) -> None:
+        self.sm = SpoolMachine()
+        self.proposed: list[Command] = []
+        self.gate = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def propose(self, data: bytes, timeout: float) -> bytes:
+        self.proposed.append(codec.decode(data))
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return self.sm.apply(len(self.proposed), data)
+
+
+def queued(raft: FakeRaft, n: int) -> None:
+    for k in range(n):
+        raft.sm.apply(0, codec.encode(Accept(1, f"m{k}", "s@x", ("u@y.example",), b"b", "a")))
+    assignments = tuple(Assignment(f"m{k}", 0, "a", 1) for k in range(n))
+    raft.sm.apply(0, codec.encode(Assign(1, assignments)))
+
+
+def test_commands_made_while_one_is_in_flight_go_together_each_with_its_result() -> None:
+    async def run() -> None:
+        raft = FakeRaft()
+        queued(raft, 4)
+        batcher = Batcher(raft.propose, 10)
+        first = asyncio.create_task(batcher.submit(BeginDot(2, "m0", (0,), "a", 1)))
+        await asyncio.sleep(0)  # the first is in flight, alone
+        rest = [
+            asyncio.create_task(batcher.submit(BeginDot(3, "m1", (0,), "a", 1))),
+            asyncio.create_task(batcher.submit(BeginDot(3, "m2", (0,), "b", 1))),  # not b's
+            asyncio.create_task(batcher.submit(BeginDot(4, "m3", (0,), "a", 1))),
+        ]
+        await asyncio.sleep(0)
+        raft.gate.set()
+        assert (await first).ok
+        assert [(await t).ok for t in rest] == [True, False, True]
+        assert raft.proposed[0] == BeginDot(2, "m0", (0,), "a", 1)
+        assert isinstance(raft.proposed[1], Batch) and len(raft.proposed[1].commands) == 3
+        assert raft.proposed[1].at == 4 and len(raft.proposed) == 2
+
+    asyncio.run(run())
+
+
+def test_a_batch_whose_fate_is_unknown_leaves_every_command_in_it_unknown() -> None:
+    async def run() -> None:
+        raft = FakeRaft()
+        queued(raft, 2)
+        batcher = Batcher(raft.propose, 10)
+        raft.fail = TimeoutError("no quorum")
+        tasks = [
+            asyncio.create_task(batcher.submit(BeginDot(2, f"m{k}", (0,), "a", 1)))
+            for k in range(2)
+        ]
+        await asyncio.sleep(0)
+        raft.gate.set()
+        for t in tasks:
+            with pytest.raises(TimeoutError, match="no quorum"):
+                await t
+        raft.fail = None  # and the batcher goes on with the next commands
+        assert (await batcher.submit(BeginDot(3, "m0", (0,), "a", 1))).ok
+
+    asyncio.run(run())
