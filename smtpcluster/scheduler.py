@@ -50,12 +50,18 @@ class Scheduler:
         leader, which replicates them all) every message the cluster accepted: in the
         same unit as recipients in hand, so a node busy taking mail gets fewer
         deliveries: its front end is the cluster's busiest process (docs/benchmarks.md,
-        2026-11-26 third session)."""
+        2026-11-26 third session).
+
+        Each is capped at a node's delivery concurrency: a busy node yields at most that
+        many recipients to a quiet one, and nodes that are all busy share by what they
+        hold, as before. Uncapped, a leader at 300 messages/s would count as 1,200 and
+        leave its delivery slots idle while slow destinations kept the followers' full."""
         now = self.node.machine.spool.accepted.copy()
         self.seen.append(now)
         busy = now - self.seen[0]  # Counter subtraction keeps only positive counts
         busy[self.node.cfg.node.id] += sum(busy.values())
-        return busy
+        cap = self.node.cfg.delivery.concurrency
+        return collections.Counter({n: min(v, cap) for n, v in busy.items()})
 
     def live_nodes(self) -> list[str]:
         raft = self.node.raft
