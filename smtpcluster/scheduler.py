@@ -40,6 +40,7 @@ class Scheduler:
                     # A node this leader has not heard from yet is not silent yet: every
                     # member gets node_down_after from the start of this leadership.
                     self.term, self.lead_since = core.term, time.monotonic()
+                    self.seen.clear()  # counts from an earlier leadership are stale
                 try:
                     await self.tick()
                 except (RaftError, TimeoutError) as exc:
