@@ -172,14 +172,16 @@ class Handler:
             await self.submit(cmd, self.cfg.accept_timeout_ms / 1000)
         except TimeoutError:
             reply = "451 4.3.0 Cluster unavailable, try again later"
-        # One line per transaction, envelope facts only: never the body.
+        # One line per transaction, envelope facts only: never the body. Written just
+        # after the reply (FrontendSMTP.smtp_DATA sends it at once): the client need not
+        # wait for our log.
         level = logging.INFO if reply.startswith("250") else logging.WARNING
-        logs.event(
-            log, "smtp", level, id=message_id, sender=f"<{cmd.sender}>",
+        asyncio.get_running_loop().call_soon(functools.partial(
+            logs.event, log, "smtp", level, id=message_id, sender=f"<{cmd.sender}>",
             rcpts=",".join(cmd.recipients), size=len(body), peer=_peer(session),
             auth=_user(session), tls=session.ssl is not None, reply=reply,
             took=f"{time.monotonic() - began:.3f}s",
-        )  # fmt: skip
+        ))  # fmt: skip
         return reply
 
     def __dir__(self) -> list[str]:
@@ -379,6 +381,10 @@ class FrontendSMTP(SMTP):
             status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
+        # The end of a transaction: the client waits for this reply before it goes on
+        # (RFC 2920 makes the end of data a point where it must), so the reply leaves
+        # now, not after the loop's other ready work; handle_DATA's log line follows it.
+        self._flush_replies()
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if not _bracketed(arg, "TO:"):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from smtpcluster.config import SmtpSection
 from smtpcluster.frontend import FrontendSMTP, Handler, smtp_factory
@@ -80,3 +84,46 @@ def test_pipelined_commands_get_their_replies_in_order_in_one_write() -> None:
 def test_quit_is_answered_at_once() -> None:
     writes = asyncio.run(converse(b"QUIT\r\n", b"221"))
     assert writes[-1].startswith(b"221")
+
+
+def test_the_end_of_data_reply_goes_out_before_the_transaction_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client waits for the 250; our log line need not be in its way."""
+    wire = Wire()
+    written_when_logged: list[bytes] = []
+
+    class Spy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", "") == "smtp":
+                written_when_logged.append(b"".join(wire.writes))
+
+    async def accepted(cmd: object, timeout: float) -> bool:
+        return True
+
+    async def run() -> None:
+        cfg = SmtpSection(
+            hostname="reply.test", relay_networks=(ipaddress.ip_network("127.0.0.0/8"),)
+        )
+        proto = smtp_factory(Handler(cfg, "n1", accepted))()
+        proto.connection_made(wire)
+        await until(lambda: len(wire.writes) == 1)
+        proto.data_received(
+            b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+        )
+        await until(lambda: wire.writes[-1].split(b"\r\n")[-2].startswith(b"354"))
+        proto.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        await until(lambda: bool(written_when_logged))
+        proto.connection_lost(None)
+
+    caplog.set_level(logging.INFO, logger="smtpcluster.frontend")
+    spy = Spy()
+    logging.getLogger("smtpcluster.frontend").addHandler(spy)
+    try:
+        asyncio.run(run())
+    finally:
+        logging.getLogger("smtpcluster.frontend").removeHandler(spy)
+    assert (
+        written_when_logged[0].endswith(b"\r\n")
+        and b"250 2.0.0 Ok: queued as " in (written_when_logged[0].split(b"354", 1)[1])
+    )
