@@ -64,9 +64,12 @@ class Load:
             t.start()
 
     def finish(self) -> None:
+        """Stop the clients and wait for them; safe to call twice, or when the cluster
+        failed to start and they never ran (that failure must not be masked)."""
         self.stop.set()
         for t in self.threads:
-            t.join(120)
+            if t.ident is not None:  # started
+                t.join(120)
 
     def _client(self, k: int) -> None:
         rng = random.Random(self.seed * 1000 + k)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +19,32 @@ T = TypeVar("T")
 POLL_INTERVAL_S = 0.05  # how often wait_for looks again; its deadline is what bounds it
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+# Below Linux's ephemeral range (32768-60999): a port the kernel handed out for bind(0)
+# could be taken, before the node bound it, as the source port of some outgoing
+# connection (the chaos load makes thousands): "address already in use" at start.
+PORTS = range(10_000, 32_768)
+
+
+def free_port(host: str, avoid: Collection[int] = ()) -> int:
+    """A port nothing on `host` listens on now, below the ephemeral range."""
+    while True:
+        port = random.choice(PORTS)
+        if port in avoid:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """`n` distinct free ports on `host`, for one process's listeners."""
+    ports: list[int] = []
+    while len(ports) < n:
+        ports.append(free_port(host, ports))
+    return ports
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0) -> T:
@@ -78,7 +100,8 @@ class KVCluster:
         self.initial = list(ids)
 
     def add_proc(self, nid: str, host: str) -> Proc:
-        p = Proc(nid, host, free_port(host), free_port(host), self.root / nid)
+        raft, client = free_ports(host, 2)
+        p = Proc(nid, host, raft, client, self.root / nid)
         self.procs[nid] = p
         return p
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from smtpcluster import pki
 from smtpcluster.auth import hash_password
-from tests.integration.kvcluster import free_port, stop_process, wait_for
+from tests.integration.kvcluster import free_ports, stop_process, wait_for
 
 # A smarthost nobody listens on: delivery is deferred and accepted mail stays in the
 # spool where acceptance tests look for it.
@@ -51,10 +51,10 @@ class SmtpCluster:
         for k in range(n):
             host = f"127.0.0.{k + 1}"
             nid = f"n{k + 1}"
+            raft_p, smtp_p, admin_p, sub_p = free_ports(host, 4)
             self.nodes[nid] = SmtpNode(
-                nid, host, free_port(host), free_port(host), free_port(host),
-                root / f"{nid}.toml", free_port(host),
-            )  # fmt: skip
+                nid, host, raft_p, smtp_p, admin_p, root / f"{nid}.toml", sub_p
+            )
         tls = self._submission_files(root) if submission else ""
         self._settings = (relay_networks, max_size, idle, tls)
         self._delivery_text = self._delivery(smarthost, nameservers, mx_port, lifetime)
@@ -83,10 +83,8 @@ class SmtpCluster:
 
     def add_joiner(self, nid: str, host: str) -> SmtpNode:
         """A node configured to start empty and wait for `cluster join` (not started)."""
-        node = SmtpNode(
-            nid, host, free_port(host), free_port(host), free_port(host),
-            self.root / f"{nid}.toml", free_port(host),
-        )  # fmt: skip
+        raft_p, smtp_p, admin_p, sub_p = free_ports(host, 4)
+        node = SmtpNode(nid, host, raft_p, smtp_p, admin_p, self.root / f"{nid}.toml", sub_p)
         self.nodes[nid] = node
         peers = ", ".join(f'{n.id} = "{n.host}:{n.raft_port}"' for n in self.nodes.values())
         self._write_config(node, peers, join=True)
