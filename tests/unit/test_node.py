@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import socket
 import threading
 from collections.abc import Iterable
 
@@ -15,6 +14,7 @@ from raft.core import RaftError, Role
 from raft.kv import KV, put
 from raft.node import NodeConfig, RaftNode
 from raft.transport import Address
+from tests.integration.kvcluster import free_port, free_ports
 
 
 class GatedKV(KV):
@@ -34,13 +34,6 @@ class GatedKV(KV):
         # event loop, nobody could, and the wait would time out.
         self.gate_timed_out = not self.gate.wait(5)
         yield from it
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _until(cond: object, timeout: float = 10.0) -> None:
@@ -64,7 +57,7 @@ async def _one_entry_each(node: RaftNode, datas: list[bytes]) -> list[asyncio.Ta
 
 def test_a_slow_snapshot_holds_back_applying_but_not_the_raft_loop(tmp_path: pathlib.Path) -> None:
     async def run() -> None:
-        addr = Address("127.0.0.1", _port())
+        addr = Address("127.0.0.1", free_port("127.0.0.1"))
         kv = GatedKV()
         cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5,
                          snapshot_entries=5)  # fmt: skip
@@ -91,7 +84,7 @@ def test_a_slow_snapshot_holds_back_applying_but_not_the_raft_loop(tmp_path: pat
 
 def test_restart_restores_from_the_snapshot_and_the_log(tmp_path: pathlib.Path) -> None:
     async def run(kv: KV) -> RaftNode:
-        addr = Address("127.0.0.1", _port())
+        addr = Address("127.0.0.1", free_port("127.0.0.1"))
         cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5,
                          snapshot_entries=10)  # fmt: skip
         node = RaftNode(cfg, kv)
@@ -131,7 +124,7 @@ def test_proposals_made_together_share_an_entry_and_get_their_own_results(
     tmp_path: pathlib.Path,
 ) -> None:
     async def run(kv: KV) -> tuple[list[bytes], int]:
-        addr = Address("127.0.0.1", _port())
+        addr = Address("127.0.0.1", free_port("127.0.0.1"))
         cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
         node = RaftNode(cfg, kv)
         await node.start()
@@ -157,7 +150,8 @@ def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_a
     itself; the leader sends no answer frame for a success, only for a refusal."""
 
     async def run() -> None:
-        addrs = {f"n{k}": Address("127.0.0.1", _port()) for k in (1, 2, 3)}
+        ports = free_ports("127.0.0.1", 3)
+        addrs = {f"n{k}": Address("127.0.0.1", port) for k, port in enumerate(ports, 1)}
         kvs = {n: EchoKV() for n in addrs}
         nodes = [
             RaftNode(NodeConfig(n, a, addrs, str(tmp_path / n), b"k" * 32, tick_ms=5), kvs[n])

@@ -18,13 +18,7 @@ from raft.transport import (
     client_handshake,
     server_handshake,
 )
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.integration.kvcluster import free_port
 
 
 async def _eventually(cond: object, timeout: float = 5.0) -> None:
@@ -37,8 +31,10 @@ async def _eventually(cond: object, timeout: float = 5.0) -> None:
 
 async def _pair(key_a: bytes, key_b: bytes) -> tuple[Transport, Transport, list[tuple[str, bytes]]]:
     got: list[tuple[str, bytes]] = []
-    a = Transport("a", Address("127.0.0.1", _port()), key_a, lambda p, f: None)
-    b = Transport("b", Address("127.0.0.1", _port()), key_b, lambda p, f: got.append((p, f)))
+    a = Transport("a", Address("127.0.0.1", free_port("127.0.0.1")), key_a, lambda p, f: None)
+    b = Transport(
+        "b", Address("127.0.0.1", free_port("127.0.0.1")), key_b, lambda p, f: got.append((p, f))
+    )
     await a.start()
     await b.start()
     a.set_peer("b", b.listen)
@@ -74,7 +70,10 @@ def test_a_tampered_frame_closes_the_connection_undelivered() -> None:
     async def run() -> None:
         got: list[tuple[str, bytes]] = []
         b = Transport(
-            "b", Address("127.0.0.1", _port()), b"k" * 32, lambda p, f: got.append((p, f))
+            "b",
+            Address("127.0.0.1", free_port("127.0.0.1")),
+            b"k" * 32,
+            lambda p, f: got.append((p, f)),
         )
         await b.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", b.listen.port)
@@ -97,7 +96,10 @@ def test_garbage_instead_of_a_handshake_is_refused() -> None:
     async def run() -> None:
         got: list[tuple[str, bytes]] = []
         b = Transport(
-            "b", Address("127.0.0.1", _port()), b"k" * 32, lambda p, f: got.append((p, f))
+            "b",
+            Address("127.0.0.1", free_port("127.0.0.1")),
+            b"k" * 32,
+            lambda p, f: got.append((p, f)),
         )
         await b.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", b.listen.port)
@@ -136,7 +138,7 @@ def test_a_peer_that_dies_is_unreachable_not_an_error(caplog: pytest.LogCaptureF
 
         server = await asyncio.start_server(doomed, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        a = Transport("a", Address("127.0.0.1", _port()), key, lambda p, f: None)
+        a = Transport("a", Address("127.0.0.1", free_port("127.0.0.1")), key, lambda p, f: None)
         await a.start()
         a.set_peer("b", Address("127.0.0.1", port))
         await _eventually(lambda: handshakes)
