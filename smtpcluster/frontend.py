@@ -158,7 +158,7 @@ class Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        if b"\n" in raw.replace(b"\r\n", b""):
+        if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied
             return "550 5.6.11 Bare LF in message: lines must end with CRLF"
         message_id = new_message_id(self.node_id)
         body = self._received(session, envelope, message_id) + raw

@@ -14,13 +14,10 @@ connection is ready for the next MAIL.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
-
-PERIOD = re.compile(rb"(?m)^\.")
 
 
 @dataclass(frozen=True)
@@ -56,9 +53,14 @@ class Transaction:
 
 
 def stuff(body: bytes) -> bytes:
+    """RFC 5321 4.5.2: a dot at the start of a line is doubled. By plain byte search:
+    the multiline regex that did this was a sixth of a delivering node's CPU at 100
+    KiB, and most bodies have no line to stuff."""
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return PERIOD.sub(b"..", body)
+    if b"\n." in body:
+        body = body.replace(b"\n.", b"\n..")
+    return b"." + body if body.startswith(b".") else body
 
 
 @dataclass(frozen=True)

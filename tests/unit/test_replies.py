@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -127,3 +128,39 @@ def test_the_end_of_data_reply_goes_out_before_the_transaction_is_logged(
         written_when_logged[0].endswith(b"\r\n")
         and b"250 2.0.0 Ok: queued as " in (written_when_logged[0].split(b"354", 1)[1])
     )
+
+
+def test_a_bare_lf_in_the_message_is_refused_and_the_session_goes_on() -> None:
+    """aiosmtpd takes a lone LF as a line end; RFC 5321 2.3.8 does not."""
+    wire = Wire()
+    submitted: list[object] = []
+
+    async def accepted(cmd: object, timeout: float) -> bool:
+        submitted.append(cmd)
+        return True
+
+    def last_reply() -> bytes:
+        return wire.writes[-1].split(b"\r\n")[-2]
+
+    def replied(want: bytes) -> bool:
+        return last_reply().startswith(want)
+
+    async def run() -> None:
+        cfg = SmtpSection(
+            hostname="reply.test", relay_networks=(ipaddress.ip_network("127.0.0.0/8"),)
+        )
+        proto = smtp_factory(Handler(cfg, "n1", accepted))()
+        proto.connection_made(wire)
+        await until(lambda: len(wire.writes) == 1)
+        proto.data_received(b"EHLO c.test\r\n")
+        await until(lambda: last_reply().startswith(b"250 HELP"))
+        for body, want in ((b"Subject: x\r\n\r\nbare\nLF\r\n", b"550 5.6.11"),
+                           (b"Subject: y\r\n\r\nfine\r\n", b"250 2.0.0")):  # fmt: skip
+            proto.data_received(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+            await until(lambda: last_reply().startswith(b"354"))
+            proto.data_received(body + b".\r\n")
+            await until(functools.partial(replied, want))
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert len(submitted) == 1  # only the good one: the refused one was never proposed

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smtpcluster.smtp_client import stuff
 from smtpcluster.smtpdata import Data, DataState, read_data
 
 LINE_LIMIT = 1001  # aiosmtpd's
@@ -102,3 +104,19 @@ def test_what_the_client_stuffed_comes_back_exactly(lines: list[bytes], cuts: li
 def test_a_client_that_hangs_up_mid_data_ends_the_read_with_nothing() -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         read([b"Subject: half\r\n\r\nand then"])  # no lone dot, then end of stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a.b", b" .", b"\r"]), max_size=20)
+)
+def test_our_clients_stuffing_is_what_this_reader_undoes(parts: list[bytes]) -> None:
+    """smtp_client.stuff (the delivering side) against the RFC's rule, and through the
+    DATA reader (the accepting side) back to the body."""
+    body = b"\r\n".join(parts)
+    wire = stuff(body)
+    crlf_body = body if body.endswith(b"\r\n") else body + b"\r\n"
+    assert wire == re.sub(rb"(?m)^\.", b"..", crlf_body)  # a dot opening a line doubled
+    if b"\n" not in body.replace(b"\r\n", b""):  # the reader refuses bare LF elsewhere
+        data, _, _ = read([wire + b".\r\n"], max_size=1 << 20)
+        assert data.content == crlf_body
