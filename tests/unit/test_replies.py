@@ -67,6 +67,21 @@ async def converse(lines: bytes, last: bytes) -> list[bytes]:
     return wire.writes
 
 
+async def relaying_session(wire: Wire, submit: Any) -> FrontendSMTP:
+    """A front end that relays for loopback, connected to `wire`, greeting written."""
+    cfg = SmtpSection(hostname="reply.test", relay_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    proto = smtp_factory(Handler(cfg, "n1", submit))()
+    assert isinstance(proto, FrontendSMTP)
+    proto.connection_made(wire)
+    await until(lambda: len(wire.writes) == 1)
+    return proto
+
+
+def replied(wire: Wire, want: bytes) -> bool:
+    """Whether the last reply line written so far starts with `want`."""
+    return bool(wire.writes) and wire.writes[-1].split(b"\r\n")[-2].startswith(want)
+
+
 def test_a_multiline_ehlo_reply_is_one_write() -> None:
     writes = asyncio.run(converse(b"EHLO client.test\r\n", b"250 HELP"))
     assert writes[0] == b"220 reply.test ESMTP smtpcluster\r\n"  # no library version
@@ -103,16 +118,11 @@ def test_the_end_of_data_reply_goes_out_before_the_transaction_is_logged(
         return True
 
     async def run() -> None:
-        cfg = SmtpSection(
-            hostname="reply.test", relay_networks=(ipaddress.ip_network("127.0.0.0/8"),)
-        )
-        proto = smtp_factory(Handler(cfg, "n1", accepted))()
-        proto.connection_made(wire)
-        await until(lambda: len(wire.writes) == 1)
+        proto = await relaying_session(wire, accepted)
         proto.data_received(
             b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
         )
-        await until(lambda: wire.writes[-1].split(b"\r\n")[-2].startswith(b"354"))
+        await until(functools.partial(replied, wire, b"354"))
         proto.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\n")
         await until(lambda: bool(written_when_logged))
         proto.connection_lost(None)
@@ -139,27 +149,16 @@ def test_a_bare_lf_in_the_message_is_refused_and_the_session_goes_on() -> None:
         submitted.append(cmd)
         return True
 
-    def last_reply() -> bytes:
-        return wire.writes[-1].split(b"\r\n")[-2]
-
-    def replied(want: bytes) -> bool:
-        return last_reply().startswith(want)
-
     async def run() -> None:
-        cfg = SmtpSection(
-            hostname="reply.test", relay_networks=(ipaddress.ip_network("127.0.0.0/8"),)
-        )
-        proto = smtp_factory(Handler(cfg, "n1", accepted))()
-        proto.connection_made(wire)
-        await until(lambda: len(wire.writes) == 1)
+        proto = await relaying_session(wire, accepted)
         proto.data_received(b"EHLO c.test\r\n")
-        await until(lambda: last_reply().startswith(b"250 HELP"))
+        await until(functools.partial(replied, wire, b"250 HELP"))
         for body, want in ((b"Subject: x\r\n\r\nbare\nLF\r\n", b"550 5.6.11"),
                            (b"Subject: y\r\n\r\nfine\r\n", b"250 2.0.0")):  # fmt: skip
             proto.data_received(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
-            await until(lambda: last_reply().startswith(b"354"))
+            await until(functools.partial(replied, wire, b"354"))
             proto.data_received(body + b".\r\n")
-            await until(functools.partial(replied, want))
+            await until(functools.partial(replied, wire, want))
         proto.connection_lost(None)
 
     asyncio.run(run())
