@@ -55,9 +55,10 @@ class Batcher:
         cmd = cmds[0] if single else Batch(max(c.at for c in cmds), cmds)
         try:
             result = decode_result(await self._propose(codec.encode(cmd), self._timeout))
-        except asyncio.CancelledError:  # the node is stopping: nobody waits forever
-            for _, fut in batch + self._queue:
+        except asyncio.CancelledError:  # the node is stopping: nobody waits forever,
+            for _, fut in batch + self._queue:  # and nothing queued is proposed later
                 fut.cancel()
+            self._queue = []
             raise
         except (RaftError, TimeoutError) as exc:
             for _, fut in batch:

@@ -79,3 +79,25 @@ def test_a_batch_whose_fate_is_unknown_leaves_every_command_in_it_unknown() -> N
         assert (await batcher.submit(BeginDot(3, "m0", (0,), "a", 1))).ok
 
     asyncio.run(run())
+
+
+def test_a_stopping_node_leaves_nobody_waiting_and_nothing_queued() -> None:
+    async def run() -> None:
+        raft = FakeRaft()
+        queued(raft, 2)
+        batcher = Batcher(raft.propose, 10)
+        tasks = [asyncio.create_task(batcher.submit(BeginDot(2, "m0", (0,), "a", 1)))]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # m0 in flight...
+        tasks.append(asyncio.create_task(batcher.submit(BeginDot(2, "m1", (0,), "a", 1))))
+        await asyncio.sleep(0)  # ...and m1 waiting for it
+        assert raft.proposed == [BeginDot(2, "m0", (0,), "a", 1)] and batcher._flushing
+        batcher._flushing.cancel()  # what the loop's shutdown does
+        for t in tasks:
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        raft.gate.set()
+        await batcher.submit(BeginDot(3, "m1", (0,), "a", 1))
+        assert raft.proposed[1:] == [BeginDot(3, "m1", (0,), "a", 1)]  # not the forgotten m1
+
+    asyncio.run(run())
