@@ -37,11 +37,16 @@ def queued(raft: FakeRaft, n: int) -> None:
     raft.sm.apply(0, codec.encode(Assign(1, assignments)))
 
 
+def started(n: int) -> tuple[FakeRaft, Batcher]:
+    """A batcher over a spool holding `n` messages, each assigned to node a."""
+    raft = FakeRaft()
+    queued(raft, n)
+    return raft, Batcher(raft.propose, 10)
+
+
 def test_commands_made_while_one_is_in_flight_go_together_each_with_its_result() -> None:
     async def run() -> None:
-        raft = FakeRaft()
-        queued(raft, 4)
-        batcher = Batcher(raft.propose, 10)
+        raft, batcher = started(4)
         first = asyncio.create_task(batcher.submit(BeginDot(2, "m0", (0,), "a", 1)))
         await asyncio.sleep(0)  # the first is in flight, alone
         rest = [
@@ -62,9 +67,7 @@ def test_commands_made_while_one_is_in_flight_go_together_each_with_its_result()
 
 def test_a_batch_whose_fate_is_unknown_leaves_every_command_in_it_unknown() -> None:
     async def run() -> None:
-        raft = FakeRaft()
-        queued(raft, 2)
-        batcher = Batcher(raft.propose, 10)
+        raft, batcher = started(2)
         raft.fail = TimeoutError("no quorum")
         tasks = [
             asyncio.create_task(batcher.submit(BeginDot(2, f"m{k}", (0,), "a", 1)))
@@ -83,9 +86,7 @@ def test_a_batch_whose_fate_is_unknown_leaves_every_command_in_it_unknown() -> N
 
 def test_a_stopping_node_leaves_nobody_waiting_and_nothing_queued() -> None:
     async def run() -> None:
-        raft = FakeRaft()
-        queued(raft, 2)
-        batcher = Batcher(raft.propose, 10)
+        raft, batcher = started(2)
         tasks = [asyncio.create_task(batcher.submit(BeginDot(2, "m0", (0,), "a", 1)))]
         await asyncio.sleep(0)
         await asyncio.sleep(0)  # m0 in flight...
