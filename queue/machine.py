@@ -8,7 +8,7 @@ from typing import Any
 
 import cbor2
 
-from mailqueue import codec, snapshot
+from mailqueue import codec, heap, snapshot
 from mailqueue.spool import Applied, BodyStore, Spool
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class SpoolMachine:
 
     def restore(self, chunks: Iterator[bytes]) -> None:
         self.spool = snapshot.load(chunks, self.spool.bodies)
+        heap.settle()
 
 
 def encode_result(a: Applied) -> bytes:

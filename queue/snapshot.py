@@ -12,6 +12,7 @@ from typing import Any
 
 import cbor2
 
+from mailqueue import heap
 from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool
 from raft import streams
 
@@ -35,6 +36,11 @@ def dump(spool: Spool) -> Iterator[bytes]:
 
 
 def load(chunks: Iterator[bytes], bodies: BodyStore | None = None) -> Spool:
+    with heap.building():
+        return _load(chunks, bodies)
+
+
+def _load(chunks: Iterator[bytes], bodies: BodyStore | None) -> Spool:
     decoder = cbor2.CBORDecoder(streams.reader(chunks))
     version, now, uncertain, n_messages, n_tombs = decoder.decode()
     if version != VERSION:

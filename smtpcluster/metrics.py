@@ -69,6 +69,11 @@ class _StateCollector(Collector):
             "smtpcluster_recipients_refused", "Recipients refused: relaying denied",
             value=self.node.handler.refused,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "smtpcluster_gc_slow_full_collections",
+            "Full garbage collections that stopped the node longer than the limit",
+            value=self.node.collections.slow,
+        )  # fmt: skip
 
     def _queue(self) -> Iterator[Metric]:
         spool = self.node.spool

@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from mailqueue import codec
+from mailqueue import codec, heap
 from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import SpoolMachine, decode_result
@@ -39,6 +39,7 @@ ATTEMPT_S = 3.0  # one proposal attempt; a stuck one is retried with the same id
 ACCEPT_HARD_CAP_S = 540.0
 DRAIN_S = 12.0  # SIGTERM: how long open sessions and deliveries in hand may take
 READY_WAIT_S = 30.0  # under systemd: how long start-up waits for a leader before READY
+HEAP_TEND_S = 1.0  # how soon after a slow full collection its survivors are frozen
 
 
 class Node:
@@ -77,6 +78,7 @@ class Node:
         self._servers: list[asyncio.Server] = []
         self.fate_unknown = 0  # Accepts answered 451 while perhaps in a log (should be 0)
         self.frontends_up = False
+        self.collections = heap.FullCollections()
         self.metrics = Metrics(self)  # last: its registry reads the node's state at once
         self.raft.on_fsync = self.metrics.fsync_seconds.observe
         self.hooks = TestHooks.from_env()
@@ -154,6 +156,13 @@ class Node:
         self.frontends_up = True
         await admin.start(self)
         self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
+        self._tasks.append(loop.create_task(self._tend_heap()))
+
+    async def _tend_heap(self) -> None:
+        with self.collections:
+            while True:
+                await asyncio.sleep(HEAP_TEND_S)
+                self.collections.tend()
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file and apply, to sessions that start from now
@@ -284,6 +293,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 
 async def serve(cfg: Config) -> None:
     node = Node(cfg)
+    heap.settle()  # what start-up loaded (code, config, the restored spool) lives for good
     notify = Notifier()
     loop = asyncio.get_running_loop()
     watchdog = loop.create_task(notify.watchdog())

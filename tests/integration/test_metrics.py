@@ -54,6 +54,7 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         accepted = "smtpcluster_messages_accepted_total"
         assert value(after, accepted) - value(before, accepted) == 5
         assert value(after, "smtpcluster_accept_seconds_count") >= 5
+        assert ("smtpcluster_gc_slow_full_collections_total", ()) in after
         wait_for("5 deliveries counted", lambda: delivered(cluster) - start_delivered == 5)
         assert len(sink.received) == 5
 
