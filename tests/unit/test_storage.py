@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raft.storage import CorruptLogError, Storage, StorageError
-from raft.storage.store import scan_records
+from raft.storage.store import SNAPSHOT_SYNC_BYTES, scan_records
 from raft.types import ConfState, Entry, HardState, Ready, SnapshotChunk, SnapshotMeta
 from tests.unit.powerloss import CrashNow, PowerLossFS
 
@@ -99,6 +100,22 @@ def test_snapshot_is_streamed_to_disk_and_read_back(tmp_path: pathlib.Path) -> N
     s.close()
     init = Storage(str(tmp_path)).initial_state(CONF)
     assert init.snapshot == meta and [e.index for e in init.entries] == [9, 10]
+
+
+def test_a_snapshot_is_made_durable_as_it_is_written() -> None:
+    fs = PowerLossFS()
+    s = Storage("/node", fs=fs)
+    chunk = b"x" * (256 << 10)
+    unsynced = []
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):  # 5 MiB
+            yield chunk
+            tmp = fs.names["/node/snap/local.tmp"]  # after the write of that chunk
+            unsynced.append(len(tmp.data) - len(tmp.durable))
+
+    s.write_snapshot(8, 1, CONF, chunks())
+    assert max(unsynced) < SNAPSHOT_SYNC_BYTES + len(chunk) < 5 << 20
 
 
 def test_old_segments_are_deleted_once_a_snapshot_covers_them(tmp_path: pathlib.Path) -> None:
