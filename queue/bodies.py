@@ -6,6 +6,9 @@ fsynced: the Raft log and snapshots are the durable copy, and a restarting node
 rebuilds its bodies from them (clear(), then the snapshot and the log re-add them).
 The placement of bodies is local to a node and never part of the replicated state.
 
+A snapshot's worker thread reads bodies while the event loop stores and deletes others
+(mailqueue.spool.SpoolView): one lock keeps the segment bookkeeping whole between them.
+
 The most recent bodies (up to `cache_bytes`) are also kept in memory: most deliveries
 start within a second of acceptance, and reading a body back from its segment cost a
 flush of the segment being written plus an open, seek, read and close.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from typing import BinaryIO
 
 from mailqueue.commands import MessageId
@@ -38,6 +42,7 @@ class DiskBodies:
         self._seg = 0
         self._out: BinaryIO | None = None
         self._size = 0
+        self._lock = threading.Lock()
         self.clear()
 
     def _path(self, seg: int) -> str:
@@ -53,6 +58,10 @@ class DiskBodies:
         self._size = 0
 
     def put(self, message_id: MessageId, body: bytes) -> None:
+        with self._lock:
+            self._put(message_id, body)
+
+    def _put(self, message_id: MessageId, body: bytes) -> None:
         if message_id in self._where:
             return
         if self._out is None or (self._size + len(body) > self.segment_bytes and self._size):
@@ -79,6 +88,10 @@ class DiskBodies:
             self._recent_size -= len(body)
 
     def get(self, message_id: MessageId) -> bytes:
+        with self._lock:
+            return self._get(message_id)
+
+    def _get(self, message_id: MessageId) -> bytes:
         seg, offset, length = self._where[message_id]  # KeyError: not stored here
         recent = self._recent.get(message_id)
         if recent is not None:
@@ -90,6 +103,10 @@ class DiskBodies:
             return f.read(length)
 
     def delete(self, message_id: MessageId) -> None:
+        with self._lock:
+            self._delete(message_id)
+
+    def _delete(self, message_id: MessageId) -> None:
         self._forget(message_id)
         where = self._where.pop(message_id, None)
         if where is None:
@@ -102,6 +119,10 @@ class DiskBodies:
                 os.remove(self._path(seg))
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -31,7 +31,10 @@ class SpoolMachine:
         return encode_result(self.spool.apply(cmd))
 
     def snapshot(self) -> Iterable[bytes]:
-        return snapshot.dump(self.spool)
+        return snapshot.dump(self.spool.open_view())
+
+    def snapshot_done(self) -> None:
+        self.spool.close_view()
 
     def restore(self, chunks: Iterator[bytes]) -> None:
         self.spool = snapshot.load(chunks, self.spool.bodies)

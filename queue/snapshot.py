@@ -13,7 +13,7 @@ from typing import Any
 import cbor2
 
 from mailqueue import heap
-from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool
+from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool, SpoolView
 from raft import streams
 
 VERSION = 1
@@ -23,7 +23,9 @@ class SnapshotError(ValueError):
     """A snapshot this code cannot read."""
 
 
-def dump(spool: Spool) -> Iterator[bytes]:
+def dump(spool: SpoolView | Spool) -> Iterator[bytes]:
+    """A spool's records, read lazily: from a view (Spool.open_view) when commands go on
+    applying meanwhile, from the spool itself only when nothing does."""
     yield cbor2.dumps(
         [VERSION, spool.now, spool.uncertain_total, len(spool.messages), len(spool.finished)]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import cbor2
@@ -24,10 +25,13 @@ class KV:
         return b"ok"
 
     def snapshot(self) -> Iterable[bytes]:
-        # A count, then one record per key: written and read as a stream.
-        yield cbor2.dumps([self.applied, len(self.data)])
-        for key, value in list(self.data.items()):
-            yield cbor2.dumps([key, value])
+        # A count, then one record per key: written and read as a stream. The items are
+        # taken now, not when read: applying goes on while another thread reads them.
+        items = list(self.data.items())
+        head = cbor2.dumps([self.applied, len(items)])
+        return itertools.chain([head], (cbor2.dumps([k, v]) for k, v in items))
+
+    def snapshot_done(self) -> None: ...
 
     def restore(self, chunks: Iterator[bytes]) -> None:
         decoder = cbor2.CBORDecoder(streams.reader(chunks))

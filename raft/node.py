@@ -58,7 +58,17 @@ _ADDR_LEN = struct.Struct("<I")
 
 class StateMachine(Protocol):
     def apply(self, index: int, data: bytes) -> bytes: ...
-    def snapshot(self) -> Iterable[bytes]: ...
+
+    def snapshot(self) -> Iterable[bytes]:
+        """The state as of the last apply, captured when called: the chunks are read by
+        a worker thread while applying goes on."""
+        ...
+
+    def snapshot_done(self) -> None:
+        """On the event loop, once the last snapshot's chunks were read (or its writing
+        failed): what was kept for it can go."""
+        ...
+
     def restore(self, chunks: Iterator[bytes]) -> None: ...
 
 
@@ -114,7 +124,6 @@ class RaftNode:
         )
         self.core = Raft(core_cfg, random.Random(), init, self.storage)
         self.sm_applied = 0  # what the state machine has applied (may trail the core)
-        self._backlog: list[Entry] = []  # committed entries held while a snapshot is cut
         self._snap_task: asyncio.Task[None] | None = None
         if init.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(init.snapshot))
@@ -514,11 +523,8 @@ class RaftNode:
         if rd.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(rd.snapshot))
             self.sm_applied = rd.snapshot.index
-        if self._snap_task is not None:
-            self._backlog.extend(rd.committed_entries)
-        else:
-            for e in rd.committed_entries:
-                self._apply(e)
+        for e in rd.committed_entries:
+            self._apply(e)
         for rs in rd.read_states:
             fut = self._reads.get(rs.context)
             if fut is not None and not fut.done():
@@ -575,9 +581,9 @@ class RaftNode:
     # ================================================================ snapshots
 
     def _take_snapshot(self) -> None:
-        """Cut a snapshot in a worker thread. Meanwhile the node keeps ticking, persisting
-        and sending (so it keeps its leadership); only applying waits, so the state
-        machine holds still while the thread reads it."""
+        """Cut a snapshot in a worker thread. Meanwhile the node keeps ticking, persisting,
+        sending and applying: the state machine hands over a view of itself as of now
+        (StateMachine.snapshot), so nothing waits for the thread."""
         if self._snap_task is not None:
             return
         meta = self.core.snapshot_meta(self.sm_applied, 0)
@@ -597,11 +603,8 @@ class RaftNode:
         except Exception:
             log.exception("snapshot at %d failed; the log is kept whole", meta.index)
         finally:
-            backlog, self._backlog, self._snap_task = self._backlog, [], None
-            for e in backlog:
-                self._apply(e)
-            self._release_reads()
-            self._wake.set()
+            self._snap_task = None
+            self.sm.snapshot_done()
 
     def _restore(self, chunks: Iterator[bytes]) -> None:
         stream = _Stream(chunks)
