@@ -72,6 +72,12 @@ class StateMachine(Protocol):
     def restore(self, chunks: Iterator[bytes]) -> None: ...
 
 
+class NodeFailed(RaftError):
+    """A task the node cannot work without (its ticker, its Ready loop, a snapshot's
+    bookkeeping) ended with an error: the node no longer takes part in the cluster, and
+    only a restart brings it back."""
+
+
 class ProposalLost(RaftError):
     """Another entry was committed at the index of this proposal: it will never apply."""
 
@@ -146,6 +152,8 @@ class RaftNode:
         self.persist: Callable[[Ready], None] = self.storage.save
         self.last_heard: dict[NodeId, float] = {}  # peer -> monotonic time of its last frame
         self.stopped = False
+        self.failure: NodeFailed | None = None  # what stopped one of this node's tasks
+        self.failed = asyncio.Event()  # set with `failure`
 
     # ================================================================ lifecycle
 
@@ -154,7 +162,23 @@ class RaftNode:
         for node, addr in self.addresses.items():
             self.transport.set_peer(node, addr)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._ready_loop())]
+        self._tasks = [
+            loop.create_task(self._ticker(), name="raft ticker"),
+            loop.create_task(self._ready_loop(), name="raft ready loop"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._watch)
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        # An error here used to end the task silently: the process went on answering SMTP
+        # while it committed nothing. Crash-only instead: the owner exits and is restarted.
+        if task.cancelled() or task.exception() is None or self.failure is not None:
+            return
+        exc = task.exception()
+        log.critical("raft node %s: the %s failed; this node no longer takes part in the "
+                     "cluster", self.cfg.id, task.get_name(), exc_info=exc)  # fmt: skip
+        self.failure = NodeFailed(f"the {task.get_name()} failed: {exc!r}")
+        self.failed.set()
 
     async def stop(self) -> None:
         self.stopped = True
@@ -162,7 +186,8 @@ class RaftNode:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await t
+                if not t.done() or t.cancelled() or t.exception() is None:
+                    await t  # a failed one was reported by _watch
         await self.transport.close()
         self.storage.close()
 
@@ -591,7 +616,10 @@ class RaftNode:
             return
         head = cbor2.dumps({n: str(a) for n, a in sorted(self.addresses.items())})
         chunks = itertools.chain([_ADDR_LEN.pack(len(head)) + head], self.sm.snapshot())
-        self._snap_task = asyncio.get_running_loop().create_task(self._cut(meta, chunks))
+        self._snap_task = asyncio.get_running_loop().create_task(
+            self._cut(meta, chunks), name="raft snapshot"
+        )
+        self._snap_task.add_done_callback(self._watch)
 
     async def _cut(self, meta: SnapshotMeta, chunks: Iterable[bytes]) -> None:
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ try:
 except ImportError:  # optional: plain asyncio works, more slowly
     uvloop = None  # type: ignore[assignment]
 
+from raft.node import NodeFailed
 from smtpcluster import cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.auth import hash_password
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return 2
+    except NodeFailed as exc:
+        print(f"smtpcluster: {exc}", file=sys.stderr)
+        return 70  # EX_SOFTWARE: a bug stopped the node; systemd restarts it
 
 
 def _serve_or_check(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mailqueue import codec, heap
 from mailqueue.bodies import DiskBodies
@@ -251,6 +252,15 @@ class Node:
         await self.raft.stop()
 
 
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def _forget(tasks: set[asyncio.Future[bytes]]) -> Callable[[asyncio.Future[bytes]], None]:
     def done(task: asyncio.Future[bytes]) -> None:
         tasks.discard(task)
@@ -308,7 +318,15 @@ async def serve(cfg: Config) -> None:
     # without one: the first node of a new cluster must start before its peers.
     joined = await node.wait_joined(READY_WAIT_S)
     notify.send("READY=1", f"STATUS={_status(node, joined)}")
-    await stop.wait()
+    await _first(stop.wait(), node.raft.failed.wait())
+    if node.raft.failure is not None:
+        # Draining needs consensus, which this node no longer has: stop, and exit with
+        # an error so that systemd restarts it (Restart=on-failure).
+        notify.send("STOPPING=1", "STATUS=failed")
+        watchdog.cancel()
+        with contextlib.suppress(Exception):
+            await node.stop()
+        raise node.raft.failure
     notify.send("STOPPING=1", "STATUS=draining")
     log.info("node %s: signal received, draining", cfg.node.id)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 import struct
 import threading
@@ -129,6 +130,38 @@ def test_restart_restores_from_the_snapshot_and_the_log(tmp_path: pathlib.Path) 
     asyncio.run(first())
     data = asyncio.run(second())
     assert data == {f"k{k}": b"%d" % k for k in range(25)}
+
+
+class BrokenKV(KV):
+    """A state machine with a bug: applying the key "boom" raises."""
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        if cbor2.loads(command)[1] == "boom":
+            raise KeyError("boom")
+        return super().apply(index, command)
+
+
+def test_a_failing_apply_is_reported_not_swallowed(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> None:
+        addr = Address("127.0.0.1", free_port("127.0.0.1"))
+        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
+        node = RaftNode(cfg, BrokenKV())
+        await node.start()
+        await _until(lambda: node.core.role is Role.LEADER)
+        await node.propose(put("fine", b"v"))
+        assert node.failure is None
+        boom = asyncio.create_task(node.propose(put("boom", b"v")))
+        await asyncio.wait_for(node.failed.wait(), 10)
+        assert node.failure is not None and "ready loop" in str(node.failure)
+        assert "KeyError('boom')" in str(node.failure)
+        boom.cancel()
+        await node.stop()  # a failed task does not make stopping fail too
+
+    with caplog.at_level(logging.CRITICAL):
+        asyncio.run(run())
+    assert "no longer takes part in the cluster" in caplog.text
 
 
 class EchoKV(KV):
