@@ -4,7 +4,8 @@ Off unless the environment names them; no config key turns them on.
 
 SMTPCLUSTER_TEST_FSYNC_DELAY_FILE  a file holding a number of milliseconds: every
     fsync of the Raft log first sleeps that long (a slow disk); the harness rewrites
-    the file to start and end the fault.
+    the file to start and end the fault. Holding "eio", every fsync fails as a dead
+    disk's does.
 SMTPCLUSTER_TEST_BUGS  comma-separated bugs, to prove the harness has teeth:
     "skip_fence"  the worker sends the final dot without committing BeginDot;
     "early_250"   the front end answers 250 before its Accept is committed.
@@ -12,6 +13,7 @@ SMTPCLUSTER_TEST_BUGS  comma-separated bugs, to prove the harness has teeth:
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -51,15 +53,24 @@ class TestHooks:
 
         def delayed(rd: Ready) -> None:
             if rd.must_sync():
+                if _read(path) == "eio":
+                    raise OSError(errno.EIO, "injected disk failure (test hook)")
                 time.sleep(_delay_ms(path) / 1000)  # in the fsync thread, as a disk would
             save(rd)
 
         return delayed
 
 
-def _delay_ms(path: str) -> float:
+def _read(path: str) -> str:
     try:
         with open(path, encoding="ascii") as f:
-            return max(0.0, float(f.read().strip() or 0))
+            return f.read().strip()
     except (OSError, ValueError):
+        return ""
+
+
+def _delay_ms(path: str) -> float:
+    try:
+        return max(0.0, float(_read(path) or 0))
+    except ValueError:
         return 0.0

@@ -1,5 +1,6 @@
 """What systemd and an operator see of a node: sd_notify READY and WATCHDOG, SIGHUP
-reloads, and logs that carry envelope facts but never a body or a password."""
+reloads, logs that carry envelope facts but never a body or a password, and an exit
+code asking for a restart when the node's disk fails."""
 
 from __future__ import annotations
 
@@ -128,3 +129,31 @@ def test_forced_recovery_from_one_survivors_data_directory(tmp_path: Path) -> No
         node = cluster.nodes[leader]
         with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
             assert s.sendmail("a@example.org", ["after@dest.example"], b"x\r\n") == {}
+
+
+def test_a_node_whose_disk_fails_exits_for_a_restart_and_the_others_carry_on(
+    tmp_path: Path,
+) -> None:
+    cluster = SmtpCluster(tmp_path)
+    disks = {nid: tmp_path / f"{nid}.disk" for nid in cluster.nodes}
+    try:
+        for nid, disk in disks.items():
+            disk.write_text("0")
+            cluster.start(nid, {"SMTPCLUSTER_TEST_FSYNC_DELAY_FILE": str(disk)})
+        leader = cluster.leader()
+        broken = next(n for n in sorted(cluster.nodes) if n != leader)
+        popen = cluster.nodes[broken].popen
+        assert popen is not None
+        disks[broken].write_text("eio")  # from now on its every fsync fails
+        node = cluster.nodes[leader]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["after@dest.example"], b"Subject: x\r\n\r\nx\r\n")
+        # Not a zombie that keeps its SMTP port open and commits nothing: it exits with
+        # an error, for systemd to restart it.
+        assert popen.wait(timeout=30) == 70
+        cluster.nodes[broken].popen = None
+        log = (tmp_path / f"{broken}.log").read_text()
+        assert "no longer takes part in the cluster" in log and "injected disk failure" in log
+        assert "after@dest.example" in cluster.queued_rcpts(leader)
+    finally:
+        cluster.stop_all()
