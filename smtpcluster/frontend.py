@@ -29,7 +29,7 @@ from mailqueue.commands import Accept
 from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
-from smtpcluster.smtpdata import DataState, read_data
+from smtpcluster.smtpdata import Data, DataState, read_data
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,8 @@ class FrontendSMTP(SMTP):
         self.errors = 0
         self.junk = 0
         self._replies: list[bytes] = []  # said, not yet written: see push()
+        self.settled = asyncio.Event()  # clear from the final dot to its reply
+        self.settled.set()
         self._flush_due = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -260,7 +262,11 @@ class FrontendSMTP(SMTP):
         super().connection_lost(error)
 
     async def shut_down(self) -> None:
-        """RFC 5321 3.8: a server that must stop says 421 and closes, at any point."""
+        """RFC 5321 3.8: a server that must stop says 421 and closes, at any point but
+        one: while a message's Accept is in flight its fate is not yet known, and a 421
+        then could refuse a message the cluster goes on to commit. Its own reply (250,
+        or 451 once the fate is settled; at most ACCEPT_HARD_CAP_S) comes first."""
+        await self.settled.wait()
         await self._hang_up("421 4.3.2 Service shutting down, try another server")
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -372,6 +378,19 @@ class FrontendSMTP(SMTP):
             log.info("connection lost during DATA")
             self._writer.close()
             return
+        self.settled.clear()
+        try:
+            await self._end_of_data(data)
+        finally:
+            self.settled.set()
+        # The end of a transaction: the client waits for this reply before it goes on
+        # (RFC 2920 makes the end of data a point where it must), so the reply leaves
+        # now, not after the loop's other ready work; handle_DATA's log line follows it.
+        self._flush_replies()
+
+    async def _end_of_data(self, data: Data) -> None:
+        """The reply to the data, queued before `settled` lets a drain's 421 follow it."""
+        assert self.envelope is not None
         if data.state is DataState.NOMINAL:
             self.envelope.content = self.envelope.original_content = data.content
             status = await self._call_handler_hook("DATA")
@@ -381,10 +400,6 @@ class FrontendSMTP(SMTP):
             status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
-        # The end of a transaction: the client waits for this reply before it goes on
-        # (RFC 2920 makes the end of data a point where it must), so the reply leaves
-        # now, not after the loop's other ready work; handle_DATA's log line follows it.
-        self._flush_replies()
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if not _bracketed(arg, "TO:"):

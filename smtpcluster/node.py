@@ -213,8 +213,8 @@ class Node:
             server.close()
         self._servers = []
         await self._wait(lambda: not self.handler.sessions, timeout / 3)
-        for session in list(self.handler.sessions):
-            await session.shut_down()
+        # Together: one waiting for its message's fate does not hold up the others.
+        await asyncio.gather(*(s.shut_down() for s in list(self.handler.sessions)))
         await self._hand_over_leadership()
         left = max(1.0, timeout - (time.monotonic() - began))
         await self.worker.drain(left)

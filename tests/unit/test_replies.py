@@ -163,3 +163,35 @@ def test_a_bare_lf_in_the_message_is_refused_and_the_session_goes_on() -> None:
 
     asyncio.run(run())
     assert len(submitted) == 1  # only the good one: the refused one was never proposed
+
+
+def test_a_shutdown_waits_for_the_reply_to_a_message_in_flight() -> None:
+    """A drain's 421 must not answer a message whose Accept may still commit: the 250
+    (or the 451 of a settled fate) comes first, then the 421."""
+    wire = Wire()
+    in_flight, commit = asyncio.Event(), asyncio.Event()
+
+    async def slow_commit(cmd: object, timeout: float) -> bool:
+        in_flight.set()
+        await commit.wait()
+        return True
+
+    async def run() -> None:
+        proto = await relaying_session(wire, slow_commit)
+        proto.data_received(
+            b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+        )
+        await until(functools.partial(replied, wire, b"354"))
+        proto.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        await asyncio.wait_for(in_flight.wait(), 5)
+        shutting = asyncio.create_task(proto.shut_down())
+        for _ in range(20):
+            await asyncio.sleep(0)  # as far as it can go without the commit
+        assert not shutting.done() and not wire.closed
+        commit.set()
+        await asyncio.wait_for(shutting, 5)
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    replies = [line[:3] for line in b"".join(wire.writes).split(b"\r\n") if line[3:4] == b" "]
+    assert replies[-2:] == [b"250", b"421"] and wire.closed
