@@ -473,7 +473,13 @@ class RaftNode:
             return  # the node is stopping: the follower's attempt times out, fate unknown
         exc = fut.exception()
         if exc is None:
-            return  # the follower settles it when it applies the entry: see _forward
+            # The follower settles it when it applies the entry (see _forward), unless
+            # it is no longer a member: then the entry never reaches it. (A removed node
+            # keeps its SMTP ports until it is stopped, and its clients must not wait
+            # for an answer that cannot come, to be cut off with a 4xx by the drain.)
+            if peer not in self.core.conf().members():
+                self._send_answer(peer, req, fut.result(), None)
+            return
         if isinstance(exc, RaftError):
             self._send_answer(peer, req, b"", exc)
         else:

@@ -239,3 +239,38 @@ def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_a
                 await node.stop()
 
     asyncio.run(run())
+
+
+def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A node removed from the cluster no longer receives the log, so it cannot settle
+    its forwarded proposals by applying them: the leader answers those itself (a removed
+    node keeps serving SMTP until it is stopped, and its clients must get their 250)."""
+
+    async def run() -> None:
+        ports = free_ports("127.0.0.1", 3)
+        addrs = {f"n{k}": Address("127.0.0.1", port) for k, port in enumerate(ports, 1)}
+        kvs = {n: EchoKV() for n in addrs}
+        nodes = [
+            RaftNode(NodeConfig(n, a, addrs, str(tmp_path / n), b"k" * 32, tick_ms=5), kvs[n])
+            for n, a in addrs.items()
+        ]
+        for node in nodes:
+            await node.start()
+        try:
+            await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            removed = next(n for n in nodes if n is not leader)
+            await leader.membership("leave", removed.cfg.id)
+            assert removed.cfg.id not in leader.core.conf().members()
+            result = await asyncio.wait_for(
+                removed._forward(leader.cfg.id, [0, put("after", b"v")]), 5
+            )
+            assert result == b"after" and kvs[leader.cfg.id].data["after"] == b"v"
+            assert "after" not in kvs[removed.cfg.id].data  # it never applied it
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(run())
