@@ -196,6 +196,21 @@ def test_proposals_made_together_share_an_entry_and_get_their_own_results(
     assert {f"k{k}" for k in range(50)} <= set(replayed.data)
 
 
+async def _three(tmp_path: pathlib.Path) -> tuple[list[RaftNode], dict[str, EchoKV]]:
+    """Three in-process nodes on loopback, started, one of them leader."""
+    ports = free_ports("127.0.0.1", 3)
+    addrs = {f"n{k}": Address("127.0.0.1", port) for k, port in enumerate(ports, 1)}
+    kvs = {n: EchoKV() for n in addrs}
+    nodes = [
+        RaftNode(NodeConfig(n, a, addrs, str(tmp_path / n), b"k" * 32, tick_ms=5), kvs[n])
+        for n, a in addrs.items()
+    ]
+    for node in nodes:
+        await node.start()
+    await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
+    return nodes, kvs
+
+
 def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_answered(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,17 +218,8 @@ def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_a
     itself; the leader sends no answer frame for a success, only for a refusal."""
 
     async def run() -> None:
-        ports = free_ports("127.0.0.1", 3)
-        addrs = {f"n{k}": Address("127.0.0.1", port) for k, port in enumerate(ports, 1)}
-        kvs = {n: EchoKV() for n in addrs}
-        nodes = [
-            RaftNode(NodeConfig(n, a, addrs, str(tmp_path / n), b"k" * 32, tick_ms=5), kvs[n])
-            for n, a in addrs.items()
-        ]
-        for node in nodes:
-            await node.start()
+        nodes, kvs = await _three(tmp_path)
         try:
-            await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
             leader = next(n for n in nodes if n.core.role is Role.LEADER)
             await _until(lambda: all(n.core.lead == leader.cfg.id for n in nodes))
             follower, other = (n for n in nodes if n is not leader)
@@ -249,19 +255,11 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
     node keeps serving SMTP until it is stopped, and its clients must get their 250)."""
 
     async def run() -> None:
-        ports = free_ports("127.0.0.1", 3)
-        addrs = {f"n{k}": Address("127.0.0.1", port) for k, port in enumerate(ports, 1)}
-        kvs = {n: EchoKV() for n in addrs}
-        nodes = [
-            RaftNode(NodeConfig(n, a, addrs, str(tmp_path / n), b"k" * 32, tick_ms=5), kvs[n])
-            for n, a in addrs.items()
-        ]
-        for node in nodes:
-            await node.start()
+        nodes, kvs = await _three(tmp_path)
         try:
-            await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
             leader = next(n for n in nodes if n.core.role is Role.LEADER)
             removed = next(n for n in nodes if n is not leader)
+            await leader.propose(put("before", b"v"))  # a change needs one of its term first
             await leader.membership("leave", removed.cfg.id)
             assert removed.cfg.id not in leader.core.conf().members()
             result = await asyncio.wait_for(

@@ -82,6 +82,13 @@ def replied(wire: Wire, want: bytes) -> bool:
     return bool(wire.writes) and wire.writes[-1].split(b"\r\n")[-2].startswith(want)
 
 
+async def send_one(proto: FrontendSMTP, wire: Wire) -> None:
+    """EHLO, an envelope and DATA, then a message up to its final dot."""
+    proto.data_received(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    await until(functools.partial(replied, wire, b"354"))
+    proto.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+
+
 def test_a_multiline_ehlo_reply_is_one_write() -> None:
     writes = asyncio.run(converse(b"EHLO client.test\r\n", b"250 HELP"))
     assert writes[0] == b"220 reply.test ESMTP smtpcluster\r\n"  # no library version
@@ -119,11 +126,7 @@ def test_the_end_of_data_reply_goes_out_before_the_transaction_is_logged(
 
     async def run() -> None:
         proto = await relaying_session(wire, accepted)
-        proto.data_received(
-            b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
-        )
-        await until(functools.partial(replied, wire, b"354"))
-        proto.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        await send_one(proto, wire)
         await until(lambda: bool(written_when_logged))
         proto.connection_lost(None)
 
@@ -178,11 +181,7 @@ def test_a_shutdown_waits_for_the_reply_to_a_message_in_flight() -> None:
 
     async def run() -> None:
         proto = await relaying_session(wire, slow_commit)
-        proto.data_received(
-            b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
-        )
-        await until(functools.partial(replied, wire, b"354"))
-        proto.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        await send_one(proto, wire)
         await asyncio.wait_for(in_flight.wait(), 5)
         shutting = asyncio.create_task(proto.shut_down())
         for _ in range(20):
