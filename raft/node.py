@@ -477,7 +477,7 @@ class RaftNode:
             # it is no longer a member: then the entry never reaches it. (A removed node
             # keeps its SMTP ports until it is stopped, and its clients must not wait
             # for an answer that cannot come, to be cut off with a 4xx by the drain.)
-            if peer not in self.core.conf().members():
+            if not self.core.conf().is_member(peer):
                 self._send_answer(peer, req, fut.result(), None)
             return
         if isinstance(exc, RaftError):
