@@ -41,7 +41,15 @@ from mailqueue.commands import (
 )
 from mailqueue.index import NOBODY, SpoolIndex
 
-TOMBSTONE_MS = 24 * 3600 * 1000  # an Accept replayed within a day of delivery is a no-op
+# An Accept is applied only within this long of its own time (by the newest command
+# time applied), and a message's tombstone is kept this long after it leaves. Together
+# they make a replayed Accept a no-op whatever its delay: if it is recent enough to
+# apply, the original left at most this long ago. A front end proposes the same Accept
+# again only while its client waits (at most 9 minutes); the rest is margin for clock
+# skew between nodes. A day's worth of tombstones at a few hundred messages/s was GiBs
+# of memory and of every snapshot.
+ACCEPT_WINDOW_MS = 3600 * 1000
+STALE_ACCEPT = "stale: older than the accept window"
 
 
 class RcptState(enum.IntEnum):
@@ -241,6 +249,8 @@ class Spool:
     def _accept(self, cmd: Accept) -> Applied:
         if cmd.message_id in self.messages or cmd.message_id in self.finished:
             return Applied(True, "already accepted")
+        if cmd.at < self.now - ACCEPT_WINDOW_MS:
+            return Applied(False, STALE_ACCEPT)  # its tombstone may be gone: see above
         msg = Message(
             cmd.message_id, cmd.sender, len(cmd.body), cmd.at, cmd.accepted_by, cmd.is_bounce,
             [Rcpt(a, next_attempt=cmd.at) for a in cmd.recipients],
@@ -440,7 +450,7 @@ class Spool:
         self.index = SpoolIndex.build(index_entry(m) for m in self.messages.values())
 
     def _forget_tombstones(self) -> None:
-        horizon = self.now - TOMBSTONE_MS
+        horizon = self.now - ACCEPT_WINDOW_MS
         order = self._finished_order
         while order and order[0][0] < horizon:
             _, mid = order.popleft()

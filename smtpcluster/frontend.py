@@ -33,9 +33,15 @@ from smtpcluster.smtpdata import Data, DataState, read_data
 
 log = logging.getLogger(__name__)
 
-# Propose an Accept; returns True once applied. Raises on a definite refusal and
-# TimeoutError when its fate is still unknown at the deadline.
+# Propose an Accept; returns True once applied. Raises TimeoutError when no leader
+# took it in time (or its fate is still unknown at the hard cap), AcceptRefused when
+# the spool applied it and refused it.
 Submit = Callable[[Accept, float], Awaitable[bool]]
+
+
+class AcceptRefused(Exception):
+    """The spool applied the Accept and refused it: the message is not queued."""
+
 
 RELAY_DENIED = "554 5.7.1 Relaying denied"
 QUEUED = "250 2.0.0 Ok: queued as "
@@ -171,6 +177,13 @@ class Handler:
         try:
             await self.submit(cmd, self.cfg.accept_timeout_ms / 1000)
         except TimeoutError:
+            reply = "451 4.3.0 Cluster unavailable, try again later"
+        except AcceptRefused as exc:
+            # Only an Accept stamped over an hour before the newest command is refused
+            # (mailqueue.spool.ACCEPT_WINDOW_MS): fresh from this front end, it means
+            # the nodes' clocks disagree, and every message here will be refused.
+            log.error("message %s refused by the spool (%s): this node's clock is over "
+                      "an hour behind another node's", message_id, exc)  # fmt: skip
             reply = "451 4.3.0 Cluster unavailable, try again later"
         # One line per transaction, envelope facts only: never the body. Written just
         # after the reply (FrontendSMTP.smtp_DATA sends it at once): the client need not

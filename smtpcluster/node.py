@@ -24,7 +24,7 @@ from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.config import Config, SmtpSection
-from smtpcluster.frontend import Handler, smtp_factory
+from smtpcluster.frontend import AcceptRefused, Handler, smtp_factory
 from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
@@ -104,6 +104,7 @@ class Node:
         comes only when no attempt can be in any log: after `timeout` if every attempt
         was definitely refused or never reached a leader; otherwise the client waits, up
         to `hard_cap`, for a leader to settle it (DESIGN: a 4xx means "not accepted").
+        AcceptRefused: the spool refused it as stale (mailqueue.spool.ACCEPT_WINDOW_MS).
         """
         began = time.monotonic()
         data = codec.encode(cmd)
@@ -135,7 +136,7 @@ class Node:
                 self.metrics.accepted.inc()
                 self.metrics.accept_seconds.observe(time.monotonic() - began)
                 return True
-            raise RuntimeError(f"the spool refused an Accept: {result.detail}")
+            raise AcceptRefused(result.detail)
 
     async def start(self) -> None:
         await self.raft.start()

@@ -11,10 +11,11 @@ import pytest
 from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import encode_result
-from mailqueue.spool import Applied
+from mailqueue.spool import ACCEPT_WINDOW_MS, STALE_ACCEPT, Applied
 from raft.node import NoLeader, ProposalLost
 from smtpcluster.config import load
-from smtpcluster.node import Node
+from smtpcluster.frontend import AcceptRefused
+from smtpcluster.node import ACCEPT_HARD_CAP_S, Node
 
 CONFIG = """
 [node]
@@ -45,7 +46,10 @@ def made(tmp_path: pathlib.Path) -> Iterator[list[Node]]:
             bodies.close()
 
 
-def node(made: list[Node], tmp_path: pathlib.Path, outcomes: list[BaseException | None]) -> Node:
+Outcomes = list[BaseException | Applied | None]
+
+
+def node(made: list[Node], tmp_path: pathlib.Path, outcomes: Outcomes) -> Node:
     (tmp_path / "key").write_text("k" * 32)
     (tmp_path / "token").write_text("t" * 32)
     (tmp_path / "n1.toml").write_text(CONFIG.format(d=tmp_path))
@@ -57,6 +61,8 @@ def node(made: list[Node], tmp_path: pathlib.Path, outcomes: list[BaseException 
         outcome = next(script, None)
         if isinstance(outcome, TimeoutError):
             await asyncio.sleep(min(timeout, 0.02))  # an attempt that waited, unanswered
+        if isinstance(outcome, Applied):
+            return encode_result(outcome)
         if outcome is not None:
             raise outcome
         return encode_result(Applied(True, "accepted"))
@@ -80,7 +86,7 @@ def test_an_unsettled_attempt_keeps_the_client_waiting_past_the_timeout(
 ) -> None:
     # The first attempt reached a leader and timed out; no leader for a while (longer
     # than the timeout); then the same Accept goes through: 250, not 451.
-    outcomes: list[BaseException | None] = [TimeoutError(), *[NoLeader("none")] * 10]
+    outcomes: Outcomes = [TimeoutError(), *[NoLeader("none")] * 10]
     n = node(made, tmp_path, outcomes)
     assert asyncio.run(n.submit(ACCEPT, timeout=0.1, hard_cap=5)) is True
 
@@ -98,3 +104,19 @@ def test_an_attempt_never_settled_gives_up_at_the_hard_cap_and_says_so(
     with pytest.raises(TimeoutError):
         asyncio.run(n.submit(ACCEPT, timeout=0.05, hard_cap=0.3))
     assert n.fate_unknown == 1
+
+
+def test_an_accept_the_spool_refuses_is_reported_not_retried(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    n = node(made, tmp_path, [Applied(False, STALE_ACCEPT)])
+    with pytest.raises(AcceptRefused, match="stale"):
+        asyncio.run(n.submit(ACCEPT, timeout=5))
+    assert n.fate_unknown == 0
+
+
+def test_replays_are_refused_only_long_after_a_front_end_stops_proposing() -> None:
+    """A front end proposes an Accept again for at most ACCEPT_HARD_CAP_S; the spool
+    keeps tombstones, and applies Accepts, for ACCEPT_WINDOW_MS. The rest of the window
+    is what clock skew between nodes may take."""
+    assert ACCEPT_HARD_CAP_S * 1000 * 4 <= ACCEPT_WINDOW_MS

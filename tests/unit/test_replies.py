@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from smtpcluster.config import SmtpSection
-from smtpcluster.frontend import FrontendSMTP, Handler, smtp_factory
+from smtpcluster.frontend import AcceptRefused, FrontendSMTP, Handler, smtp_factory
 
 
 class Wire(asyncio.Transport):
@@ -166,6 +166,30 @@ def test_a_bare_lf_in_the_message_is_refused_and_the_session_goes_on() -> None:
 
     asyncio.run(run())
     assert len(submitted) == 1  # only the good one: the refused one was never proposed
+
+
+def test_an_accept_the_spool_refused_gets_451_and_the_session_goes_on() -> None:
+    wire = Wire()
+    calls: list[object] = []
+
+    async def refused_once(cmd: object, timeout: float) -> bool:
+        calls.append(cmd)
+        if len(calls) == 1:
+            raise AcceptRefused("stale: older than the accept window")
+        return True
+
+    async def run() -> None:
+        proto = await relaying_session(wire, refused_once)
+        await send_one(proto, wire)
+        await until(functools.partial(replied, wire, b"451 4.3.0"))
+        proto.data_received(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        await until(functools.partial(replied, wire, b"354"))
+        proto.data_received(b"Subject: y\r\n\r\nagain\r\n.\r\n")
+        await until(functools.partial(replied, wire, b"250 2.0.0"))
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert len(calls) == 2
 
 
 def test_a_shutdown_waits_for_the_reply_to_a_message_in_flight() -> None:
