@@ -78,7 +78,10 @@ class Scheduler:
 
     async def tick(self) -> None:
         spool = self.node.machine.spool
-        now = int(time.time() * 1000)
+        # Never behind the newest command time: a message a node with a fast clock
+        # accepted is due at that node's time, and a leader whose own clock lags would
+        # otherwise hold it back by the difference.
+        now = max(int(time.time() * 1000), spool.now)
         live = self.live_nodes()
         pol = self.node.policy
         commands: list[Command] = []

@@ -3,11 +3,16 @@ test_policy)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
-from mailqueue.commands import Accept
-from mailqueue.spool import Spool
+from mailqueue import codec
+from mailqueue.commands import Accept, Assign, Command
+from mailqueue.machine import encode_result
+from mailqueue.policy import Policy
+from mailqueue.spool import Applied, Spool
 from smtpcluster.scheduler import BUSY_WINDOW_TICKS, Scheduler
 
 if TYPE_CHECKING:
@@ -29,3 +34,35 @@ def test_busy_counts_each_nodes_recent_acceptances_and_the_leaders_replication()
     for _ in range(BUSY_WINDOW_TICKS - 2):
         assert sched.busy() == {"b": 5, "a": 6}  # still within the window
     assert sum(sched.busy().values()) == 0  # a second later, forgotten
+
+
+def test_mail_from_a_node_with_a_clock_ahead_is_assigned_at_once() -> None:
+    """b's clock is an hour ahead of the leader's: b's message is due at b's time, and
+    the leader's scheduler must not hold it back for the hour."""
+    spool = Spool()
+    ahead = int(time.time() * 1000) + 3600 * 1000
+    spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b"))
+    proposed: list[Command] = []
+
+    async def propose(data: bytes, timeout: float) -> bytes:
+        proposed.append(codec.decode(data))
+        return encode_result(Applied(True))
+
+    members = SimpleNamespace(members=lambda: ("a", "b"))
+    leader = SimpleNamespace(
+        machine=SimpleNamespace(spool=spool), policy=Policy(),
+        raft=SimpleNamespace(
+            propose=propose, cfg=SimpleNamespace(id="a"), last_heard={"b": time.monotonic()},
+            core=SimpleNamespace(conf=lambda: members),
+        ),
+        cfg=SimpleNamespace(
+            node=SimpleNamespace(id="a"), smtp=SimpleNamespace(hostname="relay.test"),
+            delivery=SimpleNamespace(concurrency=6, node_down_after_ms=10_000,
+                                     on_uncertain="redeliver"),
+        ),
+    )  # fmt: skip
+    sched = Scheduler(cast("Node", leader))
+    sched.lead_since = time.monotonic()
+    asyncio.run(sched.tick())
+    assigned = [a.message_id for c in proposed if isinstance(c, Assign) for a in c.assignments]
+    assert assigned == ["m1"]
