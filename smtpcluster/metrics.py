@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mailqueue.spool import RcptState
+from mailqueue.spool import ACCEPT_WINDOW_MS, RcptState
 from raft.core import Role
 
 if TYPE_CHECKING:
@@ -98,6 +98,12 @@ class _StateCollector(Collector):
             "smtpcluster_uncertain", "Recipients that became uncertain (cluster-wide)",
             value=spool.uncertain_total,
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "smtpcluster_clock_behind_seconds",
+            "How far this node's clock is behind the newest command time applied (another "
+            f"node's clock); past {ACCEPT_WINDOW_MS // 1000} s every Accept from here is refused",
+            value=clock_behind_s(spool.now, time.time()),
+        )  # fmt: skip
 
     def _raft(self) -> Iterator[Metric]:
         raft = self.node.raft
@@ -126,6 +132,13 @@ class _StateCollector(Collector):
                 if peer != raft.cfg.id:
                     lag.add_metric([peer], last - p.match)
         yield lag
+
+
+def clock_behind_s(spool_now_ms: int, wall_s: float) -> float:
+    """Seconds this node's clock is behind the spool's newest command time, 0 if not.
+    A lower bound of the skew to the fastest clock: the spool's time stands still
+    between commands."""
+    return max(spool_now_ms / 1000 - wall_s, 0.0)
 
 
 def _snapshot_size(node: Node) -> int:

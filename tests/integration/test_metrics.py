@@ -75,3 +75,5 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert lags == set(cluster.nodes) - {leader}
         assert ("smtpcluster_queue_recipients", (("state", "queued"),)) in lead
         assert value(lead, "smtpcluster_frontends_up") == 1
+        # one machine, one clock: no node is behind the commands' times
+        assert all(value(v, "smtpcluster_clock_behind_seconds") == 0 for v in views.values())
