@@ -41,15 +41,14 @@ from mailqueue.commands import (
 )
 from mailqueue.index import NOBODY, SpoolIndex
 
-# An Accept is applied only within this long of its own time (by the newest command
-# time applied), and a message's tombstone is kept this long after it leaves. Together
-# they make a replayed Accept a no-op whatever its delay: if it is recent enough to
-# apply, the original left at most this long ago. A front end proposes the same Accept
-# again only while its client waits (at most 9 minutes); the rest is margin for clock
-# skew between nodes. A day's worth of tombstones at a few hundred messages/s was GiBs
-# of memory and of every snapshot.
-ACCEPT_WINDOW_MS = 3600 * 1000
-STALE_ACCEPT = "stale: older than the accept window"
+# How long a message's tombstone outlives it, in the spool's time (the newest command
+# time applied). A front end proposes the same Accept again only while its client
+# waits, at most 9 minutes (smtpcluster.node.ACCEPT_HARD_CAP_S), so a replayed copy
+# finds the tombstone; the rest of the hour is margin. A day's worth at a few hundred
+# messages/s was GiBs of memory, and of every snapshot. The spool's time follows the
+# fastest clock, so a steady skew does not shorten this; only a forward jump of the
+# cluster's fastest clock by most of an hour would, for replays already under way.
+TOMBSTONE_MS = 3600 * 1000
 
 
 class RcptState(enum.IntEnum):
@@ -249,8 +248,6 @@ class Spool:
     def _accept(self, cmd: Accept) -> Applied:
         if cmd.message_id in self.messages or cmd.message_id in self.finished:
             return Applied(True, "already accepted")
-        if cmd.at < self.now - ACCEPT_WINDOW_MS:
-            return Applied(False, STALE_ACCEPT)  # its tombstone may be gone: see above
         msg = Message(
             cmd.message_id, cmd.sender, len(cmd.body), cmd.at, cmd.accepted_by, cmd.is_bounce,
             [Rcpt(a, next_attempt=cmd.at) for a in cmd.recipients],
@@ -450,7 +447,7 @@ class Spool:
         self.index = SpoolIndex.build(index_entry(m) for m in self.messages.values())
 
     def _forget_tombstones(self) -> None:
-        horizon = self.now - ACCEPT_WINDOW_MS
+        horizon = self.now - TOMBSTONE_MS
         order = self._finished_order
         while order and order[0][0] < horizon:
             _, mid = order.popleft()

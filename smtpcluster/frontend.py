@@ -179,11 +179,9 @@ class Handler:
         except TimeoutError:
             reply = "451 4.3.0 Cluster unavailable, try again later"
         except AcceptRefused as exc:
-            # Only an Accept stamped over an hour before the newest command is refused
-            # (mailqueue.spool.ACCEPT_WINDOW_MS): fresh from this front end, it means
-            # the nodes' clocks disagree, and every message here will be refused.
-            log.error("message %s refused by the spool (%s): this node's clock is over "
-                      "an hour behind another node's", message_id, exc)  # fmt: skip
+            # Nothing in the spool refuses a new Accept today; if it ever does, the
+            # message is not queued, and a 4xx is the truth.
+            log.error("message %s refused by the spool: %s", message_id, exc)
             reply = "451 4.3.0 Cluster unavailable, try again later"
         # One line per transaction, envelope facts only: never the body. Written just
         # after the reply (FrontendSMTP.smtp_DATA sends it at once): the client need not

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mailqueue.spool import ACCEPT_WINDOW_MS, RcptState
+from mailqueue.spool import RcptState
 from raft.core import Role
 
 if TYPE_CHECKING:
@@ -100,8 +100,8 @@ class _StateCollector(Collector):
         )  # fmt: skip
         yield GaugeMetricFamily(
             "smtpcluster_clock_behind_seconds",
-            "How far this node's clock is behind the newest command time applied (another "
-            f"node's clock); past {ACCEPT_WINDOW_MS // 1000} s every Accept from here is refused",
+            "How far this node's clock is behind the newest command time applied, which "
+            "another node's clock stamped: a lower bound of the skew between them",
             value=clock_behind_s(spool.now, time.time()),
         )  # fmt: skip
 

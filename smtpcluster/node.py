@@ -104,7 +104,7 @@ class Node:
         comes only when no attempt can be in any log: after `timeout` if every attempt
         was definitely refused or never reached a leader; otherwise the client waits, up
         to `hard_cap`, for a leader to settle it (DESIGN: a 4xx means "not accepted").
-        AcceptRefused: the spool refused it as stale (mailqueue.spool.ACCEPT_WINDOW_MS).
+        AcceptRefused: the spool applied it and refused it (it is not queued).
         """
         began = time.monotonic()
         data = codec.encode(cmd)

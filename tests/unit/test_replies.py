@@ -175,7 +175,7 @@ def test_an_accept_the_spool_refused_gets_451_and_the_session_goes_on() -> None:
     async def refused_once(cmd: object, timeout: float) -> bool:
         calls.append(cmd)
         if len(calls) == 1:
-            raise AcceptRefused("stale: older than the accept window")
+            raise AcceptRefused("a rule of a newer spool")
         return True
 
     async def run() -> None:
