@@ -240,8 +240,11 @@ def main() -> None:
         help="run only these, e.g. 1024:20:3000 (repeatable)",
     )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3, help="turns per system (median)")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only the sequential client's turns"
+    )
     args = parser.parse_args()
-    workloads = args.workload or WORKLOADS
+    workloads = [] if args.latency_only else args.workload or WORKLOADS
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"Python {platform.python_version()}, {args.repeat} turns each")  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
