@@ -51,7 +51,7 @@ _ARITY = {_APP: 1, _PEER: 2}  # an envelope's fields; a forwarded one adds its o
 # up to these bounds (one entry stays well under an AppendEntries message's size).
 BATCH_MAX_BYTES = 512 << 10
 BATCH_MAX_COUNT = 256
-_RAFT, _FORWARD, _ANSWER, _CALL = b"R", b"F", b"A", b"C"
+_RAFT, _FORWARD, _ANSWER, _CALL, _REMOVED = b"R", b"F", b"A", b"C", b"X"
 JOIN_CATCH_UP_S = 60.0  # how long a joining node may take to catch up before promotion
 _ADDR_LEN = struct.Struct("<I")
 
@@ -154,6 +154,7 @@ class RaftNode:
         self.stopped = False
         self.failure: NodeFailed | None = None  # what stopped one of this node's tasks
         self.failed = asyncio.Event()  # set with `failure`
+        self.removed = False  # the leader said a configuration without this node applied
 
     # ================================================================ lifecycle
 
@@ -451,6 +452,8 @@ class RaftNode:
             elif kind == _CALL:
                 call = self._serve_call(peer, *cbor2.loads(body))
                 asyncio.get_running_loop().create_task(call)
+            elif kind == _REMOVED:
+                self._removed_at(cbor2.loads(body), peer)
             else:
                 log.warning("unknown frame kind %r from %s", kind, peer)
         except codec.DecodeError as exc:
@@ -575,6 +578,8 @@ class RaftNode:
                 results = [self._apply_envelope(e.index, *cbor2.loads(env)) for env in rest[0]]
             else:
                 results = [self._apply_envelope(e.index, kind, *rest)]
+        if e.kind is EntryKind.CONF and self.core.role is Role.LEADER:
+            self._tell_removed(e.index)
         for w in self._waiters.pop(e.index, []):
             if w.future.done():
                 continue
@@ -582,6 +587,25 @@ class RaftNode:
                 w.future.set_result(results[max(w.slot, 0)])
             else:
                 w.future.set_exception(ProposalLost(f"entry {e.index} went to term {e.term}"))
+
+    def _tell_removed(self, index: int) -> None:
+        """Tell the nodes the configuration at `index` removes that they are out. The
+        log no longer reaches them, so they could not learn it themselves (etcd's
+        transport tells a removed member the same way). Best effort: one frame."""
+        log_ = self.core.log
+        after = log_.conf_at(index)
+        for node in log_.conf_at(index - 1).members():
+            if node != self.cfg.id and not after.is_member(node):
+                self.transport.send(node, _REMOVED + cbor2.dumps(index))
+
+    def _removed_at(self, index: int, peer: NodeId) -> None:
+        """Believed unless this node knows a configuration newer than that one (one
+        that added it back)."""
+        confs = self.core.log.confs
+        newest = confs[-1][0] if confs else self.core.log.offset
+        if newest <= index and not self.removed:
+            self.removed = True
+            log.warning("%s says the configuration at index %d removed this node", peer, index)
 
     def _apply_envelope(self, index: int, kind: int, *rest: Any) -> bytes:
         result = b""

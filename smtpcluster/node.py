@@ -41,6 +41,7 @@ ACCEPT_HARD_CAP_S = 540.0
 DRAIN_S = 12.0  # SIGTERM: how long open sessions and deliveries in hand may take
 READY_WAIT_S = 30.0  # under systemd: how long start-up waits for a leader before READY
 HEAP_TEND_S = 1.0  # how soon after a slow full collection its survivors are frozen
+MEMBERSHIP_CHECK_S = 1.0  # how soon after its removal applies a node stops taking mail
 
 
 class Node:
@@ -159,12 +160,44 @@ class Node:
         await admin.start(self)
         self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
         self._tasks.append(loop.create_task(self._tend_heap()))
+        self._tasks.append(loop.create_task(self._stop_taking_mail_once_removed()))
 
     async def _tend_heap(self) -> None:
         with self.collections:
             while True:
                 await asyncio.sleep(HEAP_TEND_S)
                 self.collections.tend()
+
+    async def _stop_taking_mail_once_removed(self) -> None:
+        """A node removed from the cluster (`cluster leave`) closes its SMTP ports, as a
+        removed etcd member stops: no log reaches it any more, so it would relay through
+        whichever leader it last knew, and after the next election answer every message
+        451 at the end of its timeout. Closed, it sends clients to the members at once.
+        It learns of its removal from the leader (RaftNode.removed), or by applying it
+        when it was the leader. A node that has not yet joined is left alone: it was
+        never a member."""
+        me, raft = self.cfg.node.id, self.raft
+
+        def member() -> bool:
+            return raft.core.log.conf_at(raft.sm_applied).is_member(me) and not raft.removed
+
+        while not member():
+            await asyncio.sleep(MEMBERSHIP_CHECK_S)
+        while member():
+            await asyncio.sleep(MEMBERSHIP_CHECK_S)
+        log.warning("node %s was removed from the cluster: it takes no more mail; stop it",
+                    me)  # fmt: skip
+        await self._close_frontends(DRAIN_S / 3)
+
+    async def _close_frontends(self, timeout: float) -> None:
+        """Listeners closed; open sessions may finish their mail, then get 421."""
+        self.frontends_up = False
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        await self._wait(lambda: not self.handler.sessions, timeout)
+        # Together: one waiting for its message's fate does not hold up the others.
+        await asyncio.gather(*(s.shut_down() for s in list(self.handler.sessions)))
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file and apply, to sessions that start from now
@@ -210,12 +243,7 @@ class Node:
         mail, then get 421), hand leadership to another voter, finish or give back
         deliveries. Bounded by about `timeout` plus a few seconds."""
         began = time.monotonic()
-        for server in self._servers:
-            server.close()
-        self._servers = []
-        await self._wait(lambda: not self.handler.sessions, timeout / 3)
-        # Together: one waiting for its message's fate does not hold up the others.
-        await asyncio.gather(*(s.shut_down() for s in list(self.handler.sessions)))
+        await self._close_frontends(timeout / 3)
         await self._hand_over_leadership()
         left = max(1.0, timeout - (time.monotonic() - began))
         await self.worker.drain(left)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.kvcluster import free_port, wait_for
-from tests.integration.smtpnodes import SmtpCluster, running
+from tests.integration.smtpnodes import SmtpCluster, SmtpNode, running
 
 MESSAGE = b"Subject: queued\r\n\r\nwaiting for a smarthost that never answers\r\n"
 
@@ -110,6 +110,14 @@ def test_cluster_status_and_transfer_leader_from_any_node(cluster: SmtpCluster) 
     assert wait_for("the new leader", lambda: cluster.leader() == target)
 
 
+def takes_mail(node: SmtpNode) -> bool:
+    try:
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=5) as s:
+            return s.noop()[0] == 250
+    except OSError:  # refused: nobody listens
+        return False
+
+
 def test_a_node_joins_and_leaves_through_the_cli(cluster: SmtpCluster) -> None:
     n4 = cluster.add_joiner("n4", "127.0.0.4")
     cluster.start("n4")
@@ -122,11 +130,16 @@ def test_a_node_joins_and_leaves_through_the_cli(cluster: SmtpCluster) -> None:
             (cluster.status(n) or {}).get("voters") == voters for n in cluster.nodes
         ))  # fmt: skip
         assert cluster.queued_ids("n4") == cluster.queued_ids("n1")  # it has the spool
+        assert takes_mail(n4)
         out = cli("cluster", "leave", "n4", "--config", conf(cluster, "n3"))
         assert out.returncode == 0, out.stderr
         wait_for("n4 to be removed", lambda: all(
             (cluster.status(n) or {}).get("voters") == voters[:3] for n in ("n1", "n2", "n3")
         ))  # fmt: skip
+        # Removed, it sends its clients elsewhere instead of relaying through a cluster
+        # it no longer follows; the members go on taking mail.
+        wait_for("n4 to close its SMTP ports", lambda: not takes_mail(n4))
+        assert all(takes_mail(cluster.nodes[n]) for n in ("n1", "n2", "n3"))
     finally:
         cluster.kill("n4", signal.SIGTERM)
         del cluster.nodes["n4"]

@@ -252,7 +252,7 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
 ) -> None:
     """A node removed from the cluster no longer receives the log, so it cannot settle
     its forwarded proposals by applying them: the leader answers those itself (a removed
-    node keeps serving SMTP until it is stopped, and its clients must get their 250)."""
+    node closes its SMTP ports, but a message already under way must get its 250)."""
 
     async def run() -> None:
         nodes, kvs = await _three(tmp_path)
@@ -267,6 +267,32 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
             )
             assert result == b"after" and kvs[leader.cfg.id].data["after"] == b"v"
             assert "after" not in kvs[removed.cfg.id].data  # it never applied it
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(run())
+
+
+def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) -> None:
+    """The removal never reaches the removed node through the log (the leader stops
+    replicating to it), so the leader says so once it applies the change; a stale word
+    (a configuration this node knows to be older than its own) is not believed."""
+
+    async def run() -> None:
+        nodes, _ = await _three(tmp_path)
+        try:
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            removed, stays = (n for n in nodes if n is not leader)
+            await leader.propose(put("before", b"v"))  # a change needs one of its term first
+            assert not any(n.removed for n in nodes)
+            await leader.membership("leave", removed.cfg.id)
+            await _until(lambda: removed.removed)
+            assert removed.core.conf().is_member(removed.cfg.id)  # the log never told it
+            assert not leader.removed and not stays.removed
+            await _until(lambda: bool(stays.core.log.confs))
+            stays._removed_at(stays.core.log.confs[-1][0] - 1, leader.cfg.id)  # stale
+            assert not stays.removed
         finally:
             for node in nodes:
                 await node.stop()
