@@ -40,6 +40,7 @@ from raft.types import (
     InstallSnapshot,
     NodeId,
     Ready,
+    RequestVote,
     SnapshotMeta,
 )
 
@@ -443,7 +444,10 @@ class RaftNode:
         kind, body = payload[:1], payload[1:]
         try:
             if kind == _RAFT:
-                self.core.step(codec.decode_message(body))
+                msg = codec.decode_message(body)
+                if isinstance(msg, RequestVote):
+                    self._answer_outsider(peer)
+                self.core.step(msg)
             elif kind == _FORWARD:
                 req, envelope = cbor2.loads(body)
                 self._serve_forward(peer, req, envelope)
@@ -597,6 +601,18 @@ class RaftNode:
         for node in log_.conf_at(index - 1).members():
             if node != self.cfg.id and not after.is_member(node):
                 self.transport.send(node, _REMOVED + cbor2.dumps(index))
+
+    def _answer_outsider(self, peer: NodeId) -> None:
+        """A vote request from outside the configuration this leader applied: a node
+        removed while it was down (the frame above went nowhere), back with its old
+        log. Told the same way. A node still joining never asks for votes."""
+        if self.core.role is not Role.LEADER:
+            return
+        log_ = self.core.log
+        if log_.conf_at(self.sm_applied).is_member(peer):
+            return
+        index = max((i for i, _ in log_.confs if i <= self.sm_applied), default=log_.offset)
+        self.transport.send(peer, _REMOVED + cbor2.dumps(index))
 
     def _removed_at(self, index: int, peer: NodeId) -> None:
         """Believed unless this node knows a configuration newer than that one (one

@@ -178,12 +178,12 @@ class Node:
         never a member."""
         me, raft = self.cfg.node.id, self.raft
 
-        def member() -> bool:
-            return raft.core.log.conf_at(raft.sm_applied).is_member(me) and not raft.removed
+        def in_conf() -> bool:
+            return raft.core.log.conf_at(raft.sm_applied).is_member(me)
 
-        while not member():
+        while not in_conf() and not raft.removed:
             await asyncio.sleep(MEMBERSHIP_CHECK_S)
-        while member():
+        while in_conf() and not raft.removed:
             await asyncio.sleep(MEMBERSHIP_CHECK_S)
         log.warning("node %s was removed from the cluster: it takes no more mail; stop it",
                     me)  # fmt: skip

@@ -298,3 +298,29 @@ def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) 
                 await node.stop()
 
     asyncio.run(run())
+
+
+def test_a_node_removed_while_it_was_down_is_told_when_it_asks_for_votes(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Replacing a dead VM: the leader's word went nowhere. Back with its old log, the
+    node still thinks itself a voter and campaigns; the leader answers that it is out."""
+
+    async def run() -> None:
+        nodes, _ = await _three(tmp_path)
+        back: RaftNode | None = None
+        try:
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            dead = next(n for n in nodes if n is not leader)
+            await leader.propose(put("before", b"v"))  # a change needs one of its term first
+            await dead.stop()
+            await leader.membership("leave", dead.cfg.id)
+            back = RaftNode(dead.cfg, EchoKV())
+            await back.start()
+            assert back.core.conf().is_member(dead.cfg.id) and not back.removed
+            await _until(lambda: back is not None and back.removed)
+        finally:
+            for node in [n for n in nodes if n is not dead] + ([back] if back else []):
+                await node.stop()
+
+    asyncio.run(run())
