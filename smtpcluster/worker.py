@@ -221,9 +221,12 @@ class Worker:
         return [RcptResult(k, OutcomeKind.DEFERRED, why, self._retry_at(mid, k)) for k in ks]
 
     def _retry_at(self, mid: str, k: int) -> int:
-        msg = self.node.machine.spool.messages.get(mid)
+        spool = self.node.machine.spool
+        msg = spool.messages.get(mid)
         attempts = msg.rcpts[k].attempts + 1 if msg else 1
-        return policy.next_attempt(self.node.policy, attempts, _now())
+        # From the spool's time when this clock lags it, as the scheduler counts: from a
+        # lagging clock the retry would come early by the lag.
+        return policy.next_attempt(self.node.policy, attempts, max(_now(), spool.now))
 
     async def _begin_dot(self, mid: str, ks: list[int], attempt: int) -> tuple[bool, bool]:
         """(applied with success, the answer is definite). No quorum or a lost leader
