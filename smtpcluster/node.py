@@ -188,6 +188,9 @@ class Node:
         log.warning("node %s was removed from the cluster: it takes no more mail; stop it",
                     me)  # fmt: skip
         await self._close_frontends(DRAIN_S / 3)
+        # Its spool no longer changes, so what was assigned here stays assigned in its
+        # eyes: the worker would start each again every poll, to be fenced off each time.
+        await self.worker.drain(DRAIN_S)
 
     async def _close_frontends(self, timeout: float) -> None:
         """Listeners closed; open sessions may finish their mail, then get 421."""

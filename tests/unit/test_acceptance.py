@@ -120,3 +120,17 @@ def test_tombstones_outlast_the_time_a_front_end_proposes_the_same_accept() -> N
     keeps a tombstone for TOMBSTONE_MS, with room to spare for clock jumps, and not for
     long: a day's worth was GiBs at a few hundred messages/s."""
     assert ACCEPT_HARD_CAP_S * 1000 * 4 <= TOMBSTONE_MS <= 2 * 3600 * 1000
+
+
+def test_a_removed_node_closes_its_front_ends_and_starts_no_more_deliveries(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    n = node(made, tmp_path, [])
+    n.frontends_up = True
+    n.raft.removed = True  # as the leader's frame sets it
+
+    async def run() -> None:
+        await asyncio.wait_for(n._stop_taking_mail_once_removed(), 30)
+
+    asyncio.run(run())
+    assert not n.frontends_up and n.worker.draining
