@@ -209,9 +209,9 @@ class RaftNode:
         """Replicate `data`; returns the state machine's result once applied on this
         node (so what this node serves afterwards reflects it).
 
-        ProposalLost, Unavailable and NoLeader mean the entry is in no log and never
-        will be. TimeoutError means its fate is unknown: a leader got it and it may yet
-        commit."""
+        ProposalLost, Unavailable, NoLeader and NotLeader (this node stopped leading as
+        it appended) mean the entry is in no log and never will be. TimeoutError means
+        its fate is unknown: a leader got it and it may yet commit."""
         handed: list[bool] = [False]
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the coroutine in a task of

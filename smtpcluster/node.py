@@ -20,7 +20,7 @@ from mailqueue.machine import SpoolMachine, decode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Spool
 from raft.core import RaftError, Role
-from raft.node import NodeConfig, ProposalLost, RaftNode, Unavailable
+from raft.node import NodeConfig, RaftNode
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.config import Config, SmtpSection
@@ -130,8 +130,12 @@ class Node:
             except TimeoutError:
                 unsettled = True  # proposing the same Accept again is always safe
                 continue
-            except (ProposalLost, Unavailable):
-                await asyncio.sleep(0.05)  # this attempt is in no log; earlier ones may be
+            except RaftError:
+                # This attempt is in no log: lost, refused by a leader, or refused here
+                # by a node that stopped leading as it flushed (NotLeader, which escaped
+                # to aiosmtpd as a 5xx while an earlier attempt went on to commit).
+                # Earlier attempts may be in a log: the loop settles that.
+                await asyncio.sleep(0.05)
                 continue
             if result.ok:
                 self.metrics.accepted.inc()

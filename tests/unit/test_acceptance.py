@@ -12,6 +12,7 @@ from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import encode_result
 from mailqueue.spool import TOMBSTONE_MS, Applied
+from raft.core import NotLeader, TransferInProgress
 from raft.node import NoLeader, ProposalLost
 from smtpcluster.config import load
 from smtpcluster.frontend import AcceptRefused
@@ -89,6 +90,18 @@ def test_an_unsettled_attempt_keeps_the_client_waiting_past_the_timeout(
     outcomes: Outcomes = [TimeoutError(), *[NoLeader("none")] * 10]
     n = node(made, tmp_path, outcomes)
     assert asyncio.run(n.submit(ACCEPT, timeout=0.1, hard_cap=5)) is True
+
+
+def test_a_leader_that_lost_its_place_mid_proposal_keeps_the_client_waiting(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """Chaos seed 12: this node led, was paused, and woke up still leading in its own
+    eyes. Its first attempt timed out (its entry went on to commit under the new
+    leader); the second was refused with NotLeader when it stepped down. That refusal
+    reached the client as a 5xx, for a message that was then delivered."""
+    n = node(made, tmp_path, [TimeoutError(), NotLeader("n2"), TransferInProgress("n3")])
+    assert asyncio.run(n.submit(ACCEPT, timeout=0.1, hard_cap=5)) is True
+    assert n.fate_unknown == 0
 
 
 def test_a_lost_proposal_is_proposed_again(made: list[Node], tmp_path: pathlib.Path) -> None:

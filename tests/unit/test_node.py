@@ -211,6 +211,15 @@ async def _three(tmp_path: pathlib.Path) -> tuple[list[RaftNode], dict[str, Echo
     return nodes, kvs
 
 
+async def _ready_for_a_change(nodes: list[RaftNode]) -> tuple[RaftNode, RaftNode, RaftNode]:
+    """The leader and the two others, once the leader has committed an entry of its own
+    term: a membership change needs one first."""
+    leader = next(n for n in nodes if n.core.role is Role.LEADER)
+    one, other = (n for n in nodes if n is not leader)
+    await leader.propose(put("before", b"v"))
+    return leader, one, other
+
+
 def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_answered(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,9 +266,7 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
     async def run() -> None:
         nodes, kvs = await _three(tmp_path)
         try:
-            leader = next(n for n in nodes if n.core.role is Role.LEADER)
-            removed = next(n for n in nodes if n is not leader)
-            await leader.propose(put("before", b"v"))  # a change needs one of its term first
+            leader, removed, _ = await _ready_for_a_change(nodes)
             await leader.membership("leave", removed.cfg.id)
             assert removed.cfg.id not in leader.core.conf().members()
             result = await asyncio.wait_for(
@@ -282,9 +289,7 @@ def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) 
     async def run() -> None:
         nodes, _ = await _three(tmp_path)
         try:
-            leader = next(n for n in nodes if n.core.role is Role.LEADER)
-            removed, stays = (n for n in nodes if n is not leader)
-            await leader.propose(put("before", b"v"))  # a change needs one of its term first
+            leader, removed, stays = await _ready_for_a_change(nodes)
             assert not any(n.removed for n in nodes)
             await leader.membership("leave", removed.cfg.id)
             await _until(lambda: removed.removed)
@@ -310,9 +315,7 @@ def test_a_node_removed_while_it_was_down_is_told_when_it_asks_for_votes(
         nodes, _ = await _three(tmp_path)
         back: RaftNode | None = None
         try:
-            leader = next(n for n in nodes if n.core.role is Role.LEADER)
-            dead = next(n for n in nodes if n is not leader)
-            await leader.propose(put("before", b"v"))  # a change needs one of its term first
+            leader, dead, _ = await _ready_for_a_change(nodes)
             await dead.stop()
             await leader.membership("leave", dead.cfg.id)
             back = RaftNode(dead.cfg, EchoKV())
