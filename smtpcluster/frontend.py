@@ -162,6 +162,13 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an exception from a command: a bug. Its own answer, a
+        500, tells the client to give the message up and bounce it to its sender, when
+        the message may already be queued: 451 makes it try again."""
+        log.error("SMTP session exception: %r", error, exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied

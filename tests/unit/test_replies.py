@@ -192,6 +192,33 @@ def test_an_accept_the_spool_refused_gets_451_and_the_session_goes_on() -> None:
     assert len(calls) == 2
 
 
+def test_a_bug_in_the_data_hook_gets_451_not_500_and_the_session_goes_on() -> None:
+    """aiosmtpd answers an exception with 500, a permanent failure: the client would
+    bounce a message that may be queued already (chaos seed 12 got one)."""
+    wire = Wire()
+    calls: list[object] = []
+
+    async def broken_once(cmd: object, timeout: float) -> bool:
+        calls.append(cmd)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        return True
+
+    async def run() -> None:
+        proto = await relaying_session(wire, broken_once)
+        await send_one(proto, wire)
+        await until(functools.partial(replied, wire, b"451 4.3.0"))
+        proto.data_received(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        await until(functools.partial(replied, wire, b"354"))
+        proto.data_received(b"Subject: y\r\n\r\nagain\r\n.\r\n")
+        await until(functools.partial(replied, wire, b"250 2.0.0"))
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert len(calls) == 2
+    assert not any(line.startswith(b"500") for line in b"".join(wire.writes).split(b"\r\n"))
+
+
 def test_a_shutdown_waits_for_the_reply_to_a_message_in_flight() -> None:
     """A drain's 421 must not answer a message whose Accept may still commit: the 250
     (or the 451 of a settled fate) comes first, then the 421."""
