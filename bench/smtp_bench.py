@@ -7,7 +7,8 @@ instance (as shipped: fsync on) through `relayhost`. Throughput: smtp-source sen
 messages over S sessions; "accept" is timed until smtp-source has its last 250, "end
 to end" until the queue is empty again (every message delivered to the sink). Ours
 gets the mail on a follower, so every Accept is forwarded to the leader. Latency: one
-sequential smtplib client, from the end of DATA to the 250. Both run side by side and
+sequential smtplib client, from the end of DATA to the 250; `--under-load S` times it
+also beside S smtp-source sessions sending all the while. Both run side by side and
 take turns (`--repeat` each, medians), the other one paused meanwhile. Postfix needs
 root to start. Not a test: it prints figures.
 """
@@ -68,6 +69,26 @@ def latency(host: str, port: int, n: int = 500) -> list[float]:
             code, reply = s.getreply()
             took.append(time.perf_counter() - began)
             assert code == 250, reply
+    return took
+
+
+def loaded_latency(
+    host: str, port: int, sessions: int, *, drained: Callable[[], bool], n: int = 300
+) -> list[float]:
+    """`latency` while smtp-source keeps `sessions` other sessions sending 1 KiB
+    messages to the same system, as a relay sees it at work; the first 50 samples,
+    taken while the load is ramping up, are dropped. Then the queue drains."""
+    load = subprocess.Popen(
+        ["smtp-source", "-s", str(sessions), "-m", "10000000", "-l", "1024",
+         "-f", "bench@example.org", "-t", "sink@dest.example", f"{host}:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        took = latency(host, port, n + 50)[50:]
+    finally:
+        load.terminate()
+        load.wait()
+    wait_for("the queue to drain", drained, 600)
     return took
 
 
@@ -183,6 +204,7 @@ class Turns:
         self.systems = systems
         self.runs: dict[str, dict[str, list[float]]] = {s.name: {} for s in systems}
         self.samples: dict[str, list[float]] = {s.name: [] for s in systems}
+        self.loaded: dict[str, list[float]] = {}
 
     def turn(self, system: System, job: Callable[[System], None]) -> None:
         others = [o for o in self.systems if o is not system]
@@ -208,7 +230,13 @@ class Turns:
     def latency(self, system: System) -> None:
         self.samples[system.name].extend(latency(system.host, system.port))
 
-    def run(self, workloads: list[Workload], repeat: int) -> dict[str, dict[str, float]]:
+    def loaded_latency(self, system: System, sessions: int) -> None:
+        took = loaded_latency(system.host, system.port, sessions, drained=system.drained)
+        self.loaded.setdefault(system.name, []).extend(took)
+
+    def run(
+        self, workloads: list[Workload], repeat: int, load: int = 0
+    ) -> dict[str, dict[str, float]]:
         for workload in workloads:
             for _ in range(repeat):
                 for system in self.systems:
@@ -216,16 +244,25 @@ class Turns:
         for _ in range(repeat):
             for system in self.systems:
                 self.turn(system, self.latency)
-        return {system.name: self.figures(system.name) for system in self.systems}
+                if load:
+                    self.turn(system, functools.partial(self.loaded_latency, sessions=load))
+        return {system.name: self.figures(system.name, load) for system in self.systems}
 
-    def figures(self, name: str) -> dict[str, float]:
+    def figures(self, name: str, load: int) -> dict[str, float]:
         out = {k: statistics.median(v) for k, v in self.runs[name].items()}
-        took = sorted(self.samples[name])
-        out["seq_p50_ms"] = took[len(took) // 2] * 1000
-        out["seq_p99_ms"] = took[int(len(took) * 0.99)] * 1000
-        print(f"{name}, sequential 1 KiB, {len(took)} messages: DATA-to-250 p50 "
-              f"{out['seq_p50_ms']:.2f} ms, p99 {out['seq_p99_ms']:.2f} ms")  # fmt: skip
+        out.update(_percentiles(name, "seq", self.samples[name], "sequential 1 KiB"))
+        if load:
+            what = f"sequential 1 KiB beside {load} loading sessions"
+            out.update(_percentiles(name, f"load{load}", self.loaded[name], what))
         return out
+
+
+def _percentiles(name: str, key: str, samples: list[float], what: str) -> dict[str, float]:
+    took = sorted(samples)
+    p50, p99 = took[len(took) // 2] * 1000, took[int(len(took) * 0.99)] * 1000
+    print(f"{name}, {what}, {len(took)} messages: DATA-to-250 p50 {p50:.2f} ms, "
+          f"p99 {p99:.2f} ms, max {took[-1] * 1000:.2f} ms")  # fmt: skip
+    return {f"{key}_p50_ms": p50, f"{key}_p99_ms": p99}
 
 
 def _workload(text: str) -> Workload:
@@ -243,6 +280,10 @@ def main() -> None:
     parser.add_argument(
         "--latency-only", action="store_true", help="only the sequential client's turns"
     )
+    parser.add_argument(
+        "--under-load", type=int, default=0, metavar="SESSIONS",
+        help="also time the sequential client while smtp-source keeps SESSIONS sending",
+    )  # fmt: skip
     args = parser.parse_args()
     workloads = [] if args.latency_only else args.workload or WORKLOADS
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
@@ -263,7 +304,7 @@ def main() -> None:
         cluster.start_all()
         postfix = Postfix(root / "postfix", sink_port)
         theirs = System("postfix", "127.0.0.1", postfix.port, postfix.drained)
-        results = Turns([Ours(cluster), theirs]).run(workloads, args.repeat)
+        results = Turns([Ours(cluster), theirs]).run(workloads, args.repeat, args.under_load)
     finally:
         if postfix is not None:
             postfix.stop()
