@@ -79,6 +79,13 @@ class NodeFailed(RaftError):
     only a restart brings it back."""
 
 
+class UnknownEntry(Exception):
+    """A committed entry of a kind this version cannot apply: written by a newer version
+    during a rolling upgrade. Passing over it would leave this node's state machine unlike
+    the others', so the Ready loop stops instead (NodeFailed), naming the entry, and keeps
+    stopping at it after each restart until the node runs a version that knows it."""
+
+
 class ProposalLost(RaftError):
     """Another entry was committed at the index of this proposal: it will never apply."""
 
@@ -624,6 +631,8 @@ class RaftNode:
             log.warning("%s says the configuration at index %d removed this node", peer, index)
 
     def _apply_envelope(self, index: int, kind: int, *rest: Any) -> bytes:
+        if kind not in _ARITY:
+            raise UnknownEntry(f"log entry {index} is of kind {kind!r}, unknown to this version")
         result = b""
         if kind == _APP:
             result = self.sm.apply(index, rest[0])

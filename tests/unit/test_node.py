@@ -327,3 +327,30 @@ def test_a_node_removed_while_it_was_down_is_told_when_it_asks_for_votes(
                 await node.stop()
 
     asyncio.run(run())
+
+
+def test_an_entry_of_a_kind_this_version_does_not_know_stops_the_node_naming_it(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer version's entry, met during a rolling upgrade: passing over it would make
+    this replica differ from the others, so the node stops at it and says why."""
+    kv = KV()
+
+    async def run() -> str:
+        addr = Address("127.0.0.1", free_port("127.0.0.1"))
+        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
+        node = RaftNode(cfg, kv)
+        await node.start()
+        await _until(lambda: node.core.role is Role.LEADER)
+        await node.propose(put("before", b"v"))
+        node.core.propose(cbor2.dumps([99, b"new", [b"boot", 1]]))
+        node._wake.set()
+        await asyncio.wait_for(node.failed.wait(), 10)
+        await node.stop()
+        return str(node.failure)
+
+    with caplog.at_level(logging.CRITICAL):
+        failure = asyncio.run(run())
+    assert "is of kind 99, unknown to this version" in failure
+    assert "no longer takes part in the cluster" in caplog.text
+    assert kv.data == {"before": b"v"}
