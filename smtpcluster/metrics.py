@@ -98,6 +98,11 @@ class _StateCollector(Collector):
             "smtpcluster_uncertain", "Recipients that became uncertain (cluster-wide)",
             value=spool.uncertain_total,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "smtpcluster_queue_undecodable_commands",
+            "Committed queue commands this node could not decode and refused (each logged)",
+            value=self.node.machine.undecodable,
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "smtpcluster_clock_behind_seconds",
             "How far this node's clock is behind the newest command time applied, which "

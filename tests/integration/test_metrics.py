@@ -75,5 +75,7 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert lags == set(cluster.nodes) - {leader}
         assert ("smtpcluster_queue_recipients", (("state", "queued"),)) in lead
         assert value(lead, "smtpcluster_frontends_up") == 1
+        undecodable = "smtpcluster_queue_undecodable_commands_total"
+        assert all((undecodable, ()) in v and value(v, undecodable) == 0 for v in views.values())
         # one machine, one clock: no node is behind the commands' times
         assert all(value(v, "smtpcluster_clock_behind_seconds") == 0 for v in views.values())
