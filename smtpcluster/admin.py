@@ -22,7 +22,7 @@ from mailqueue.commands import Command, Delete, Hold, MessageId, Retry, Unhold
 from mailqueue.machine import decode_result
 from mailqueue.spool import Message, RcptState, Spool
 from raft.core import RaftError
-from smtpcluster import metrics
+from smtpcluster import VERSION, metrics
 
 if TYPE_CHECKING:
     from smtpcluster.node import Node
@@ -175,6 +175,7 @@ async def queue_action(request: web.Request) -> web.Response:
 async def cluster_status(request: web.Request) -> web.Response:
     node = _node(request)
     status = node.raft.status()
+    status["version"] = VERSION
     try:
         status["members"] = await node.raft.members()
     except (RaftError, TimeoutError) as exc:

@@ -24,7 +24,7 @@ except ImportError:  # optional: plain asyncio works, more slowly
     uvloop = None  # type: ignore[assignment]
 
 from raft.node import NodeFailed
-from smtpcluster import cli_format, config, dev, logs, pki
+from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.auth import hash_password
 from smtpcluster.node import serve
@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smtpcluster", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    p.add_argument("--version", action="version", version=f"smtpcluster {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one node")
     serve.add_argument("--config", required=True)

@@ -68,6 +68,7 @@ def stats(s: dict[str, Any]) -> Iterator[str]:
 def cluster(s: dict[str, Any]) -> Iterator[str]:
     yield f"node {s['id']}: {s['role']}, term {s['term']}, leader {s['leader'] or '(none)'}"
     yield f"commit {s['commit']}, applied {s['applied']}, snapshot at {s['snapshot_index']}"
+    yield f"version {s.get('version', 'unknown')}"
     if s.get("members") is None:
         yield f"members: unknown ({s.get('members_error', 'no leader')})"
         return

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from mailqueue.spool import RcptState
 from raft.core import Role
+from smtpcluster import VERSION
 
 if TYPE_CHECKING:
     from smtpcluster.node import Node
@@ -62,6 +63,11 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._queue()
         yield from self._raft()
+        info = GaugeMetricFamily(
+            "smtpcluster_build_info", "1, labelled with this node's release", labels=["version"]
+        )
+        info.add_metric([VERSION], 1.0)
+        yield info
         up = GaugeMetricFamily("smtpcluster_frontends_up", "1 when the SMTP ports listen")
         up.add_metric([], 1.0 if self.node.frontends_up else 0.0)
         yield up

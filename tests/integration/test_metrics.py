@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import smtplib
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -75,6 +76,8 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert lags == set(cluster.nodes) - {leader}
         assert ("smtpcluster_queue_recipients", (("state", "queued"),)) in lead
         assert value(lead, "smtpcluster_frontends_up") == 1
+        release = (("version", version("smtpcluster")),)
+        assert all(v.get(("smtpcluster_build_info", release)) == 1 for v in views.values())
         undecodable = "smtpcluster_queue_undecodable_commands_total"
         assert all((undecodable, ()) in v and value(v, undecodable) == 0 for v in views.values())
         # one machine, one clock: no node is behind the commands' times
