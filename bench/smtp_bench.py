@@ -203,8 +203,10 @@ class Turns:
     def __init__(self, systems: list[System]) -> None:
         self.systems = systems
         self.runs: dict[str, dict[str, list[float]]] = {s.name: {} for s in systems}
-        self.samples: dict[str, list[float]] = {s.name: [] for s in systems}
-        self.loaded: dict[str, list[float]] = {}
+        # Latency samples, one list per turn: pooled for the figures, and each turn's p99
+        # printed too, since one p99 of a few hundred samples moves a lot between runs.
+        self.samples: dict[str, list[list[float]]] = {s.name: [] for s in systems}
+        self.loaded: dict[str, list[list[float]]] = {s.name: [] for s in systems}
 
     def turn(self, system: System, job: Callable[[System], None]) -> None:
         others = [o for o in self.systems if o is not system]
@@ -228,11 +230,11 @@ class Turns:
               f" messages/s, end to end {e2e:,.0f}", flush=True)  # fmt: skip
 
     def latency(self, system: System) -> None:
-        self.samples[system.name].extend(latency(system.host, system.port))
+        self.samples[system.name].append(latency(system.host, system.port))
 
     def loaded_latency(self, system: System, sessions: int) -> None:
         took = loaded_latency(system.host, system.port, sessions, drained=system.drained)
-        self.loaded.setdefault(system.name, []).extend(took)
+        self.loaded[system.name].append(took)
 
     def run(
         self, workloads: list[Workload], repeat: int, load: int = 0
@@ -257,12 +259,18 @@ class Turns:
         return out
 
 
-def _percentiles(name: str, key: str, samples: list[float], what: str) -> dict[str, float]:
-    took = sorted(samples)
-    p50, p99 = took[len(took) // 2] * 1000, took[int(len(took) * 0.99)] * 1000
+def _percentiles(name: str, key: str, turns: list[list[float]], what: str) -> dict[str, float]:
+    took = sorted(t for turn in turns for t in turn)
+    p50, p99 = _at(took, 0.5), _at(took, 0.99)
+    each = ", ".join(f"{_at(sorted(turn), 0.99):.2f}" for turn in turns)
     print(f"{name}, {what}, {len(took)} messages: DATA-to-250 p50 {p50:.2f} ms, "
-          f"p99 {p99:.2f} ms, max {took[-1] * 1000:.2f} ms")  # fmt: skip
+          f"p99 {p99:.2f} ms (turns: {each}), max {took[-1] * 1000:.2f} ms")  # fmt: skip
     return {f"{key}_p50_ms": p50, f"{key}_p99_ms": p99}
+
+
+def _at(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted seconds, in milliseconds."""
+    return ordered[int(len(ordered) * q)] * 1000
 
 
 def _workload(text: str) -> Workload:
