@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import pathlib
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 import cbor2
 import pytest
@@ -63,6 +65,20 @@ async def _until(cond: object, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _leader_alone(
+    tmp_path: pathlib.Path, kv: KV, snapshot_entries: int | None = None
+) -> RaftNode:
+    """One node on loopback that is its own cluster, started and leading."""
+    addr = Address("127.0.0.1", free_port("127.0.0.1"))
+    cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
+    if snapshot_entries is not None:
+        cfg = dataclasses.replace(cfg, snapshot_entries=snapshot_entries)
+    node = RaftNode(cfg, kv)
+    await node.start()
+    await _until(lambda: node.core.role is Role.LEADER)
+    return node
+
+
 async def _one_entry_each(node: RaftNode, datas: list[bytes]) -> list[asyncio.Task[bytes]]:
     """Propose without waiting for the results, but each in a log entry of its own
     (proposals made together would share one batch entry)."""
@@ -78,13 +94,8 @@ def test_a_slow_snapshot_holds_back_neither_applying_nor_the_raft_loop(
     tmp_path: pathlib.Path,
 ) -> None:
     async def run() -> None:
-        addr = Address("127.0.0.1", free_port("127.0.0.1"))
         kv = GatedKV()
-        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5,
-                         snapshot_entries=5)  # fmt: skip
-        node = RaftNode(cfg, kv)
-        await node.start()
-        await _until(lambda: node.core.role is Role.LEADER)
+        node = await _leader_alone(tmp_path, kv, snapshot_entries=5)
         early = await _one_entry_each(node, [put(f"k{k}", b"v") for k in range(6)])
         await _until(kv.inside.is_set)  # a snapshot is due at 5: its thread is parked
         late = await _one_entry_each(node, [put(f"k{k % 6}", b"late") for k in range(20)])
@@ -105,13 +116,7 @@ def test_a_slow_snapshot_holds_back_neither_applying_nor_the_raft_loop(
 
 def test_restart_restores_from_the_snapshot_and_the_log(tmp_path: pathlib.Path) -> None:
     async def run(kv: KV) -> RaftNode:
-        addr = Address("127.0.0.1", free_port("127.0.0.1"))
-        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5,
-                         snapshot_entries=10)  # fmt: skip
-        node = RaftNode(cfg, kv)
-        await node.start()
-        await _until(lambda: node.core.role is Role.LEADER)
-        return node
+        return await _leader_alone(tmp_path, kv, snapshot_entries=10)
 
     async def first() -> None:
         node = await run(KV())
@@ -145,11 +150,7 @@ def test_a_failing_apply_is_reported_not_swallowed(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def run() -> None:
-        addr = Address("127.0.0.1", free_port("127.0.0.1"))
-        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
-        node = RaftNode(cfg, BrokenKV())
-        await node.start()
-        await _until(lambda: node.core.role is Role.LEADER)
+        node = await _leader_alone(tmp_path, BrokenKV())
         await node.propose(put("fine", b"v"))
         assert node.failure is None
         boom = asyncio.create_task(node.propose(put("boom", b"v")))
@@ -177,11 +178,7 @@ def test_proposals_made_together_share_an_entry_and_get_their_own_results(
     tmp_path: pathlib.Path,
 ) -> None:
     async def run(kv: KV) -> tuple[list[bytes], int]:
-        addr = Address("127.0.0.1", free_port("127.0.0.1"))
-        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
-        node = RaftNode(cfg, kv)
-        await node.start()
-        await _until(lambda: node.core.role is Role.LEADER)
+        node = await _leader_alone(tmp_path, kv)
         before = node.core.log.last_index()
         results = await asyncio.gather(*(node.propose(put(f"k{k}", b"v")) for k in range(50)))
         entries = node.core.log.last_index() - before
@@ -196,8 +193,12 @@ def test_proposals_made_together_share_an_entry_and_get_their_own_results(
     assert {f"k{k}" for k in range(50)} <= set(replayed.data)
 
 
-async def _three(tmp_path: pathlib.Path) -> tuple[list[RaftNode], dict[str, EchoKV]]:
-    """Three in-process nodes on loopback, started, one of them leader."""
+@contextlib.asynccontextmanager
+async def _three(
+    tmp_path: pathlib.Path,
+) -> AsyncIterator[tuple[list[RaftNode], dict[str, EchoKV]]]:
+    """Three in-process nodes on loopback, started, one of them leader; stopped on the
+    way out, but for those the test stopped itself."""
     ports = free_ports("127.0.0.1", 3)
     addrs = {f"n{k}": Address("127.0.0.1", port) for k, port in enumerate(ports, 1)}
     kvs = {n: EchoKV() for n in addrs}
@@ -207,8 +208,13 @@ async def _three(tmp_path: pathlib.Path) -> tuple[list[RaftNode], dict[str, Echo
     ]
     for node in nodes:
         await node.start()
-    await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
-    return nodes, kvs
+    try:
+        await _until(lambda: any(n.core.role is Role.LEADER for n in nodes))
+        yield nodes, kvs
+    finally:
+        for node in nodes:
+            if not node.stopped:
+                await node.stop()
 
 
 async def _ready_for_a_change(nodes: list[RaftNode]) -> tuple[RaftNode, RaftNode, RaftNode]:
@@ -227,8 +233,7 @@ def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_a
     itself; the leader sends no answer frame for a success, only for a refusal."""
 
     async def run() -> None:
-        nodes, kvs = await _three(tmp_path)
-        try:
+        async with _three(tmp_path) as (nodes, kvs):
             leader = next(n for n in nodes if n.core.role is Role.LEADER)
             await _until(lambda: all(n.core.lead == leader.cfg.id for n in nodes))
             follower, other = (n for n in nodes if n is not leader)
@@ -249,9 +254,6 @@ def test_a_followers_proposals_are_settled_by_its_own_apply_and_refusals_still_a
             with pytest.raises(RaftError, match="NotLeader"):  # `other` refuses: answered
                 await follower._forward(other.cfg.id, [0, put("refused", b"v")])
             assert len(answers) == 1 and "refused" not in kvs[leader.cfg.id].data
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(run())
 
@@ -264,8 +266,7 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
     node closes its SMTP ports, but a message already under way must get its 250)."""
 
     async def run() -> None:
-        nodes, kvs = await _three(tmp_path)
-        try:
+        async with _three(tmp_path) as (nodes, kvs):
             leader, removed, _ = await _ready_for_a_change(nodes)
             await leader.membership("leave", removed.cfg.id)
             assert removed.cfg.id not in leader.core.conf().members()
@@ -274,9 +275,6 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
             )
             assert result == b"after" and kvs[leader.cfg.id].data["after"] == b"v"
             assert "after" not in kvs[removed.cfg.id].data  # it never applied it
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(run())
 
@@ -287,8 +285,7 @@ def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) 
     (a configuration this node knows to be older than its own) is not believed."""
 
     async def run() -> None:
-        nodes, _ = await _three(tmp_path)
-        try:
+        async with _three(tmp_path) as (nodes, _):
             leader, removed, stays = await _ready_for_a_change(nodes)
             assert not any(n.removed for n in nodes)
             await leader.membership("leave", removed.cfg.id)
@@ -298,9 +295,6 @@ def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) 
             await _until(lambda: bool(stays.core.log.confs))
             stays._removed_at(stays.core.log.confs[-1][0] - 1, leader.cfg.id)  # stale
             assert not stays.removed
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(run())
 
@@ -312,19 +306,17 @@ def test_a_node_removed_while_it_was_down_is_told_when_it_asks_for_votes(
     node still thinks itself a voter and campaigns; the leader answers that it is out."""
 
     async def run() -> None:
-        nodes, _ = await _three(tmp_path)
-        back: RaftNode | None = None
-        try:
+        async with _three(tmp_path) as (nodes, _):
             leader, dead, _ = await _ready_for_a_change(nodes)
             await dead.stop()
             await leader.membership("leave", dead.cfg.id)
             back = RaftNode(dead.cfg, EchoKV())
             await back.start()
-            assert back.core.conf().is_member(dead.cfg.id) and not back.removed
-            await _until(lambda: back is not None and back.removed)
-        finally:
-            for node in [n for n in nodes if n is not dead] + ([back] if back else []):
-                await node.stop()
+            try:
+                assert back.core.conf().is_member(dead.cfg.id) and not back.removed
+                await _until(lambda: back.removed)
+            finally:
+                await back.stop()
 
     asyncio.run(run())
 
@@ -337,11 +329,7 @@ def test_an_entry_of_a_kind_this_version_does_not_know_stops_the_node_naming_it(
     kv = KV()
 
     async def run() -> str:
-        addr = Address("127.0.0.1", free_port("127.0.0.1"))
-        cfg = NodeConfig("n1", addr, {"n1": addr}, str(tmp_path), b"k" * 32, tick_ms=5)
-        node = RaftNode(cfg, kv)
-        await node.start()
-        await _until(lambda: node.core.role is Role.LEADER)
+        node = await _leader_alone(tmp_path, kv)
         await node.propose(put("before", b"v"))
         node.core.propose(cbor2.dumps([99, b"new", [b"boot", 1]]))
         node._wake.set()
