@@ -53,6 +53,7 @@ _ARITY = {_APP: 1, _PEER: 2}  # an envelope's fields; a forwarded one adds its o
 BATCH_MAX_BYTES = 512 << 10
 BATCH_MAX_COUNT = 256
 _RAFT, _FORWARD, _ANSWER, _CALL, _REMOVED = b"R", b"F", b"A", b"C", b"X"
+SNAPSHOT_RETRY_S = (5.0, 300.0)  # after a failed snapshot: the first pause, the longest
 JOIN_CATCH_UP_S = 60.0  # how long a joining node may take to catch up before promotion
 _ADDR_LEN = struct.Struct("<I")
 
@@ -139,6 +140,8 @@ class RaftNode:
         self.core = Raft(core_cfg, random.Random(), init, self.storage)
         self.sm_applied = 0  # what the state machine has applied (may trail the core)
         self._snap_task: asyncio.Task[None] | None = None
+        self._snap_backoff = 0.0  # seconds to wait after a failed snapshot; doubles
+        self._snap_retry_at = 0.0  # monotonic time before which none is attempted
         if init.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(init.snapshot))
             self.sm_applied = init.snapshot.index
@@ -664,7 +667,7 @@ class RaftNode:
         """Cut a snapshot in a worker thread. Meanwhile the node keeps ticking, persisting,
         sending and applying: the state machine hands over a view of itself as of now
         (StateMachine.snapshot), so nothing waits for the thread."""
-        if self._snap_task is not None:
+        if self._snap_task is not None or time.monotonic() < self._snap_retry_at:
             return
         meta = self.core.snapshot_meta(self.sm_applied, 0)
         if meta is None:
@@ -683,8 +686,15 @@ class RaftNode:
                 None, self.storage.write_snapshot, meta.index, meta.term, meta.conf, chunks
             )
             self.core.snapshot_taken(written)
+            self._snap_backoff = 0.0
         except Exception:
-            log.exception("snapshot at %d failed; the log is kept whole", meta.index)
+            # It stays due after every Ready: without a pause a full disk would be
+            # written to, and the error logged, as fast as entries commit.
+            self._snap_backoff = min(max(2 * self._snap_backoff, SNAPSHOT_RETRY_S[0]),
+                                     SNAPSHOT_RETRY_S[1])  # fmt: skip
+            self._snap_retry_at = time.monotonic() + self._snap_backoff
+            log.exception("snapshot at %d failed; the log is kept whole; next attempt in "
+                          "%.0f s", meta.index, self._snap_backoff)  # fmt: skip
         finally:
             self._snap_task = None
             self.sm.snapshot_done()

@@ -17,6 +17,7 @@ One `save(ready)` writes all of a Ready's records and fsyncs once: group commit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -324,17 +325,26 @@ class Storage:
         if self.fs.exists(tmp):
             self.fs.remove(tmp)
         f = self.fs.open_append(tmp)
-        size, crc, synced = 0, 0, 0
-        for chunk in chunks:
-            f.write(chunk)
-            size += len(chunk)
-            crc = crc32c.crc32c(chunk, crc)
-            if size - synced >= SNAPSHOT_SYNC_BYTES:
-                f.sync()
-                synced = size
-        meta = SnapshotMeta(index, term, conf, size)
-        f.write(self._trailer(meta, crc))
-        f.sync()
+        try:
+            size, crc, synced = 0, 0, 0
+            for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
+                crc = crc32c.crc32c(chunk, crc)
+                if size - synced >= SNAPSHOT_SYNC_BYTES:
+                    f.sync()
+                    synced = size
+            meta = SnapshotMeta(index, term, conf, size)
+            f.write(self._trailer(meta, crc))
+            f.sync()
+        except BaseException:
+            # Most often a full disk: the partial file goes at once, not at the next
+            # attempt, and so does its descriptor (an open file keeps its blocks).
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(OSError):
+                self.fs.remove(tmp)
+            raise
         f.close()
         with self._lock:
             self._publish(tmp, meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import pathlib
 import struct
@@ -109,6 +110,51 @@ def test_a_slow_snapshot_holds_back_neither_applying_nor_the_raft_loop(
         snap, meta = snapshot_state(node), node.storage.snapshot
         assert meta is not None and snap.applied == meta.index < kv.applied
         assert snap.data and set(snap.data.values()) == {b"v"}
+        await node.stop()
+
+    asyncio.run(run())
+
+
+class FullDiskKV(KV):
+    """A KV whose snapshots fail as on a full disk while `full` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = True
+        self.attempts = 0
+
+    def snapshot(self) -> Iterable[bytes]:
+        self.attempts += 1
+        chunks = list(super().snapshot())
+        if self.full:
+            chunks.append(b"")  # a marker the generator below turns into the error
+        return self._failing(chunks)
+
+    @staticmethod
+    def _failing(chunks: list[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if not chunk:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield chunk
+
+
+def test_a_failed_snapshot_is_retried_after_a_pause_not_at_every_entry(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> None:
+        kv = FullDiskKV()
+        node = await _leader_alone(tmp_path, kv, snapshot_entries=5)
+        await asyncio.gather(*await _one_entry_each(node, [put(f"k{k}", b"v") for k in range(6)]))
+        await _until(lambda: kv.attempts >= 1 and node._snap_task is None)
+        # Still due after each of these entries, but within the pause: no new attempt.
+        await asyncio.gather(*await _one_entry_each(node, [put(f"j{k}", b"v") for k in range(20)]))
+        assert kv.attempts == 1 and node.storage.snapshot is None
+        assert "No space left on device" in caplog.text and "next attempt in 5 s" in caplog.text
+        kv.full = False
+        node._snap_retry_at = 0.0  # the pause is over
+        await node.propose(put("after", b"v"))
+        await _until(lambda: node.storage.snapshot is not None)
+        assert kv.attempts == 2
         await node.stop()
 
     asyncio.run(run())

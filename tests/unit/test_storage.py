@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pathlib
 from collections.abc import Iterator
@@ -116,6 +118,34 @@ def test_a_snapshot_is_made_durable_as_it_is_written() -> None:
 
     s.write_snapshot(8, 1, CONF, chunks())
     assert max(unsynced) < SNAPSHOT_SYNC_BYTES + len(chunk) < 5 << 20
+
+
+def _open_files() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
+def test_a_snapshot_that_fails_midway_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
+    """A full disk mid-snapshot: the partial file and its descriptor go at once (an
+    open descriptor keeps a removed file's blocks), the previous snapshot stays in
+    use, and the next attempt succeeds."""
+    s = Storage(str(tmp_path))
+    s.save(Ready(entries=entries(1, 20, 1)))
+    first = s.write_snapshot(8, 1, CONF, [b"first"])
+
+    def filling() -> Iterator[bytes]:
+        yield b"x" * (1 << 20)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        s.write_snapshot(15, 1, CONF, filling())
+    assert not [n for n in os.listdir(tmp_path / "snap") if n.endswith(".tmp")]
+    assert not [f for f in _open_files() if "local.tmp" in f]
+    assert s.snapshot == first and b"".join(s.snapshot_chunks(first)) == b"first"
+    assert s.write_snapshot(15, 1, CONF, [b"second"]).index == 15
 
 
 def test_old_segments_are_deleted_once_a_snapshot_covers_them(tmp_path: pathlib.Path) -> None:
