@@ -63,6 +63,9 @@ class SmtpSection:
     relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     relay_domains: tuple[str, ...] = ()
     max_message_size: int = 26_214_400
+    # New mail is refused (452 4.3.1) while data_dir's file system has less free; the
+    # default is the larger of 256 MiB and 4 x max_message_size. 0: no check.
+    min_free_space: int = 256 << 20
     max_recipients: int = 1000
     tls_cert: str = ""
     tls_key: str = ""
@@ -256,6 +259,9 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     size = r.take("max_message_size", int, 26_214_400)
     if size < 1024:
         raise r.fail("max_message_size", "must be at least 1024 bytes")
+    reserve = r.take("min_free_space", int, max(256 << 20, 4 * size))
+    if reserve < 0:
+        raise r.fail("min_free_space", f"must be 0 (no check) or more bytes, not {reserve}")
     rcpts = _positive(r, "max_recipients", 1000)
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
     users = r.file("users_file", required=False)
@@ -271,8 +277,8 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     errors, junk = _positive(r, "max_errors", 20), _positive(r, "max_junk_commands", 100)
     r.done()
     return SmtpSection(
-        hostname, relay, submission, tuple(networks), domains, size, rcpts, tls_cert, tls_key,
-        users, accept, idle, errors, junk,
+        hostname, relay, submission, tuple(networks), domains, size, reserve, rcpts, tls_cert,
+        tls_key, users, accept, idle, errors, junk,
     )  # fmt: skip
 
 

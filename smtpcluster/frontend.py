@@ -29,6 +29,7 @@ from mailqueue.commands import Accept
 from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
+from smtpcluster.diskspace import NO_ROOM, DiskReserve, declared_size
 from smtpcluster.smtpdata import Data, DataState, read_data
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,12 @@ class RelayPolicy:
 
 class Handler:
     def __init__(
-        self, cfg: SmtpSection, node_id: str, submit: Submit, users: Users | None = None
-    ) -> None:
+        self, cfg: SmtpSection, node_id: str, submit: Submit, users: Users | None = None,
+        disk: DiskReserve | None = None,
+    ) -> None:  # fmt: skip
         self.node_id = node_id
         self.submit = submit
+        self.disk = disk  # None: no free-space check (unit tests)
         self.throttle = Throttle()
         self.refused = 0  # recipients refused for relaying: a metric
         self.sessions: set[FrontendSMTP] = set()  # open connections, for draining
@@ -143,9 +146,14 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:  # fmt: skip
+        if not self._room_for(declared_size(mail_options)):
+            return NO_ROOM
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    def _room_for(self, size: int) -> bool:
+        return self.disk is None or self.disk.room_for(size, self.cfg.min_free_space)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -173,6 +181,8 @@ class Handler:
         raw = envelope.original_content or b""
         if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied
             return "550 5.6.11 Bare LF in message: lines must end with CRLF"
+        if not self._room_for(len(raw)):  # MAIL's check knew at most a declared size
+            return NO_ROOM
         message_id = new_message_id(self.node_id)
         body = self._received(session, envelope, message_id) + raw
         cmd = Accept(

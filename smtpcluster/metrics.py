@@ -75,10 +75,24 @@ class _StateCollector(Collector):
             "smtpcluster_recipients_refused", "Recipients refused: relaying denied",
             value=self.node.handler.refused,
         )  # fmt: skip
+        yield from self._disk()
         yield CounterMetricFamily(
             "smtpcluster_gc_slow_full_collections",
             "Full garbage collections that stopped the node longer than the limit",
             value=self.node.collections.slow,
+        )  # fmt: skip
+
+    def _disk(self) -> Iterator[Metric]:
+        disk = self.node.disk
+        yield GaugeMetricFamily(
+            "smtpcluster_data_dir_free_bytes",
+            "Free space on data_dir's file system (new mail is refused under min_free_space)",
+            value=disk.free(),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "smtpcluster_messages_refused_no_space",
+            "Messages refused with 452 4.3.1: data_dir's file system under min_free_space",
+            value=disk.refused,
         )  # fmt: skip
 
     def _queue(self) -> Iterator[Metric]:

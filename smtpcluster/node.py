@@ -24,6 +24,7 @@ from raft.node import NodeConfig, RaftNode
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.config import Config, SmtpSection
+from smtpcluster.diskspace import DiskReserve
 from smtpcluster.frontend import AcceptRefused, Handler, smtp_factory
 from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
@@ -66,7 +67,8 @@ class Node:
             self.machine,
         )
         users = Users.load(cfg.smtp.users_file) if cfg.smtp.users_file else None
-        self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users)
+        self.disk = DiskReserve(data)
+        self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users, self.disk)
         self.tls = tls_context(cfg.smtp)
         self.policy = Policy(
             retry_schedule_ms=cfg.delivery.retry_schedule_ms,

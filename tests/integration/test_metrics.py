@@ -78,6 +78,9 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert value(lead, "smtpcluster_frontends_up") == 1
         release = (("version", version("smtpcluster")),)
         assert all(v.get(("smtpcluster_build_info", release)) == 1 for v in views.values())
+        assert all(value(v, "smtpcluster_data_dir_free_bytes") > 0 for v in views.values())
+        no_room = "smtpcluster_messages_refused_no_space_total"
+        assert all((no_room, ()) in v and value(v, no_room) == 0 for v in views.values())
         undecodable = "smtpcluster_queue_undecodable_commands_total"
         assert all((undecodable, ()) in v and value(v, undecodable) == 0 for v in views.values())
         # one machine, one clock: no node is behind the commands' times

@@ -18,6 +18,7 @@ from smtpcluster.auth import hash_password
 from tests.integration.kvcluster import wait_for
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster, running
+from tests.integration.test_metrics import scrape, value
 
 
 def test_node_tells_systemd_ready_and_pings_the_watchdog(tmp_path: Path) -> None:
@@ -157,3 +158,34 @@ def test_a_node_whose_disk_fails_exits_for_a_restart_and_the_others_carry_on(
         assert "after@dest.example" in cluster.queued_rcpts(leader)
     finally:
         cluster.stop_all()
+
+
+def test_a_node_short_of_disk_refuses_new_mail_with_452_until_there_is_room(
+    tmp_path: Path,
+) -> None:
+    """Postfix's queue_minfree: under min_free_space a MAIL gets 452 4.3.1 and nothing
+    is queued; with room again (here: a smaller reserve, by a reload) mail is taken."""
+    cluster = SmtpCluster(tmp_path, n=1)
+    config = cluster.nodes["n1"].config
+    text = config.read_text()
+    config.write_text(text.replace("[smtp]\n", f"[smtp]\nmin_free_space = {1 << 62}\n"))
+    node = cluster.nodes["n1"]
+    with running(cluster):
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.ehlo("disk.test")
+            assert s.mail("a@example.org") == (452, b"4.3.1 Insufficient system storage")
+            assert s.noop()[0] == 250  # the session goes on
+        assert cluster.queued("n1") == []
+        samples = scrape(cluster, "n1")
+        assert value(samples, "smtpcluster_messages_refused_no_space_total") == 1
+        assert value(samples, "smtpcluster_data_dir_free_bytes") > 0
+        assert "refusing new mail with 452 4.3.1" in (tmp_path / "n1.log").read_text()
+
+        config.write_text(text)  # the default reserve, which this disk has
+        assert node.popen is not None
+        node.popen.send_signal(signal.SIGHUP)
+        wait_for("the reload", lambda: "reloaded" in (tmp_path / "n1.log").read_text(), 30)
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            assert s.sendmail("a@example.org", ["r@dest.example"], b"Subject: x\r\n\r\nx\r\n") == {}
+        assert cluster.queued_rcpts("n1") == {"r@dest.example"}
+        assert "taking new mail again" in (tmp_path / "n1.log").read_text()

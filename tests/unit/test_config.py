@@ -52,6 +52,14 @@ def test_the_example_config_loads(tmp_path: pathlib.Path) -> None:
     assert cfg.admin.token == "t" * 32 and cfg.cluster.key == b"k" * 32
 
 
+def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: pathlib.Path) -> None:
+    assert load(write(tmp_path, GOOD)).smtp.min_free_space == 256 << 20
+    big = GOOD.replace("[smtp]", "[smtp]\nmax_message_size = 104857600")
+    assert load(write(tmp_path, big)).smtp.min_free_space == 4 * 104857600
+    off = GOOD.replace("[smtp]", "[smtp]\nmin_free_space = 0")
+    assert load(write(tmp_path, off)).smtp.min_free_space == 0
+
+
 @pytest.mark.parametrize(
     ("change", "key", "problem"),
     [
@@ -78,6 +86,8 @@ def test_the_example_config_loads(tmp_path: pathlib.Path) -> None:
         (("[admin]", "[admin]\nport = 1"), "admin.port", "unknown key"),
         (('id = "node1"', "id = 7"), "node.id", "must be a str"),
         (("[smtp]", "[smtp]\nmax_errors = 0"), "smtp.max_errors", "at least 1"),
+        (("[smtp]", "[smtp]\nmin_free_space = -1"), "smtp.min_free_space", "0 (no check)"),
+        (("[smtp]", '[smtp]\nmin_free_space = "1G"'), "smtp.min_free_space", "must be a int"),
         (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
         (("[admin]", '[log]\nformat = "xml"\n[admin]'), "log.format", "'json'"),
         (("[admin]", "[log]\ncolour = true\n[admin]"), "log.colour", "unknown key"),
