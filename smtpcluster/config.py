@@ -77,6 +77,10 @@ class SmtpSection:
     # without queueing a message, is cut off with 421.
     max_errors: int = 20
     max_junk_commands: int = 100
+    # Postfix's process limit and smtpd_client_connection_count_limit: sessions open at
+    # once, in all and from one address (relay_networks exempt); more get 421.
+    max_sessions: int = 1000
+    max_sessions_per_client: int = 50
 
 
 @dataclass(frozen=True)
@@ -275,10 +279,12 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     accept = r.duration("accept_timeout", 120_000)
     idle = r.duration("idle_timeout", 300_000)
     errors, junk = _positive(r, "max_errors", 20), _positive(r, "max_junk_commands", 100)
+    sessions = _positive(r, "max_sessions", 1000)
+    per_client = _positive(r, "max_sessions_per_client", 50)
     r.done()
     return SmtpSection(
         hostname, relay, submission, tuple(networks), domains, size, reserve, rcpts, tls_cert,
-        tls_key, users, accept, idle, errors, junk,
+        tls_key, users, accept, idle, errors, junk, sessions, per_client,
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
 from smtpcluster.diskspace import NO_ROOM, DiskReserve, declared_size
+from smtpcluster.sessions import Sessions
 from smtpcluster.smtpdata import Data, DataState, read_data
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class Handler:
         self.disk = disk  # None: no free-space check (unit tests)
         self.throttle = Throttle()
         self.refused = 0  # recipients refused for relaying: a metric
-        self.sessions: set[FrontendSMTP] = set()  # open connections, for draining
+        self.sessions: Sessions[FrontendSMTP] = Sessions()  # open ones: limits, draining
         self.reconfigure(cfg, users)
 
     def reconfigure(self, cfg: SmtpSection, users: Users | None) -> None:
@@ -280,10 +281,24 @@ class FrontendSMTP(SMTP):
         self.settled = asyncio.Event()  # clear from the final dot to its reply
         self.settled.set()
         self._flush_due = False
+        self.refusal: str | None = None  # over a session limit: the 421 to close with
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        fresh = self.transport is None  # STARTTLS makes it again for the same session
         super().connection_made(transport)
-        self.handler.sessions.add(self)
+        if fresh:
+            assert self.session is not None  # aiosmtpd made it
+            cfg, handler = self.limits, self.handler
+            self.refusal = handler.sessions.admit(
+                self, _peer(self.session), (cfg.max_sessions, cfg.max_sessions_per_client),
+                handler.policy.trusted,
+            )  # fmt: skip
+
+    async def _handle_client(self) -> None:
+        if self.refusal is not None:  # instead of the greeting
+            await self._hang_up(self.refusal)
+            return
+        await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
         self.handler.sessions.discard(self)

@@ -75,6 +75,11 @@ class _StateCollector(Collector):
             "smtpcluster_recipients_refused", "Recipients refused: relaying denied",
             value=self.node.handler.refused,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "smtpcluster_connections_refused",
+            "SMTP connections refused with 421: over max_sessions or max_sessions_per_client",
+            value=self.node.handler.sessions.refused,
+        )  # fmt: skip
         yield from self._disk()
         yield CounterMetricFamily(
             "smtpcluster_gc_slow_full_collections",

@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.kvcluster import wait_for
 from tests.integration.smtpnodes import SmtpCluster, running
+from tests.integration.test_metrics import scrape, value
 
 MESSAGE = b"Subject: ok\r\n\r\nfine\r\n"
 
@@ -127,3 +128,35 @@ def test_a_client_that_stops_mid_data_is_cut_off_and_nothing_is_queued(
     raw.close()
     rcpts = {r["address"] for m in cluster.queued("n1") for r in m["recipients"]}
     assert "stalled@dest.example" not in rcpts
+
+
+def test_a_client_holding_too_many_connections_gets_421_and_others_are_served(
+    tmp_path: Path,
+) -> None:
+    """Postfix's smtpd_client_connection_count_limit: idle connections from one address
+    past max_sessions_per_client are refused at once, not held open to exhaust the
+    node's descriptors; a closed one makes room."""
+    c = SmtpCluster(tmp_path, n=1, relay_networks='"10.0.0.0/8"')  # 127.0.0.1: an outsider
+    config = c.nodes["n1"].config
+    config.write_text(
+        config.read_text().replace("[smtp]\n", "[smtp]\nmax_sessions_per_client = 2\n")
+    )
+    with running(c):
+        held = [Raw(c), Raw(c)]
+        node = c.nodes["n1"]
+        with socket.create_connection((node.host, node.smtp_port), timeout=20) as sock:
+            refused = sock.makefile("rb").readline()
+            assert refused == b"421 4.7.0 Too many connections from 127.0.0.1\r\n"
+            assert sock.recv(1) == b""  # and closed
+        held[0].send(b"QUIT\r\n")
+        assert held[0].reply().startswith(b"221")
+        wait_for("a place again", lambda: _greeted(c), 20)
+        assert value(scrape(c, "n1"), "smtpcluster_connections_refused_total") >= 1
+        held[1].send(b"NOOP\r\n")
+        assert held[1].reply().startswith(b"250")  # the held ones were served throughout
+
+
+def _greeted(c: SmtpCluster) -> bool:
+    node = c.nodes["n1"]
+    with socket.create_connection((node.host, node.smtp_port), timeout=20) as sock:
+        return sock.makefile("rb").readline().startswith(b"220")

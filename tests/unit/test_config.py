@@ -87,6 +87,8 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
         (('id = "node1"', "id = 7"), "node.id", "must be a str"),
         (("[smtp]", "[smtp]\nmax_errors = 0"), "smtp.max_errors", "at least 1"),
         (("[smtp]", "[smtp]\nmin_free_space = -1"), "smtp.min_free_space", "0 (no check)"),
+        (("[smtp]", "[smtp]\nmax_sessions = 0"), "smtp.max_sessions", "at least 1"),
+        (("[smtp]", "[smtp]\nmax_sessions_per_client = 0"), "smtp.max_sessions_per_client", "1"),
         (("[smtp]", '[smtp]\nmin_free_space = "1G"'), "smtp.min_free_space", "must be a int"),
         (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
         (("[admin]", '[log]\nformat = "xml"\n[admin]'), "log.format", "'json'"),
