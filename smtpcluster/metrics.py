@@ -75,6 +75,10 @@ class _StateCollector(Collector):
             "smtpcluster_recipients_refused", "Recipients refused: relaying denied",
             value=self.node.handler.refused,
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "smtpcluster_smtp_sessions", "SMTP sessions open on this node (max_sessions caps)",
+            value=len(self.node.handler.sessions),
+        )  # fmt: skip
         yield CounterMetricFamily(
             "smtpcluster_connections_refused",
             "SMTP connections refused with 421: over max_sessions or max_sessions_per_client",

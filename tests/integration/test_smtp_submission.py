@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.kvcluster import wait_for
 from tests.integration.smtpnodes import SmtpCluster, running
+from tests.integration.test_metrics import scrape, value
 
 OUTSIDER = ("127.0.0.9", 0)  # not in relay_networks
 
@@ -75,3 +77,33 @@ def test_a_wrong_password_is_refused(cluster: SmtpCluster) -> None:
         s.ehlo("laptop.test")
         with pytest.raises(smtplib.SMTPAuthenticationError):
             s.login("alice", "guess")
+
+
+def test_a_session_counts_once_against_its_clients_limit_across_starttls(
+    tmp_path: Path,
+) -> None:
+    """STARTTLS makes the session's connection anew. Counted twice, a TLS session would
+    leave one place taken when it ends, and a client would be locked out for good
+    after max_sessions_per_client of them."""
+    c = SmtpCluster(tmp_path, n=1, submission=True)
+    config = c.nodes["n1"].config
+    config.write_text(
+        config.read_text().replace("[smtp]\n", "[smtp]\nmax_sessions_per_client = 2\n")
+    )
+    with running(c):
+        for k in range(2):
+            with client(c) as s:
+                s.starttls(context=insecure())
+                s.ehlo("laptop.test")
+                s.login("alice", "secret")
+                assert s.sendmail("alice@example.org", [f"x{k}@outside.example"], b"b\r\n") == {}
+        # Both ended: two places again, and no more.
+        wait_for(
+            "the sessions' ends", lambda: value(scrape(c, "n1"), "smtpcluster_smtp_sessions") == 0
+        )
+        held = [client(c), client(c)]
+        with pytest.raises(smtplib.SMTPConnectError) as third:
+            client(c)
+        assert third.value.smtp_code == 421
+        for s in held:
+            s.close()
