@@ -96,6 +96,11 @@ class DeliverySection:
     concurrency: int = 100  # SMTP transactions at once from this node (Postfix: 100)
     destination_concurrency: int = 20  # ... towards one host:port (Postfix: 20)
     node_down_after_ms: int = 5000  # silent this long: the leader takes its work back
+    # Towards the smarthost only (MX hosts get "may"): Postfix's smtp_tls_security_level
+    # and smtp_sasl_password_maps. The login is read from smarthost_auth_file.
+    smarthost_tls: str = "may"
+    smarthost_ca_file: str = ""
+    smarthost_login: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -324,10 +329,36 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     down = r.duration("node_down_after", 5000)
     if down < 1000:
         raise r.fail("node_down_after", "must be at least 1s")
+    tls, ca_file, login = _smarthost_security(r, smarthost)
     r.done()
     return DeliverySection(
-        smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down
-    )
+        smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down,
+        tls, ca_file, login,
+    )  # fmt: skip
+
+
+TLS_LEVELS = ("may", "encrypt", "verify")
+
+
+def _smarthost_security(r: _Reader, smarthost: str) -> tuple[str, str, tuple[str, str] | None]:
+    tls = r.take("smarthost_tls", str, "may")
+    if tls not in TLS_LEVELS:
+        raise r.fail("smarthost_tls", f"{tls!r}: use one of {', '.join(TLS_LEVELS)}")
+    ca_file = r.file("smarthost_ca_file", required=False)
+    auth_file = r.file("smarthost_auth_file", required=False)
+    for name, given in (("smarthost_tls", tls != "may"), ("smarthost_ca_file", ca_file),
+                        ("smarthost_auth_file", auth_file)):  # fmt: skip
+        if given and not smarthost:
+            raise r.fail(name, "applies to the smarthost: set smarthost too")
+    if not auth_file:
+        return tls, ca_file, None
+    if tls == "may":
+        raise r.fail("smarthost_auth_file", 'needs smarthost_tls = "encrypt" or "verify": a '
+                     "password is never sent without TLS")  # fmt: skip
+    user, colon, password = open(auth_file, encoding="utf-8").read().strip().partition(":")  # noqa: SIM115
+    if not (user and colon and password) or "\n" in password:
+        raise r.fail("smarthost_auth_file", f"{auth_file} must hold one line, user:password")
+    return tls, ca_file, (user, password)
 
 
 def _admin(path: str, top: _Reader) -> AdminSection:

@@ -62,7 +62,9 @@ class ConnectionPool:
                     return await self._run(dest, cached, job, fence)
                 except StaleConnection:
                     pass  # closed while idle: nothing was sent, open a fresh one
-            smtp = await smtp_client.connect(job.host, job.port, job.helo, self.timeouts)
+            smtp = await smtp_client.connect(
+                job.host, job.port, job.helo, self.timeouts, job.security
+            )
             self.opened += 1
             return await self._run(dest, _Idle(smtp, 0, 0.0), job, fence)
 

@@ -14,8 +14,10 @@ connection is ready for the next MAIL.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosmtplib
 
@@ -64,6 +66,25 @@ def stuff(body: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class Security:
+    """TLS and AUTH towards one destination. `tls` takes Postfix's level names: "may"
+    (STARTTLS when offered, any certificate: MX hosts), "encrypt" (STARTTLS required),
+    "verify" (required, and the certificate must name the host and chain to `ca_file`
+    or the system's CAs). `login`: user and password, sent only over TLS."""
+
+    tls: str = "may"
+    ca_file: str = ""
+    login: tuple[str, str] | None = None
+
+
+OPPORTUNISTIC = Security()
+
+
+class TlsRequired(aiosmtplib.SMTPException):
+    """The destination must speak TLS and does not offer STARTTLS: nothing was sent."""
+
+
+@dataclass(frozen=True)
 class Outbound:
     host: str
     port: int
@@ -71,6 +92,7 @@ class Outbound:
     sender: str
     rcpts: dict[int, str]  # recipient index in the message -> address
     body: bytes
+    security: Security = OPPORTUNISTIC
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -82,9 +104,11 @@ class Outbound:
 
 
 async def connect(
-    host: str, port: int, helo: str, timeouts: Timeouts = RFC_5321
-) -> aiosmtplib.SMTP:
-    """A connection that has said EHLO, over TLS when the remote offers STARTTLS."""
+    host: str, port: int, helo: str, timeouts: Timeouts = RFC_5321,
+    security: Security = OPPORTUNISTIC,
+) -> aiosmtplib.SMTP:  # fmt: skip
+    """A connection that has said EHLO, over TLS when the remote offers STARTTLS (or
+    refused without it, as `security` says), logged in if it says so."""
     smtp = aiosmtplib.SMTP(
         hostname=host, port=port, timeout=timeouts.greeting, local_hostname=helo,
         start_tls=False,
@@ -93,12 +117,22 @@ async def connect(
     try:
         await smtp.ehlo()
         if smtp.supports_extension("starttls"):
-            await smtp.starttls(validate_certs=False)  # opportunistic, as MTAs do
+            await smtp.starttls(**_tls_options(security))
             await smtp.ehlo()
+        elif security.tls != "may":
+            raise TlsRequired(f"4.7.0 {host}:{port} does not offer STARTTLS")
+        if security.login is not None:
+            await smtp.login(*security.login)
     except BaseException:
         smtp.close()
         raise
     return smtp
+
+
+def _tls_options(security: Security) -> dict[str, Any]:
+    if security.tls != "verify":
+        return {"validate_certs": False}  # opportunistic or merely encrypted, as MTAs do
+    return {"tls_context": ssl.create_default_context(cafile=security.ca_file or None)}
 
 
 def refusal(smtp: aiosmtplib.SMTP, job: Outbound) -> tuple[int, str] | None:

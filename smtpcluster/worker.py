@@ -176,10 +176,12 @@ class Worker:
             return ok
 
         error = "4.4.1 no exchange to try"
+        security = self._security()
         for target in targets:  # in MX order: the next one when one cannot be reached
             job = smtp_client.Outbound(
-                target.host, target.port, self.node.cfg.smtp.hostname, msg.sender, rcpts, body
-            )
+                target.host, target.port, self.node.cfg.smtp.hostname, msg.sender, rcpts, body,
+                security,
+            )  # fmt: skip
             try:
                 t = await self.pool.deliver(job, fence)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -199,6 +201,14 @@ class Worker:
                 return self._defer(mid, ks, why), str(target)
             return self._results(mid, ks, t), str(target)
         return self._defer(mid, ks, error), str(targets[-1]) if targets else ""
+
+    def _security(self) -> smtp_client.Security:
+        delivery = self.node.cfg.delivery
+        if not delivery.smarthost:
+            return smtp_client.OPPORTUNISTIC
+        return smtp_client.Security(
+            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login
+        )
 
     async def _targets(self, address: str) -> list[Address]:
         delivery = self.node.cfg.delivery

@@ -52,6 +52,18 @@ def test_the_example_config_loads(tmp_path: pathlib.Path) -> None:
     assert cfg.admin.token == "t" * 32 and cfg.cluster.key == b"k" * 32
 
 
+def test_a_smarthost_login_is_read_from_its_file(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "auth").write_text("relay-user:pa:ss\n")  # the password may hold a colon
+    text = GOOD.replace("[delivery]", '[delivery]\nsmarthost = "10.0.0.9:587"\n'
+                        'smarthost_tls = "verify"\nsmarthost_auth_file = "{d}/auth"')  # fmt: skip
+    delivery = load(write(tmp_path, text)).delivery
+    assert delivery.smarthost_tls == "verify" and delivery.smarthost_login == (
+        "relay-user",
+        "pa:ss",
+    )
+    assert load(write(tmp_path, GOOD)).delivery.smarthost_login is None
+
+
 def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: pathlib.Path) -> None:
     assert load(write(tmp_path, GOOD)).smtp.min_free_space == 256 << 20
     big = GOOD.replace("[smtp]", "[smtp]\nmax_message_size = 104857600")
@@ -88,6 +100,41 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
         (("[smtp]", "[smtp]\nmax_errors = 0"), "smtp.max_errors", "at least 1"),
         (("[smtp]", "[smtp]\nmin_free_space = -1"), "smtp.min_free_space", "0 (no check)"),
         (("[smtp]", "[smtp]\nmax_sessions = 0"), "smtp.max_sessions", "at least 1"),
+        (
+            ("[delivery]", '[delivery]\nsmarthost = "10.0.0.9:587"\nsmarthost_tls = "always"'),
+            "delivery.smarthost_tls",
+            "'always': use one of may, encrypt, verify",
+        ),
+        (
+            ("[delivery]", '[delivery]\nsmarthost_tls = "verify"'),
+            "delivery.smarthost_tls",
+            "set smarthost too",
+        ),
+        (
+            (
+                "[delivery]",
+                '[delivery]\nsmarthost = "10.0.0.9:587"\nsmarthost_auth_file = "{d}/admin.token"',
+            ),
+            "delivery.smarthost_auth_file",
+            "never sent without TLS",
+        ),
+        (
+            (
+                "[delivery]",
+                '[delivery]\nsmarthost = "10.0.0.9:587"\nsmarthost_tls = "encrypt"\n'
+                'smarthost_auth_file = "{d}/admin.token"',
+            ),
+            "delivery.smarthost_auth_file",
+            "one line, user:password",
+        ),
+        (
+            (
+                "[delivery]",
+                '[delivery]\nsmarthost = "10.0.0.9:587"\nsmarthost_ca_file = "{d}/none.crt"',
+            ),
+            "delivery.smarthost_ca_file",
+            "no such file",
+        ),
         (("[smtp]", "[smtp]\nmax_sessions_per_client = 0"), "smtp.max_sessions_per_client", "1"),
         (("[smtp]", '[smtp]\nmin_free_space = "1G"'), "smtp.min_free_space", "must be a int"),
         (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
