@@ -7,7 +7,6 @@ import signal
 import smtplib
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,6 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster
-
-
-@pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    handler = Sink()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield handler, port
-    finally:
-        controller.stop()
 
 
 def test_accepted_mail_is_delivered_exactly_once(tmp_path: Path, sink: tuple[Sink, int]) -> None:

@@ -6,28 +6,14 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from smtpcluster import pki
-from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.kvcluster import wait_for
 from tests.integration.sinks import Sink
 from tests.integration.smtpnodes import SmtpCluster, running
-
-
-@pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    handler = Sink()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield handler, port
-    finally:
-        controller.stop()
 
 
 def provider(root: Path, sink_port: int) -> SmtpCluster:
