@@ -70,6 +70,11 @@ async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": False, "reason": "front ends not listening"}, status=503)
     if node.raft.core.lead is None:
         return web.json_response({"ok": False, "reason": "no leader known"}, status=503)
+    reserve = node.handler.cfg.min_free_space
+    if reserve and (free := node.disk.free()) < reserve:
+        # A balancer should send clients elsewhere: this node answers their MAIL 452.
+        why = f"data_dir has {free >> 20} MiB free, under min_free_space: new mail is refused"
+        return web.json_response({"ok": False, "reason": why}, status=503)
     return web.json_response({"ok": True, "leader": node.raft.core.lead})
 
 

@@ -4,13 +4,17 @@ code asking for a restart when the node's disk fails."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import smtplib
 import socket
 import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,6 +184,8 @@ def test_a_node_short_of_disk_refuses_new_mail_with_452_until_there_is_room(
         assert value(samples, "smtpcluster_messages_refused_no_space_total") == 1
         assert value(samples, "smtpcluster_data_dir_free_bytes") > 0
         assert "refusing new mail with 452 4.3.1" in (tmp_path / "n1.log").read_text()
+        status, health = _healthz(cluster)
+        assert status == 503 and "under min_free_space" in health["reason"]
 
         config.write_text(text)  # the default reserve, which this disk has
         assert node.popen is not None
@@ -189,3 +195,16 @@ def test_a_node_short_of_disk_refuses_new_mail_with_452_until_there_is_room(
             assert s.sendmail("a@example.org", ["r@dest.example"], b"Subject: x\r\n\r\nx\r\n") == {}
         assert cluster.queued_rcpts("n1") == {"r@dest.example"}
         assert "taking new mail again" in (tmp_path / "n1.log").read_text()
+        assert _healthz(cluster) == (200, {"ok": True, "leader": "n1"})
+
+
+def _healthz(cluster: SmtpCluster) -> tuple[int, dict[str, Any]]:
+    """GET /healthz as a load balancer does: no token."""
+    node = cluster.nodes["n1"]
+    try:
+        with urllib.request.urlopen(
+            f"http://{node.host}:{node.admin_port}/healthz", timeout=20
+        ) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
