@@ -181,6 +181,8 @@ async def cluster_status(request: web.Request) -> web.Response:
     node = _node(request)
     status = node.raft.status()
     status["version"] = VERSION
+    status["data_dir_free_bytes"] = node.disk.free()
+    status["min_free_space"] = node.handler.cfg.min_free_space
     try:
         status["members"] = await node.raft.members()
     except (RaftError, TimeoutError) as exc:

@@ -69,6 +69,8 @@ def cluster(s: dict[str, Any]) -> Iterator[str]:
     yield f"node {s['id']}: {s['role']}, term {s['term']}, leader {s['leader'] or '(none)'}"
     yield f"commit {s['commit']}, applied {s['applied']}, snapshot at {s['snapshot_index']}"
     yield f"version {s.get('version', 'unknown')}"
+    if "data_dir_free_bytes" in s:
+        yield _disk(s["data_dir_free_bytes"], s["min_free_space"])
     if s.get("members") is None:
         yield f"members: unknown ({s.get('members_error', 'no leader')})"
         return
@@ -76,3 +78,11 @@ def cluster(s: dict[str, Any]) -> Iterator[str]:
     for m in s["members"]:
         reach = "yes" if m["reachable"] else "NO"
         yield f"{m['id']:<16} {m['role']:<9} {m['address']:<24} {reach:<10} {m['lag']:>8}"
+
+
+def _disk(free: int, reserve: int) -> str:
+    mib = 1 << 20
+    if reserve and free < reserve:
+        return (f"data_dir: {free // mib:,} MiB free, UNDER min_free_space "
+                f"({reserve // mib:,} MiB): new mail is refused (452 4.3.1)")  # fmt: skip
+    return f"data_dir: {free // mib:,} MiB free (new mail is refused under {reserve // mib:,} MiB)"

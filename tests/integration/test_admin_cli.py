@@ -100,12 +100,14 @@ def test_cluster_status_and_transfer_leader_from_any_node(cluster: SmtpCluster) 
         status = ok_json("cluster", "status", "--config", conf(cluster, nid))
         assert status["leader"] == leader
         assert status["version"] == version("smtpcluster")  # the installed release
+        assert status["data_dir_free_bytes"] > status["min_free_space"] == 256 << 20
         roles = {m["id"]: m["role"] for m in status["members"]}
         assert roles == {n: "leader" if n == leader else "follower" for n in cluster.nodes}
         assert all(m["reachable"] for m in status["members"])
     human = cli("cluster", "status", "--config", conf(cluster, "n1"))
     assert human.returncode == 0 and f"leader {leader}" in human.stdout
     assert f"version {version('smtpcluster')}" in human.stdout
+    assert "MiB free (new mail is refused under 256 MiB)" in human.stdout
     assert cli("--version").stdout == f"smtpcluster {version('smtpcluster')}\n"
     target = next(n for n in cluster.nodes if n != leader)
     asker = next(n for n in cluster.nodes if n not in (leader, target))

@@ -22,6 +22,7 @@ from smtpcluster.auth import hash_password
 from tests.integration.kvcluster import wait_for
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster, running
+from tests.integration.test_admin_cli import cli
 from tests.integration.test_metrics import scrape, value
 
 
@@ -184,6 +185,8 @@ def test_a_node_short_of_disk_refuses_new_mail_with_452_until_there_is_room(
         assert value(samples, "smtpcluster_messages_refused_no_space_total") == 1
         assert value(samples, "smtpcluster_data_dir_free_bytes") > 0
         assert "refusing new mail with 452 4.3.1" in (tmp_path / "n1.log").read_text()
+        human = cli("cluster", "status", "--config", str(config)).stdout
+        assert "UNDER min_free_space" in human and "new mail is refused (452 4.3.1)" in human
         status, health = _healthz(cluster)
         assert status == 503 and "under min_free_space" in health["reason"]
 
