@@ -101,6 +101,7 @@ class DeliverySection:
     smarthost_tls: str = "may"
     smarthost_ca_file: str = ""
     smarthost_login: tuple[str, str] | None = None
+    smarthost_tls_wrapper: bool = False  # TLS from the first byte (port 465)
 
 
 @dataclass(frozen=True)
@@ -330,10 +331,13 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     if down < 1000:
         raise r.fail("node_down_after", "must be at least 1s")
     tls, ca_file, login = _smarthost_security(r, smarthost)
+    wrapper = r.take("smarthost_tls_wrapper", bool, False)
+    if wrapper and tls == "may":
+        raise r.fail("smarthost_tls_wrapper", 'needs smarthost_tls = "encrypt" or "verify"')
     r.done()
     return DeliverySection(
         smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down,
-        tls, ca_file, login,
+        tls, ca_file, login, wrapper,
     )  # fmt: skip
 
 

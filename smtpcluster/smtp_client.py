@@ -70,11 +70,13 @@ class Security:
     """TLS and AUTH towards one destination. `tls` takes Postfix's level names: "may"
     (STARTTLS when offered, any certificate: MX hosts), "encrypt" (STARTTLS required),
     "verify" (required, and the certificate must name the host and chain to `ca_file`
-    or the system's CAs). `login`: user and password, sent only over TLS."""
+    or the system's CAs). `login`: user and password, sent only over TLS. `wrapper`:
+    Postfix's smtp_tls_wrappermode, with "encrypt" or "verify"."""
 
     tls: str = "may"
     ca_file: str = ""
     login: tuple[str, str] | None = None
+    wrapper: bool = False  # TLS from the first byte (port 465), not STARTTLS
 
 
 OPPORTUNISTIC = Security()
@@ -109,24 +111,30 @@ async def connect(
 ) -> aiosmtplib.SMTP:  # fmt: skip
     """A connection that has said EHLO, over TLS when the remote offers STARTTLS (or
     refused without it, as `security` says), logged in if it says so."""
+    wrapped = _tls_options(security) if security.wrapper else {}
     smtp = aiosmtplib.SMTP(
         hostname=host, port=port, timeout=timeouts.greeting, local_hostname=helo,
-        start_tls=False,
+        start_tls=False, use_tls=security.wrapper, **wrapped,
     )  # fmt: skip
     await smtp.connect()
     try:
         await smtp.ehlo()
-        if smtp.supports_extension("starttls"):
-            await smtp.starttls(**_tls_options(security))
-            await smtp.ehlo()
-        elif security.tls != "may":
-            raise TlsRequired(f"4.7.0 {host}:{port} does not offer STARTTLS")
+        if not security.wrapper:
+            await _starttls(smtp, security)
         if security.login is not None:
             await smtp.login(*security.login)
     except BaseException:
         smtp.close()
         raise
     return smtp
+
+
+async def _starttls(smtp: aiosmtplib.SMTP, security: Security) -> None:
+    if smtp.supports_extension("starttls"):
+        await smtp.starttls(**_tls_options(security))
+        await smtp.ehlo()
+    elif security.tls != "may":
+        raise TlsRequired(f"4.7.0 {smtp.hostname}:{smtp.port} does not offer STARTTLS")
 
 
 def _tls_options(security: Security) -> dict[str, Any]:

@@ -207,8 +207,9 @@ class Worker:
         if not delivery.smarthost:
             return smtp_client.OPPORTUNISTIC
         return smtp_client.Security(
-            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login
-        )
+            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
+            delivery.smarthost_tls_wrapper,
+        )  # fmt: skip
 
     async def _targets(self, address: str) -> list[Address]:
         delivery = self.node.cfg.delivery

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import shutil
 import smtplib
+import ssl
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from smtpcluster import pki
-from tests.integration.kvcluster import wait_for
+from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.sinks import Sink
 from tests.integration.smtpnodes import SmtpCluster, running
 
@@ -102,3 +105,35 @@ def test_a_smarthost_that_fails_the_security_asked_for_gets_nothing_and_mail_wai
     finally:
         for c in others:
             c.stop_all()
+
+
+def test_a_port_465_smarthost_gets_tls_from_the_first_byte(tmp_path: Path) -> None:
+    """smarthost_tls_wrapper (Postfix's smtp_tls_wrappermode): the provider's port
+    speaks TLS at once and offers no STARTTLS; it wants a login too."""
+    handler, logins = Sink(), []
+
+    def authenticator(server: object, session: object, envelope: object, mechanism: str,
+                      data: LoginPassword) -> AuthResult:  # fmt: skip
+        logins.append((data.login, data.password))
+        return AuthResult(success=(data.login, data.password) == (b"relay", b"pw"))
+
+    pki.init(tmp_path / "pki", [pki.NodeName("provider", "127.0.0.1")], "smarthost.test")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(
+        tmp_path / "pki" / "provider" / "tls.crt", tmp_path / "pki" / "provider" / "tls.key"
+    )
+    port = free_port("127.0.0.1")
+    # auth_require_tls=False: aiosmtpd counts only STARTTLS as TLS; this port is all TLS.
+    provider = Controller(handler, hostname="127.0.0.1", port=port, ssl_context=tls,
+                          authenticator=authenticator, auth_require_tls=False)  # fmt: skip
+    provider.start()
+    try:
+        wrapper = (f'smarthost_tls = "verify"\nsmarthost_tls_wrapper = true\n'
+                   f'smarthost_ca_file = "{tmp_path / "pki" / "ca.crt"}"\n')  # fmt: skip
+        ours = relay(tmp_path / "ours", f"127.0.0.1:{port}", wrapper, "relay:pw")
+        with running(ours):
+            send(ours, "someone@far.example")
+            wait_for("the provider to have it", lambda: len(handler.received) == 1, 60)
+        assert logins == [(b"relay", b"pw")]
+    finally:
+        provider.stop()
