@@ -135,6 +135,11 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
             "delivery.smarthost_ca_file",
             "no such file",
         ),
+        (
+            ("[delivery]", '[delivery]\nsmarthost = "10.0.0.9:465"\nsmarthost_tls_wrapper = true'),
+            "delivery.smarthost_tls_wrapper",
+            "needs smarthost_tls",
+        ),
         (("[smtp]", "[smtp]\nmax_sessions_per_client = 0"), "smtp.max_sessions_per_client", "1"),
         (("[smtp]", '[smtp]\nmin_free_space = "1G"'), "smtp.min_free_space", "must be a int"),
         (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
