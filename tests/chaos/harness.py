@@ -168,6 +168,20 @@ class Harness:
             delay.write_text(str(fault.delay_ms))
             time.sleep(fault.hold_s)
             delay.write_text("0")
+        elif kind == "disk_low":
+            self._disk_low(nid, fault.hold_s)
+
+    def _disk_low(self, nid: str, hold_s: float) -> None:
+        """The node's disk as if nearly full: a reserve larger than any disk, by the
+        reload an operator would use; then the config it had, reloaded again."""
+        node = self.cluster.nodes[nid]
+        config = node.config.read_text()
+        node.config.write_text(config.replace("[smtp]\n", f"[smtp]\nmin_free_space = {1 << 62}\n"))
+        assert node.popen is not None
+        node.popen.send_signal(signal.SIGHUP)
+        time.sleep(hold_s)
+        node.config.write_text(config)
+        node.popen.send_signal(signal.SIGHUP)
 
     def _restart_all(self, hold_s: float) -> None:
         live = self.cluster.live()

@@ -16,8 +16,9 @@ KINDS = (
     "slow_disk",  # every fsync of one node delayed
     "restart_all",  # kill -9 of every node, then all started again
     "membership",  # a fourth node joins under load, then leaves
+    "disk_low",  # one node's data disk under min_free_space: its MAILs get 452 (a reload)
 )
-WEIGHTS = (3, 3, 2, 2, 2, 1, 1, 1)
+WEIGHTS = (3, 3, 2, 2, 2, 1, 1, 1, 1)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,13 @@ def test_no_violation_through_a_seeded_schedule_of_faults(seed: int, tmp_path: P
     assert report.accepted > 500, report.table()  # the faults met a real load
 
 
+def test_a_node_short_of_disk_refuses_mail_and_loses_none(tmp_path: Path) -> None:
+    opts = Options(13, 0, tmp_path, fault_every_s=5, kinds=("disk_low",), hold_s=3, faults=2)
+    report = Harness(opts).run()
+    assert report.violations == [], report.table()
+    assert report.refused > 0, report.table()  # the fault bit: 452s while it held
+
+
 def test_the_harness_sees_a_250_before_commit(tmp_path: Path) -> None:
     opts = Options(
         21, 0, tmp_path, fault_every_s=5, kinds=("kill9_leader", "partition_leader"),
