@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
-import subprocess
-import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -16,16 +14,10 @@ from typing import Any
 import pytest
 
 from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.observe import cli
 from tests.integration.smtpnodes import SmtpCluster, SmtpNode, running
 
 MESSAGE = b"Subject: queued\r\n\r\nwaiting for a smarthost that never answers\r\n"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "smtpcluster.cli", *args],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
 
 
 def ok_json(*args: str) -> Any:

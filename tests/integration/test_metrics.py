@@ -4,36 +4,13 @@ counters move as mail flows, and the Raft and queue gauges describe the cluster.
 from __future__ import annotations
 
 import smtplib
-import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.integration.kvcluster import wait_for
+from tests.integration.observe import scrape, value
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(c: SmtpCluster, nid: str) -> Samples:
-    node = c.nodes[nid]
-    req = urllib.request.Request(
-        f"http://{node.host}:{node.admin_port}/metrics",
-        headers={"Authorization": f"Bearer {c.token}"},
-    )
-    with urllib.request.urlopen(req, timeout=20) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def delivered(c: SmtpCluster) -> float:

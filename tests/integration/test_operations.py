@@ -20,10 +20,9 @@ import pytest
 
 from smtpcluster.auth import hash_password
 from tests.integration.kvcluster import wait_for
+from tests.integration.observe import cli, scrape, value
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster, running
-from tests.integration.test_admin_cli import cli
-from tests.integration.test_metrics import scrape, value
 
 
 def test_node_tells_systemd_ready_and_pings_the_watchdog(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.kvcluster import wait_for
+from tests.integration.observe import scrape, value
 from tests.integration.smtpnodes import SmtpCluster, running
-from tests.integration.test_metrics import scrape, value
 
 MESSAGE = b"Subject: ok\r\n\r\nfine\r\n"
 

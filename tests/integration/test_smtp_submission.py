@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.kvcluster import wait_for
+from tests.integration.observe import scrape, value
 from tests.integration.smtpnodes import SmtpCluster, running
-from tests.integration.test_metrics import scrape, value
 
 OUTSIDER = ("127.0.0.9", 0)  # not in relay_networks
 
