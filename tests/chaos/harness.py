@@ -175,8 +175,7 @@ class Harness:
         """The node's disk as if nearly full: a reserve larger than any disk, by the
         reload an operator would use; then the config it had, reloaded again."""
         node = self.cluster.nodes[nid]
-        config = node.config.read_text()
-        node.config.write_text(config.replace("[smtp]\n", f"[smtp]\nmin_free_space = {1 << 62}\n"))
+        config = self.cluster.set_smtp(nid, f"min_free_space = {1 << 62}")
         assert node.popen is not None
         node.popen.send_signal(signal.SIGHUP)
         time.sleep(hold_s)

@@ -81,6 +81,14 @@ class SmtpCluster:
             f'token_file = "{root / "admin.token"}"\n'
         )
 
+    def set_smtp(self, nid: str, setting: str) -> str:
+        """Adds a `key = value` line to the node's [smtp] section (read at its next start
+        or SIGHUP); returns the config as it was, to write back."""
+        config = self.nodes[nid].config
+        before = config.read_text()
+        config.write_text(before.replace("[smtp]\n", f"[smtp]\n{setting}\n", 1))
+        return before
+
     def add_joiner(self, nid: str, host: str) -> SmtpNode:
         """A node configured to start empty and wait for `cluster join` (not started)."""
         raft_p, smtp_p, admin_p, sub_p = free_ports(host, 4)

@@ -171,8 +171,7 @@ def test_a_node_short_of_disk_refuses_new_mail_with_452_until_there_is_room(
     is queued; with room again (here: a smaller reserve, by a reload) mail is taken."""
     cluster = SmtpCluster(tmp_path, n=1)
     config = cluster.nodes["n1"].config
-    text = config.read_text()
-    config.write_text(text.replace("[smtp]\n", f"[smtp]\nmin_free_space = {1 << 62}\n"))
+    text = cluster.set_smtp("n1", f"min_free_space = {1 << 62}")
     node = cluster.nodes["n1"]
     with running(cluster):
         with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:

@@ -137,10 +137,7 @@ def test_a_client_holding_too_many_connections_gets_421_and_others_are_served(
     past max_sessions_per_client are refused at once, not held open to exhaust the
     node's descriptors; a closed one makes room."""
     c = SmtpCluster(tmp_path, n=1, relay_networks='"10.0.0.0/8"')  # 127.0.0.1: an outsider
-    config = c.nodes["n1"].config
-    config.write_text(
-        config.read_text().replace("[smtp]\n", "[smtp]\nmax_sessions_per_client = 2\n")
-    )
+    c.set_smtp("n1", "max_sessions_per_client = 2")
     with running(c):
         held = [Raw(c), Raw(c)]
         node = c.nodes["n1"]

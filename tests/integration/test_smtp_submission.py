@@ -86,10 +86,7 @@ def test_a_session_counts_once_against_its_clients_limit_across_starttls(
     leave one place taken when it ends, and a client would be locked out for good
     after max_sessions_per_client of them."""
     c = SmtpCluster(tmp_path, n=1, submission=True)
-    config = c.nodes["n1"].config
-    config.write_text(
-        config.read_text().replace("[smtp]\n", "[smtp]\nmax_sessions_per_client = 2\n")
-    )
+    c.set_smtp("n1", "max_sessions_per_client = 2")
     with running(c):
         for k in range(2):
             with client(c) as s:
