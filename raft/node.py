@@ -52,7 +52,7 @@ _ARITY = {_APP: 1, _PEER: 2}  # an envelope's fields; a forwarded one adds its o
 # up to these bounds (one entry stays well under an AppendEntries message's size).
 BATCH_MAX_BYTES = 512 << 10
 BATCH_MAX_COUNT = 256
-_RAFT, _FORWARD, _ANSWER, _CALL, _REMOVED = b"R", b"F", b"A", b"C", b"X"
+_RAFT, _FORWARD, _ANSWER, _CALL, _REMOVED, _HELLO = b"R", b"F", b"A", b"C", b"X", b"V"
 SNAPSHOT_RETRY_S = (5.0, 300.0)  # after a failed snapshot: the first pause, the longest
 JOIN_CATCH_UP_S = 60.0  # how long a joining node may take to catch up before promotion
 _ADDR_LEN = struct.Struct("<I")
@@ -111,6 +111,10 @@ class NodeConfig:
     heartbeat_ticks: int = 2
     snapshot_entries: int = 10_000
     join: bool = False  # start empty and wait to be added, instead of bootstrapping
+    # The newest format of entries this node's state machine applies. Each peer is told
+    # at connect (RaftNode.peer_formats), so that an application can hold back a new
+    # kind of entry until every member reads it: a rolling upgrade.
+    format: int = 1
     raft: dict[str, Any] = field(default_factory=dict)  # further raft.core.Config fields
 
 
@@ -145,7 +149,9 @@ class RaftNode:
         if init.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(init.snapshot))
             self.sm_applied = init.snapshot.index
-        self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame)
+        hello = _HELLO + cbor2.dumps(cfg.format)
+        self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame, hello=hello)
+        self.peer_formats: dict[NodeId, int] = {}  # what each peer said at its last connect
         self._waiters: dict[int, list[_Waiter]] = {}
         self._pending: list[tuple[bytes, asyncio.Future[bytes]]] = []  # not yet in the log
         self._reads: dict[bytes, asyncio.Future[int]] = {}
@@ -392,6 +398,7 @@ class RaftNode:
                 "reachable": n == self.cfg.id or now - self.last_heard.get(n, -1e9) < heard_s,
                 "match": match,
                 "lag": last - match,
+                "format": self.format_of(n),
             })  # fmt: skip
         return out
 
@@ -447,6 +454,10 @@ class RaftNode:
             "snapshot_index": c.snapshot.index if c.snapshot else 0,
         }
 
+    def format_of(self, node: NodeId) -> int | None:
+        """The newest entry format `node` reads, as it last said; None: not heard yet."""
+        return self.cfg.format if node == self.cfg.id else self.peer_formats.get(node)
+
     # ================================================================ inbound
 
     def _on_frame(self, peer: NodeId, payload: bytes) -> None:
@@ -468,11 +479,21 @@ class RaftNode:
                 asyncio.get_running_loop().create_task(call)
             elif kind == _REMOVED:
                 self._removed_at(cbor2.loads(body), peer)
+            elif kind == _HELLO:
+                self._hello(peer, cbor2.loads(body))
             else:
                 log.warning("unknown frame kind %r from %s", kind, peer)
         except codec.DecodeError as exc:
             log.warning("undecodable frame from %s: %s", peer, exc)
         self._wake.set()
+
+    def _hello(self, peer: NodeId, fmt: Any) -> None:
+        if type(fmt) is not int:
+            log.warning("malformed hello from %s: %r", peer, fmt)
+            return
+        if self.peer_formats.get(peer) != fmt:
+            log.info("peer %s reads entry formats up to %d", peer, fmt)
+        self.peer_formats[peer] = fmt
 
     def _serve_forward(self, peer: NodeId, req: int, envelope: bytes) -> None:
         """A follower's proposal: answered when it applies here, by a callback rather

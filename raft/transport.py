@@ -162,9 +162,14 @@ class Transport:
         listen: Address,
         key: bytes,
         on_frame: Callable[[NodeId, bytes], None],
+        *,
         queue_limit: int = 4096,
+        hello: bytes = b"",
     ) -> None:
         self.me = me
+        # Sent first on every connection this node opens, so that a peer always has this
+        # process's word, whichever of them restarted last.
+        self._hello = hello
         self.listen = listen
         wildcard = listen.host in ("", "0.0.0.0", "::")
         self._source = None if wildcard else (listen.host, 0)
@@ -259,6 +264,8 @@ class Transport:
             backoff = min(backoff * 2, 1.0)
 
     async def _pump(self, peer: _Peer, session: _Session, writer: asyncio.StreamWriter) -> None:
+        if self._hello:
+            writer.write(session.seal(self._hello))
         while True:
             if not peer.queue:
                 peer.ready.clear()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Callable
 
 import pytest
 import uvloop
@@ -50,6 +51,38 @@ def test_frames_flow_between_peers_with_the_same_key() -> None:
         assert got == [("a", b"frame-%d" % k) for k in range(100)]
         await a.close()
         await b.close()
+
+    asyncio.run(run())
+
+
+def _collect(into: list[tuple[str, bytes]]) -> Callable[[str, bytes], None]:
+    return lambda peer, frame: into.append((peer, frame))
+
+
+def test_the_hello_comes_first_on_every_connection_the_peer_opens() -> None:
+    """A node's word (the entry format it reads) must reach a peer again after either
+    of them restarts, before anything else the node sends on that connection."""
+
+    async def run() -> None:
+        key = b"k" * 32
+        a = Transport(
+            "a", Address("127.0.0.1", free_port("127.0.0.1")), key, lambda p, f: None, hello=b"hi"
+        )
+        port = free_port("127.0.0.1")
+        await a.start()
+        for _ in range(2):  # b restarts: a connects again and says hello again
+            got: list[tuple[str, bytes]] = []
+            b = Transport("b", Address("127.0.0.1", port), key, _collect(got))
+            await b.start()
+            a.set_peer("b", b.listen)
+            deadline = asyncio.get_running_loop().time() + 10
+            while not any(f == b"frame" for _, f in got):  # the old connection ate some
+                assert asyncio.get_running_loop().time() < deadline, got
+                a.send("b", b"frame")
+                await asyncio.sleep(0.05)
+            assert got[0] == ("a", b"hi")
+            await b.close()
+        await a.close()
 
     asyncio.run(run())
 
