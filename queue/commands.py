@@ -13,6 +13,19 @@ from dataclasses import dataclass
 NodeId = str
 MessageId = str
 
+# The newest replicated format this code applies: the layout of the commands in the log
+# and of the spool's snapshots. A release that changes either raises it, and proposes its
+# new commands only once the cluster's format (Spool.format) has reached the new value,
+# which the leader raises by SetFormat once every member has said it reads it.
+FORMAT = 1
+
+
+class FormatTooNew(Exception):
+    """The cluster writes a replicated format newer than this code reads: this node was
+    downgraded, or joined with an old version, after the cluster moved on. Applying on
+    would leave its spool unlike the others', so the Ready loop stops here (NodeFailed),
+    and stops again after every restart until the node runs a version that reads it."""
+
 
 class OutcomeKind(enum.IntEnum):
     DELIVERED = 0  # 2xx after the dot
@@ -146,6 +159,15 @@ class Batch:
     commands: tuple[Command, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class SetFormat:
+    """The leader raises the cluster's replicated format: every member has told it that
+    it reads `format`. It never goes down again."""
+
+    at: int
+    format: int
+
+
 Command = (
     Accept
     | Assign
@@ -159,8 +181,10 @@ Command = (
     | Retry
     | Delete
     | Batch
+    | SetFormat
 )
+# A command's code on the wire is its place here: append, never reorder.
 COMMAND_TYPES: tuple[type, ...] = (
     Accept, Assign, BeginDot, Outcome, Release, NodeDown, Expire, Hold, Unhold, Retry, Delete,
-    Batch,
+    Batch, SetFormat,
 )  # fmt: skip

@@ -9,14 +9,16 @@ from typing import Any
 import cbor2
 
 from mailqueue import codec, heap, snapshot
+from mailqueue.commands import FORMAT, Batch, Command, FormatTooNew, SetFormat
 from mailqueue.spool import Applied, BodyStore, Spool
 
 log = logging.getLogger(__name__)
 
 
 class SpoolMachine:
-    def __init__(self, bodies: BodyStore | None = None) -> None:
+    def __init__(self, bodies: BodyStore | None = None, readable: int = FORMAT) -> None:
         self.spool = Spool(bodies)
+        self.readable = readable  # the newest format this node applies (commands.FORMAT)
         self.undecodable = 0  # committed entries that were not spool commands
 
     def apply(self, index: int, data: bytes) -> bytes:
@@ -28,7 +30,17 @@ class SpoolMachine:
             self.undecodable += 1
             log.error("log entry %d is not a spool command and was refused: %s", index, exc)
             return encode_result(Applied(False, f"undecodable command: {exc}"))
+        self._check_format(index, cmd)
         return encode_result(self.spool.apply(cmd))
+
+    def _check_format(self, index: int, cmd: Command) -> None:
+        inner = cmd.commands if isinstance(cmd, Batch) else (cmd,)
+        for c in inner:
+            if isinstance(c, SetFormat) and c.format > self.readable:
+                raise FormatTooNew(
+                    f"log entry {index} raises the cluster's replicated format to "
+                    f"{c.format}; this version reads up to {self.readable}: upgrade it"
+                )
 
     def snapshot(self) -> Iterable[bytes]:
         return snapshot.dump(self.spool.open_view())
@@ -37,7 +49,7 @@ class SpoolMachine:
         self.spool.close_view()
 
     def restore(self, chunks: Iterator[bytes]) -> None:
-        self.spool = snapshot.load(chunks, self.spool.bodies)
+        self.spool = snapshot.load(chunks, self.spool.bodies, self.readable)
         heap.settle()
 
 

@@ -13,10 +13,11 @@ from typing import Any
 import cbor2
 
 from mailqueue import heap
+from mailqueue.commands import FORMAT, FormatTooNew
 from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool, SpoolView
 from raft import streams
 
-VERSION = 1
+VERSION = 2  # 2 added the cluster's replicated format to the header; 1 is read as format 1
 
 
 class SnapshotError(ValueError):
@@ -26,9 +27,8 @@ class SnapshotError(ValueError):
 def dump(spool: SpoolView | Spool) -> Iterator[bytes]:
     """A spool's records, read lazily: from a view (Spool.open_view) when commands go on
     applying meanwhile, from the spool itself only when nothing does."""
-    yield cbor2.dumps(
-        [VERSION, spool.now, spool.uncertain_total, len(spool.messages), len(spool.finished)]
-    )
+    counts = [len(spool.messages), len(spool.finished)]
+    yield cbor2.dumps([VERSION, spool.now, spool.uncertain_total, *counts, spool.format])
     for m in spool.messages.values():
         rcpts = [list(r.key()) for r in m.rcpts]
         record = [m.id, m.sender, m.size, m.received_at, m.accepted_by, m.is_bounce, rcpts]
@@ -37,17 +37,25 @@ def dump(spool: SpoolView | Spool) -> Iterator[bytes]:
         yield cbor2.dumps([mid, at])
 
 
-def load(chunks: Iterator[bytes], bodies: BodyStore | None = None) -> Spool:
+def load(chunks: Iterator[bytes], bodies: BodyStore | None = None, readable: int = FORMAT) -> Spool:
+    """Raises FormatTooNew, before anything is loaded, for the snapshot of a cluster
+    whose replicated format is newer than `readable`."""
     with heap.building():
-        return _load(chunks, bodies)
+        return _load(chunks, bodies, readable)
 
 
-def _load(chunks: Iterator[bytes], bodies: BodyStore | None) -> Spool:
+def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> Spool:
     decoder = cbor2.CBORDecoder(streams.reader(chunks))
-    version, now, uncertain, n_messages, n_tombs = decoder.decode()
-    if version != VERSION:
-        raise SnapshotError(f"spool snapshot version {version}, this code reads {VERSION}")
+    version, now, uncertain, n_messages, n_tombs, *rest = decoder.decode()
+    if version not in (1, VERSION) or len(rest) != version - 1:
+        raise SnapshotError(f"spool snapshot version {version}, this code reads 1 and {VERSION}")
     spool = Spool(bodies)
+    spool.format = rest[0] if rest else 1
+    if spool.format > readable:
+        raise FormatTooNew(
+            f"the snapshot is of replicated format {spool.format}; this version reads up "
+            f"to {readable}: upgrade it"
+        )
     spool.bodies.clear()
     spool.now, spool.uncertain_total = now, uncertain
     for _ in range(n_messages):

@@ -36,6 +36,7 @@ from mailqueue.commands import (
     OutcomeKind,
     Release,
     Retry,
+    SetFormat,
     UncertainPolicy,
     Unhold,
 )
@@ -157,6 +158,7 @@ class SpoolView:
     messages: dict[MessageId, Message]
     finished: dict[MessageId, int]
     bodies: BodyStore
+    format: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,7 @@ class Spool:
         self.accepted: collections.Counter[NodeId] = collections.Counter()
         self.uncertain_total = 0
         self.now = 0  # the newest command time applied
+        self.format = 1  # the replicated format the cluster writes (commands.FORMAT)
         self.index = SpoolIndex()  # derived, not replicated: see mailqueue.index
         self._view: SpoolView | None = None  # open for a snapshot being written
         self._doomed: list[MessageId] = []  # bodies that view still needs
@@ -196,8 +199,9 @@ class Spool:
         meanwhile."""
         assert self._view is None, "one snapshot at a time"
         self._view = SpoolView(
-            self.now, self.uncertain_total, dict(self.messages), dict(self.finished), self.bodies
-        )
+            self.now, self.uncertain_total, dict(self.messages), dict(self.finished), self.bodies,
+            self.format,
+        )  # fmt: skip
         return self._view
 
     def close_view(self) -> None:
@@ -240,6 +244,12 @@ class Spool:
         result: Applied = handler(self, cmd)
         self._forget_tombstones()
         return result
+
+    def _set_format(self, cmd: SetFormat) -> Applied:
+        if cmd.format <= self.format:
+            return Applied(True, f"format already {self.format}")
+        self.format = cmd.format
+        return Applied(True, f"format {cmd.format}")
 
     def _batch(self, cmd: Batch) -> Applied:
         items = tuple(self.apply(c) for c in cmd.commands)
@@ -463,7 +473,7 @@ class Spool:
             for m in sorted(self.messages.values(), key=lambda m: m.id)
         )  # fmt: skip
         tombs = tuple(sorted(self.finished.items()))
-        return (msgs, tombs, self.uncertain_total, self.now)
+        return (msgs, tombs, self.uncertain_total, self.now, self.format)
 
 
 def index_entry(msg: Message) -> tuple[MessageId, int | None, frozenset[NodeId], bool]:
@@ -502,4 +512,5 @@ _HANDLERS: dict[type, Callable[[Spool, Any], Applied]] = {
         c.message_ids, {S.QUEUED: S.QUEUED, S.UNCERTAIN: S.QUEUED, S.HELD: S.QUEUED}
     ),
     Delete: Spool._delete,
+    SetFormat: Spool._set_format,
 }

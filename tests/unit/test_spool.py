@@ -24,6 +24,7 @@ from mailqueue.commands import (
     RcptResult,
     Release,
     Retry,
+    SetFormat,
     UncertainPolicy,
     Unhold,
 )
@@ -56,7 +57,7 @@ def draw_command(data: st.DataObject, spool: Spool, at: int) -> Command:
     attempt = (r.attempt if r else 0) + d(st.sampled_from([0, 0, 0, 1, -1]))
     kind = d(st.sampled_from(["accept", "accept", "assign", "assign", "assign", "dot", "dot",
                               "dot", "outcome", "outcome", "release", "down", "expire", "hold",
-                              "unhold", "retry", "delete"]))  # fmt: skip
+                              "unhold", "retry", "delete", "format"]))  # fmt: skip
     if kind == "accept":
         rcpts = tuple(f"u{j}@d{j % 2}.example" for j in range(d(st.integers(1, 3))))
         sender = d(st.sampled_from(["s@example.org", ""]))
@@ -81,6 +82,8 @@ def draw_command(data: st.DataObject, spool: Spool, at: int) -> Command:
         return Unhold(at, (mid,))
     if kind == "retry":
         return Retry(at, (mid,))
+    if kind == "format":
+        return SetFormat(at, d(st.integers(1, 3)))
     return Delete(at, (mid,))
 
 
@@ -189,13 +192,13 @@ def test_random_command_sequences_keep_the_spool_consistent(data: st.DataObject)
         spool.close_view()
     assert spool.bodies.bodies == once.bodies.bodies  # type: ignore[attr-defined]
 
-    restored = snapshot.load(iter(snapshot.dump(spool)), MemoryBodies())
+    restored = snapshot.load(iter(snapshot.dump(spool)), MemoryBodies(), readable=3)
     assert restored.state_key() == spool.state_key()
     assert restored.counts == spool.counts and restored.load == spool.load
     assert restored.index.view() == spool.index.view()
     assert restored.bodies.bodies == spool.bodies.bodies  # type: ignore[attr-defined]
     if snap:  # restore mid-way, replay the rest: same as having applied everything
-        resumed = snapshot.load(iter(snap), MemoryBodies())
+        resumed = snapshot.load(iter(snap), MemoryBodies(), readable=3)
         for cmd in commands[cut + 1 :]:
             resumed.apply(cmd)
         assert resumed.state_key() == spool.state_key()
