@@ -183,6 +183,8 @@ async def cluster_status(request: web.Request) -> web.Response:
     status["version"] = VERSION
     status["data_dir_free_bytes"] = node.disk.free()
     status["min_free_space"] = node.handler.cfg.min_free_space
+    status["format"] = node.spool.format
+    status["format_readable"] = node.machine.readable
     try:
         status["members"] = await node.raft.members()
     except (RaftError, TimeoutError) as exc:

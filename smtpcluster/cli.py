@@ -23,6 +23,7 @@ try:
 except ImportError:  # optional: plain asyncio works, more slowly
     uvloop = None  # type: ignore[assignment]
 
+from mailqueue.commands import FormatTooNew
 from raft.node import NodeFailed
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except NodeFailed as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return 70  # EX_SOFTWARE: a bug stopped the node; systemd restarts it
+    except FormatTooNew as exc:  # at start, from the snapshot: a downgraded node
+        print(f"smtpcluster: {exc}", file=sys.stderr)
+        return 70  # restarted by systemd, and so running the new release once installed
 
 
 def _serve_or_check(args: argparse.Namespace) -> int:

@@ -68,16 +68,24 @@ def stats(s: dict[str, Any]) -> Iterator[str]:
 def cluster(s: dict[str, Any]) -> Iterator[str]:
     yield f"node {s['id']}: {s['role']}, term {s['term']}, leader {s['leader'] or '(none)'}"
     yield f"commit {s['commit']}, applied {s['applied']}, snapshot at {s['snapshot_index']}"
-    yield f"version {s.get('version', 'unknown')}"
+    yield f"version {s.get('version', 'unknown')}" + _format(s)
     if "data_dir_free_bytes" in s:
         yield _disk(s["data_dir_free_bytes"], s["min_free_space"])
     if s.get("members") is None:
         yield f"members: unknown ({s.get('members_error', 'no leader')})"
         return
-    yield f"{'ID':<16} {'ROLE':<9} {'ADDRESS':<24} {'REACHABLE':<10} {'LAG':>8}"
+    yield f"{'ID':<16} {'ROLE':<9} {'ADDRESS':<24} {'REACHABLE':<10} {'LAG':>8} {'FORMAT':>6}"
     for m in s["members"]:
         reach = "yes" if m["reachable"] else "NO"
-        yield f"{m['id']:<16} {m['role']:<9} {m['address']:<24} {reach:<10} {m['lag']:>8}"
+        fmt = "?" if m.get("format") is None else m["format"]
+        yield (f"{m['id']:<16} {m['role']:<9} {m['address']:<24} {reach:<10} {m['lag']:>8} "
+               f"{fmt:>6}")  # fmt: skip
+
+
+def _format(s: dict[str, Any]) -> str:
+    if "format" not in s:
+        return ""
+    return f", replicated format {s['format']} (reads up to {s['format_readable']})"
 
 
 def _disk(free: int, reserve: int) -> str:

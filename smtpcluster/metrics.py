@@ -68,6 +68,16 @@ class _StateCollector(Collector):
         )
         info.add_metric([VERSION], 1.0)
         yield info
+        yield GaugeMetricFamily(
+            "smtpcluster_replicated_format",
+            "The replicated format the cluster writes, as applied here (raised in upgrades)",
+            value=self.node.spool.format,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "smtpcluster_replicated_format_readable",
+            "The newest replicated format this node's release reads",
+            value=self.node.machine.readable,
+        )  # fmt: skip
         up = GaugeMetricFamily("smtpcluster_frontends_up", "1 when the SMTP ports listen")
         up.add_metric([], 1.0 if self.node.frontends_up else 0.0)
         yield up

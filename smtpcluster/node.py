@@ -15,7 +15,7 @@ from typing import Any
 
 from mailqueue import codec, heap
 from mailqueue.bodies import DiskBodies
-from mailqueue.commands import Accept
+from mailqueue.commands import FORMAT, Accept
 from mailqueue.machine import SpoolMachine, decode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Spool
@@ -49,7 +49,9 @@ class Node:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         data = cfg.node.data_dir
-        self.machine = SpoolMachine(DiskBodies(os.path.join(data, "bodies")))
+        self.hooks = TestHooks.from_env()
+        readable = self.hooks.format or FORMAT
+        self.machine = SpoolMachine(DiskBodies(os.path.join(data, "bodies")), readable)
         ticks = max(2, round(cfg.cluster.election_ms / TICK_MS))
         heartbeat = max(1, min(ticks - 1, round(cfg.cluster.heartbeat_ms / TICK_MS)))
         self.raft = RaftNode(
@@ -63,6 +65,7 @@ class Node:
                 election_ticks=ticks,
                 heartbeat_ticks=heartbeat,
                 join=cfg.cluster.join,
+                format=readable,
             ),
             self.machine,
         )
@@ -85,7 +88,6 @@ class Node:
         self.collections = heap.FullCollections()
         self.metrics = Metrics(self)  # last: its registry reads the node's state at once
         self.raft.on_fsync = self.metrics.fsync_seconds.observe
-        self.hooks = TestHooks.from_env()
         if self.hooks.bugs:
             log.critical("PLANTED TEST BUGS %s: this node breaks its own guarantees; for "
                          "the chaos harness only", sorted(self.hooks.bugs))  # fmt: skip

@@ -10,8 +10,9 @@ import time
 from typing import TYPE_CHECKING
 
 from mailqueue import codec, policy
-from mailqueue.commands import Command, NodeDown, UncertainPolicy
+from mailqueue.commands import Command, NodeDown, SetFormat, UncertainPolicy
 from raft.core import RaftError, Role
+from smtpcluster import upgrade
 
 if TYPE_CHECKING:
     from smtpcluster.node import Node
@@ -76,6 +77,15 @@ class Scheduler:
             or now - max(raft.last_heard.get(n, 0.0), self.lead_since) < down_s
         ]  # fmt: skip
 
+    def new_format(self, now: int) -> list[Command]:
+        raft, spool = self.node.raft, self.node.machine.spool
+        fmt = upgrade.format_to_set(spool.format, raft.core.conf().members(), raft.format_of)
+        if fmt is None:
+            return []
+        log.info("every member reads replicated format %d: the cluster moves to it from %d, "
+                 "and no member can go back to an older release", fmt, spool.format)  # fmt: skip
+        return [SetFormat(now, fmt)]
+
     async def tick(self) -> None:
         spool = self.node.machine.spool
         # Never behind the newest command time: a message a node with a fast clock
@@ -90,6 +100,7 @@ class Scheduler:
         commands += policy.assign(spool, now, pol, live, self.busy())
         commands += policy.expired(spool, now, pol)
         commands += policy.bounces(spool, now, self.node.cfg.smtp.hostname)
+        commands += self.new_format(now)
         # All at once: the Ready loop appends them as one entry, one round of fsyncs,
         # where one by one each pass cost a round per command, each delaying Accepts.
         results = await asyncio.gather(

@@ -6,6 +6,8 @@ SMTPCLUSTER_TEST_FSYNC_DELAY_FILE  a file holding a number of milliseconds: ever
     fsync of the Raft log first sleeps that long (a slow disk); the harness rewrites
     the file to start and end the fault. Holding "eio", every fsync fails as a dead
     disk's does.
+SMTPCLUSTER_TEST_FORMAT  a number: the node says it reads replicated formats up to it,
+    as a later release would, for the rolling-upgrade tests.
 SMTPCLUSTER_TEST_BUGS  comma-separated bugs, to prove the harness has teeth:
     "skip_fence"  the worker sends the final dot without committing BeginDot;
     "early_250"   the front end answers 250 before its Accept is committed.
@@ -28,6 +30,7 @@ BUGS = ("skip_fence", "early_250")
 class TestHooks:
     bugs: frozenset[str] = frozenset()
     fsync_delay_file: str = ""
+    format: int = 0  # 0: this release's own (mailqueue.commands.FORMAT)
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> TestHooks:
@@ -35,7 +38,8 @@ class TestHooks:
         bugs = frozenset(b for b in env.get("SMTPCLUSTER_TEST_BUGS", "").split(",") if b)
         if unknown := bugs - set(BUGS):
             raise ValueError(f"SMTPCLUSTER_TEST_BUGS: unknown {sorted(unknown)}")
-        return TestHooks(bugs, env.get("SMTPCLUSTER_TEST_FSYNC_DELAY_FILE", ""))
+        fmt = int(env.get("SMTPCLUSTER_TEST_FORMAT", "0") or 0)
+        return TestHooks(bugs, env.get("SMTPCLUSTER_TEST_FSYNC_DELAY_FILE", ""), fmt)
 
     @property
     def skip_fence(self) -> bool:

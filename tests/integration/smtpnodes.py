@@ -116,8 +116,9 @@ class SmtpCluster:
             f'users_file = "{root / "users"}"\n'
         )
 
-    def start(self, nid: str, env: dict[str, str] | None = None) -> None:
-        """Start a node; `env` adds to the environment it inherits."""
+    def start(self, nid: str, env: dict[str, str] | None = None, wait: bool = True) -> None:
+        """Start a node; `env` adds to the environment it inherits. `wait`: until its
+        admin API answers."""
         node = self.nodes[nid]
         with open(self.root / f"{nid}.log", "ab") as log:  # the child keeps its own copy
             node.popen = subprocess.Popen(
@@ -125,7 +126,8 @@ class SmtpCluster:
                  str(node.config)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )  # fmt: skip
-        wait_for(f"{nid}'s admin API", lambda: self.status(nid))
+        if wait:
+            wait_for(f"{nid}'s admin API", lambda: self.status(nid))
 
     def start_all(self) -> None:
         for nid in self.nodes:

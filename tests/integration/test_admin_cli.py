@@ -96,10 +96,15 @@ def test_cluster_status_and_transfer_leader_from_any_node(cluster: SmtpCluster) 
         roles = {m["id"]: m["role"] for m in status["members"]}
         assert roles == {n: "leader" if n == leader else "follower" for n in cluster.nodes}
         assert all(m["reachable"] for m in status["members"])
+        assert status["format"] == status["format_readable"] == 1
+    assert wait_for("each member's word to the leader", lambda: all(
+        m["format"] == 1 for m in ok_json("cluster", "status", "--config",
+                                          conf(cluster, "n1"))["members"]))  # fmt: skip
     human = cli("cluster", "status", "--config", conf(cluster, "n1"))
     assert human.returncode == 0 and f"leader {leader}" in human.stdout
     assert f"version {version('smtpcluster')}" in human.stdout
     assert "MiB free (new mail is refused under 256 MiB)" in human.stdout
+    assert "replicated format 1 (reads up to 1)" in human.stdout and "FORMAT" in human.stdout
     assert cli("--version").stdout == f"smtpcluster {version('smtpcluster')}\n"
     target = next(n for n in cluster.nodes if n != leader)
     asker = next(n for n in cluster.nodes if n not in (leader, target))

@@ -55,6 +55,8 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert value(lead, "smtpcluster_frontends_up") == 1
         release = (("version", version("smtpcluster")),)
         assert all(v.get(("smtpcluster_build_info", release)) == 1 for v in views.values())
+        assert all(value(v, "smtpcluster_replicated_format") == 1 for v in views.values())
+        assert all(value(v, "smtpcluster_replicated_format_readable") == 1 for v in views.values())
         assert all(value(v, "smtpcluster_data_dir_free_bytes") > 0 for v in views.values())
         assert all(value(v, "smtpcluster_connections_refused_total") == 0 for v in views.values())
         assert all(("smtpcluster_smtp_sessions", ()) in v for v in views.values())

@@ -53,7 +53,7 @@ def test_mail_from_a_node_with_a_clock_ahead_is_assigned_at_once() -> None:
         machine=SimpleNamespace(spool=spool), policy=Policy(),
         raft=SimpleNamespace(
             propose=propose, cfg=SimpleNamespace(id="a"), last_heard={"b": time.monotonic()},
-            core=SimpleNamespace(conf=lambda: members),
+            core=SimpleNamespace(conf=lambda: members), format_of=lambda n: 1,
         ),
         cfg=SimpleNamespace(
             node=SimpleNamespace(id="a"), smtp=SimpleNamespace(hostname="relay.test"),
