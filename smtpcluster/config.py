@@ -81,6 +81,8 @@ class SmtpSection:
     # once, in all and from one address (relay_networks exempt); more get 421.
     max_sessions: int = 1000
     max_sessions_per_client: int = 50
+    # Port 465 (RFC 8314 "submissions"): TLS from the first byte, then AUTH, then mail.
+    submissions_listen: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,9 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
             raise r.fail("users_file", str(exc)) from None
     if submission and not (tls_cert and tls_key and users):
         raise r.fail("submission_listen", "needs tls_cert, tls_key and users_file")
+    submissions = r.addresses("submissions_listen")
+    if submissions and not (tls_cert and tls_key and users):
+        raise r.fail("submissions_listen", "needs tls_cert, tls_key and users_file")
     accept = r.duration("accept_timeout", 120_000)
     idle = r.duration("idle_timeout", 300_000)
     errors, junk = _positive(r, "max_errors", 20), _positive(r, "max_junk_commands", 100)
@@ -290,7 +295,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     r.done()
     return SmtpSection(
         hostname, relay, submission, tuple(networks), domains, size, reserve, rcpts, tls_cert,
-        tls_key, users, accept, idle, errors, junk, sessions, per_client,
+        tls_key, users, accept, idle, errors, junk, sessions, per_client, submissions,
     )  # fmt: skip
 
 

@@ -271,8 +271,13 @@ class FrontendSMTP(SMTP):
     down for addresses that keep failing, and Postfix's two session limits: too many
     error replies, or too many commands that carry no mail, end the session."""
 
-    def __init__(self, handler: Handler, *args: Any, **kw: Any) -> None:
+    def __init__(self, handler: Handler, *args: Any, implicit_tls: bool = False, **kw: Any) -> None:
         super().__init__(handler, *args, **kw)
+        # Port 465: the connection is TLS from its first byte, so AUTH needs no STARTTLS
+        # (aiosmtpd counts only STARTTLS as TLS, and would refuse AUTH with 538).
+        self.implicit_tls = implicit_tls
+        if implicit_tls:
+            self._auth_require_tls = False
         self.handler = handler
         self.limits = handler.cfg
         self.errors = 0
@@ -288,6 +293,8 @@ class FrontendSMTP(SMTP):
         super().connection_made(transport)
         if fresh:
             assert self.session is not None  # aiosmtpd made it
+            if self.implicit_tls:  # for the Received header and the transaction log
+                self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
             cfg, handler = self.limits, self.handler
             self.refusal = handler.sessions.admit(
                 self, _peer(self.session), (cfg.max_sessions, cfg.max_sessions_per_client),

@@ -42,6 +42,9 @@ ACCEPT_HARD_CAP_S = 540.0
 DRAIN_S = 12.0  # SIGTERM: how long open sessions and deliveries in hand may take
 READY_WAIT_S = 30.0  # under systemd: how long start-up waits for a leader before READY
 HEAP_TEND_S = 1.0  # how soon after a slow full collection its survivors are frozen
+# A client on port 465 that connects and never completes the TLS handshake is dropped
+# after this long; until then it holds a descriptor and is counted by no session limit.
+TLS_HANDSHAKE_S = 10.0
 MEMBERSHIP_CHECK_S = 1.0  # how soon after its removal applies a node stops taking mail
 
 
@@ -164,6 +167,16 @@ class Node:
         for factory, addr in listeners:
             server = await loop.create_server(factory, addr.host, addr.port, reuse_address=True)
             self._servers.append(server)
+        # Port 465: TLS from the first byte, then AUTH, then mail (RFC 8314).
+        submissions = smtp_factory(
+            self.handler, implicit_tls=True, auth_required=True, **auth
+        )  # fmt: skip
+        for addr in smtp.submissions_listen:
+            server = await loop.create_server(
+                submissions, addr.host, addr.port, reuse_address=True, ssl=self.tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_S,
+            )  # fmt: skip
+            self._servers.append(server)
         self.frontends_up = True
         await admin.start(self)
         self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
@@ -227,8 +240,9 @@ class Node:
             log.warning("reload: %s changed: it takes effect at the next restart", what)
         old = self.cfg.smtp
         smtp = dataclasses.replace(
-            new.smtp, relay_listen=old.relay_listen, submission_listen=old.submission_listen
-        )
+            new.smtp, relay_listen=old.relay_listen, submission_listen=old.submission_listen,
+            submissions_listen=old.submissions_listen,
+        )  # fmt: skip
         self.cfg = dataclasses.replace(self.cfg, smtp=smtp, log=new.log)
         self.handler.reconfigure(smtp, users)
         logs.setup(new.log.level, new.log.format)
@@ -333,7 +347,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     """What differs between two configs that a reload cannot apply."""
     out = [name for name in ("node", "cluster", "delivery", "admin")
            if getattr(old, name) != getattr(new, name)]  # fmt: skip
-    for key in ("relay_listen", "submission_listen"):
+    for key in ("relay_listen", "submission_listen", "submissions_listen"):
         if getattr(old.smtp, key) != getattr(new.smtp, key):
             out.append(f"smtp.{key}")
     if bool(old.smtp.tls_cert) != bool(new.smtp.tls_cert):

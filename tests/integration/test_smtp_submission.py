@@ -1,16 +1,20 @@
-"""Port 587: STARTTLS first, then AUTH (PLAIN or LOGIN), then mail."""
+"""Port 587: STARTTLS first, then AUTH (PLAIN or LOGIN), then mail. Port 465: TLS from
+the first byte (RFC 8314), then AUTH, then mail."""
 
 from __future__ import annotations
 
 import base64
+import re
 import smtplib
+import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.kvcluster import wait_for
+from tests.integration.kvcluster import free_ports, wait_for
 from tests.integration.observe import scrape, value
 from tests.integration.smtpnodes import SmtpCluster, running
 
@@ -20,8 +24,26 @@ OUTSIDER = ("127.0.0.9", 0)  # not in relay_networks
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpCluster]:
     root = Path(tmp_path_factory.mktemp("submission"))
-    with running(SmtpCluster(root, n=1, submission=True)) as c:
+    c = SmtpCluster(root, n=1, submission=True)
+    host = c.nodes["n1"].host
+    c.set_smtp("n1", f'submissions_listen = ["{host}:{free_ports(host, 1)[0]}"]')
+    with running(c):
         yield c
+
+
+def submissions_port(c: SmtpCluster) -> int:
+    found = re.search(r'submissions_listen = \["[\d.]+:(\d+)"\]', c.nodes["n1"].config.read_text())
+    assert found is not None
+    return int(found.group(1))
+
+
+def implicit_tls_client(c: SmtpCluster) -> smtplib.SMTP_SSL:
+    node = c.nodes["n1"]
+    s = smtplib.SMTP_SSL(
+        node.host, submissions_port(c), timeout=20, source_address=OUTSIDER, context=insecure()
+    )
+    s.ehlo("laptop.test")
+    return s
 
 
 def client(c: SmtpCluster) -> smtplib.SMTP:
@@ -104,3 +126,46 @@ def test_a_session_counts_once_against_its_clients_limit_across_starttls(
         assert third.value.smtp_code == 421
         for s in held:
             s.close()
+
+
+def test_port_465_is_tls_from_the_first_byte_then_auth_then_mail(cluster: SmtpCluster) -> None:
+    with implicit_tls_client(cluster) as s:
+        assert "starttls" not in s.esmtp_features  # already encrypted
+        assert "PLAIN" in s.esmtp_features["auth"]
+        assert s.docmd("MAIL", "FROM:<alice@example.org>")[0] == 530  # AUTH first
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("alice", "guess")
+        assert s.login("alice", "secret")[0] == 235
+        rcpt = "friend-465@outside.example"
+        assert s.sendmail("alice@example.org", [rcpt], b"Subject: hi\r\n\r\nx\r\n") == {}
+    [msg] = [m for m in cluster.queued("n1") if m["recipients"][0]["address"] == rcpt]
+    shown = cluster.admin("n1", f"/v1/queue/{msg['id']}?body=1")
+    assert "with ESMTPSA" in shown["body"]  # the Received header records TLS and AUTH
+
+
+def test_swaks_submits_on_port_465(cluster: SmtpCluster) -> None:
+    """A real client's implicit TLS (swaks --tls-on-connect), AUTH PLAIN."""
+    node = cluster.nodes["n1"]
+    out = subprocess.run(
+        ["swaks", "--server", node.host, "--port", str(submissions_port(cluster)),
+         "--tls-on-connect", "--auth", "PLAIN", "--auth-user", "alice",
+         "--auth-password", "secret", "--from", "alice@example.org",
+         "--to", "swaks-465@outside.example", "--helo", "laptop.test", "--timeout", "30"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "235 2.7.0 Authentication successful" in out.stdout
+    assert "swaks-465@outside.example" in cluster.queued_rcpts("n1")
+
+
+def test_plain_text_on_port_465_gets_nowhere_and_others_are_served(cluster: SmtpCluster) -> None:
+    node = cluster.nodes["n1"]
+    with socket.create_connection((node.host, submissions_port(cluster)), timeout=20) as raw:
+        raw.sendall(b"EHLO laptop.test\r\nMAIL FROM:<a@example.org>\r\n")
+        try:
+            answer = raw.recv(4096)  # no greeting: the TLS handshake fails, and it ends
+        except ConnectionResetError:
+            answer = b""
+        assert not answer.startswith(b"2"), answer
+    with implicit_tls_client(cluster) as s:
+        assert s.noop()[0] == 250
