@@ -95,6 +95,11 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
             "smtp.submission_listen",
             "tls_cert",
         ),
+        (
+            ("[smtp]", '[smtp]\nsubmissions_listen = ["127.0.0.1:2465"]'),
+            "smtp.submissions_listen",
+            "needs tls_cert, tls_key and users_file",
+        ),
         (("[admin]", "[admin]\nport = 1"), "admin.port", "unknown key"),
         (('id = "node1"', "id = 7"), "node.id", "must be a str"),
         (("[smtp]", "[smtp]\nmax_errors = 0"), "smtp.max_errors", "at least 1"),
