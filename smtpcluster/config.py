@@ -83,6 +83,11 @@ class SmtpSection:
     max_sessions_per_client: int = 50
     # Port 465 (RFC 8314 "submissions"): TLS from the first byte, then AUTH, then mail.
     submissions_listen: tuple[Address, ...] = ()
+    # Postfix's smtpd_client_connection_rate_limit and smtpd_client_message_rate_limit:
+    # per client (an authenticated session's messages: per user), a minute, on each
+    # node; relay_networks exempt; 0: no limit (Postfix's default too).
+    client_connection_rate_limit: int = 0
+    client_message_rate_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -292,11 +297,19 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     errors, junk = _positive(r, "max_errors", 20), _positive(r, "max_junk_commands", 100)
     sessions = _positive(r, "max_sessions", 1000)
     per_client = _positive(r, "max_sessions_per_client", 50)
+    rates = _rate(r, "client_connection_rate_limit"), _rate(r, "client_message_rate_limit")
     r.done()
     return SmtpSection(
         hostname, relay, submission, tuple(networks), domains, size, reserve, rcpts, tls_cert,
-        tls_key, users, accept, idle, errors, junk, sessions, per_client, submissions,
+        tls_key, users, accept, idle, errors, junk, sessions, per_client, submissions, *rates,
     )  # fmt: skip
+
+
+def _rate(r: _Reader, name: str) -> int:
+    value: int = r.take(name, int, 0)
+    if value < 0:
+        raise r.fail(name, f"must be 0 (no limit) or a number a minute, not {value}")
+    return value
 
 
 def _positive(r: _Reader, name: str, default: int) -> int:

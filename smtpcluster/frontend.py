@@ -30,6 +30,7 @@ from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
 from smtpcluster.diskspace import NO_ROOM, DiskReserve, declared_size
+from smtpcluster.ratelimit import RateLimiter
 from smtpcluster.sessions import Sessions
 from smtpcluster.smtpdata import Data, DataState, read_data
 
@@ -109,6 +110,8 @@ class Handler:
         self.throttle = Throttle()
         self.refused = 0  # recipients refused for relaying: a metric
         self.sessions: Sessions[FrontendSMTP] = Sessions()  # open ones: limits, draining
+        self.connection_rate = RateLimiter("connections")
+        self.message_rate = RateLimiter("messages")
         self.reconfigure(cfg, users)
 
     def reconfigure(self, cfg: SmtpSection, users: Users | None) -> None:
@@ -143,12 +146,35 @@ class Handler:
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
 
+    def admit(self, session: FrontendSMTP, peer: str) -> str | None:
+        """None for a new connection that may go on, else the 421 to close it with."""
+        cfg, trusted = self.cfg, self.policy.trusted
+        limit = cfg.client_connection_rate_limit
+        if limit and not trusted(peer) and not self.connection_rate.allow(peer, limit):
+            return f"421 4.7.0 Too many connections from {peer}, try again later"
+        limits = (cfg.max_sessions, cfg.max_sessions_per_client)
+        return self.sessions.admit(session, peer, limits, trusted)
+
+    def _message_rate_refusal(self, session: Session) -> str:
+        """ "" when this MAIL is within the client's rate, else the 450 to refuse it with.
+        An authenticated session counts against its user, wherever it comes from: a
+        stolen password is what this limit is mostly for."""
+        limit, peer = self.cfg.client_message_rate_limit, _peer(session)
+        if not limit or self.policy.trusted(peer):
+            return ""
+        key = f"user {_user(session)}" if session.authenticated else peer
+        if self.message_rate.allow(key, limit):
+            return ""
+        return f"450 4.7.1 Too much mail from {key}, try again later"
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:  # fmt: skip
         if not self._room_for(declared_size(mail_options)):
             return NO_ROOM
+        if too_much := self._message_rate_refusal(session):
+            return too_much
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -295,11 +321,7 @@ class FrontendSMTP(SMTP):
             assert self.session is not None  # aiosmtpd made it
             if self.implicit_tls:  # for the Received header and the transaction log
                 self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-            cfg, handler = self.limits, self.handler
-            self.refusal = handler.sessions.admit(
-                self, _peer(self.session), (cfg.max_sessions, cfg.max_sessions_per_client),
-                handler.policy.trusted,
-            )  # fmt: skip
+            self.refusal = self.handler.admit(self, _peer(self.session))
 
     async def _handle_client(self) -> None:
         if self.refusal is not None:  # instead of the greeting

@@ -94,6 +94,14 @@ class _StateCollector(Collector):
             "SMTP connections refused with 421: over max_sessions or max_sessions_per_client",
             value=self.node.handler.sessions.refused,
         )  # fmt: skip
+        limited = CounterMetricFamily(
+            "smtpcluster_rate_limited",
+            "Connections (421) and messages (450) refused: a client over its rate limit",
+            labels=["limit"],
+        )
+        limited.add_metric(["connection"], self.node.handler.connection_rate.refused)
+        limited.add_metric(["message"], self.node.handler.message_rate.refused)
+        yield limited
         yield from self._disk()
         yield CounterMetricFamily(
             "smtpcluster_gc_slow_full_collections",

@@ -169,3 +169,25 @@ def test_plain_text_on_port_465_gets_nowhere_and_others_are_served(cluster: Smtp
         assert not answer.startswith(b"2"), answer
     with implicit_tls_client(cluster) as s:
         assert s.noop()[0] == 250
+
+
+def test_a_users_messages_are_limited_wherever_it_connects_from(tmp_path: Path) -> None:
+    """client_message_rate_limit counts an authenticated session's messages against its
+    user: a stolen password used from many addresses still sends only so much."""
+    c = SmtpCluster(tmp_path, n=1, submission=True)
+    c.set_smtp("n1", "client_message_rate_limit = 2")
+    node = c.nodes["n1"]
+    replies = []
+    with running(c):
+        for source in ("127.0.0.9", "127.0.0.10", "127.0.0.11"):
+            with smtplib.SMTP(node.host, node.submission_port, timeout=20,
+                              source_address=(source, 0)) as s:  # fmt: skip
+                s.ehlo("laptop.test")
+                s.starttls(context=insecure())
+                s.ehlo("laptop.test")
+                s.login("alice", "secret")
+                replies.append(s.docmd("MAIL", "FROM:<alice@example.org>"))
+        counted = value(scrape(c, "n1"), "smtpcluster_rate_limited_total", limit="message")
+    assert [code for code, _ in replies] == [250, 250, 450]
+    assert b"4.7.1 Too much mail from user alice" in replies[2][1]
+    assert counted == 1
