@@ -88,6 +88,9 @@ class SmtpSection:
     # node; relay_networks exempt; 0: no limit (Postfix's default too).
     client_connection_rate_limit: int = 0
     client_message_rate_limit: int = 0
+    # A message with more Received fields is refused at its final dot (554 5.4.6): a
+    # mail loop. RFC 5321 6.3 asks for a threshold of at least 100; Postfix: 50.
+    max_hops: int = 100
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     if reserve < 0:
         raise r.fail("min_free_space", f"must be 0 (no check) or more bytes, not {reserve}")
     rcpts = _positive(r, "max_recipients", 1000)
+    hops = _positive(r, "max_hops", 100)
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
     users = r.file("users_file", required=False)
     if users:
@@ -301,7 +305,9 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     r.done()
     return SmtpSection(
         hostname, relay, submission, tuple(networks), domains, size, reserve, rcpts, tls_cert,
-        tls_key, users, accept, idle, errors, junk, sessions, per_client, submissions, *rates,
+        tls_key, users, accept, idle, errors, junk, sessions, per_client,
+        submissions_listen=submissions, client_connection_rate_limit=rates[0],
+        client_message_rate_limit=rates[1], max_hops=hops,
     )  # fmt: skip
 
 

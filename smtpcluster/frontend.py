@@ -208,6 +208,10 @@ class Handler:
         raw = envelope.original_content or b""
         if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied
             return "550 5.6.11 Bare LF in message: lines must end with CRLF"
+        if (hops := received_headers(raw)) > self.cfg.max_hops:
+            log.warning("mail loop? %d Received headers from %s, sender <%s>: refused",
+                        hops, _peer(session), _unbracket(envelope.mail_from))  # fmt: skip
+            return f"554 5.4.6 Too many hops ({hops} Received headers): a mail loop?"
         if not self._room_for(len(raw)):  # MAIL's check knew at most a declared size
             return NO_ROOM
         message_id = new_message_id(self.node_id)
@@ -264,6 +268,14 @@ HANDLER_HOOKS = tuple(n for n in vars(Handler) if n.startswith(("handle_", "auth
 # aiosmtpd also reads handle_EHLO's signature on every connection (to tell its old
 # four-argument form from the new one); inspect.signature honours __signature__.
 Handler.handle_EHLO.__signature__ = inspect.signature(Handler.handle_EHLO)  # type: ignore[attr-defined]
+
+
+def received_headers(raw: bytes) -> int:
+    """How many Received fields the message's header holds: the hops it has made
+    (RFC 5321 6.3: counting them is how loops are caught)."""
+    end = raw.find(b"\r\n\r\n")
+    head = (raw if end < 0 else raw[: end + 2]).lower()
+    return head.startswith(b"received:") + head.count(b"\r\nreceived:")
 
 
 def _peer(session: Session) -> str:

@@ -228,3 +228,28 @@ def test_a_message_past_its_queue_lifetime_bounces(tmp_path: Path) -> None:
         assert rcpt == "sender@example.org"
         assert b"5.4.7" in dsn and b"stuck@dest.example" in dsn
         wait_for("the spool to empty", lambda: not cluster.queued("n1"), 30)
+
+
+def test_a_loop_through_the_relay_itself_ends_at_max_hops(tmp_path: Path) -> None:
+    """The smarthost set to the node's own port 25, a classic mistake: each delivery is
+    taken again with one more Received field, until max_hops refuses it (554 5.4.6); the
+    bounce loops the same way and ends the same way (a DSN gets no DSN), and the queue
+    empties instead of growing for ever."""
+    cluster = SmtpCluster(tmp_path, n=1)
+    node = cluster.nodes["n1"]
+    config = node.config.read_text().replace(
+        'smarthost = "127.0.0.1:9"', f'smarthost = "{node.host}:{node.smtp_port}"'
+    )
+    node.config.write_text(config)
+    cluster.set_smtp("n1", "max_hops = 5")
+    try:
+        cluster.start_all()
+        cluster.leader()
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["u@outside.example"], b"Subject: loop\r\n\r\nx\r\n")
+        log = tmp_path / "n1.log"
+        wait_for("both loops caught", lambda: log.read_text().count("mail loop?") == 2, 60)
+        wait_for("an empty queue", lambda: not cluster.queued("n1"), 60)
+        assert "Too many hops (6 Received headers)" in log.read_text()
+    finally:
+        cluster.stop_all()
