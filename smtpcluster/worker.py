@@ -57,7 +57,7 @@ class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.me = node.cfg.node.id
-        self.inflight: set[tuple[str, int]] = set()
+        self.inflight: set[tuple[str, int, str]] = set()
         delivery = node.cfg.delivery
         self.slots = asyncio.Semaphore(delivery.concurrency)
         self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
@@ -111,18 +111,22 @@ class Worker:
         spool = self.node.machine.spool
         for mid in spool.index.held(self.me):  # not the whole spool: see mailqueue.index
             msg = spool.messages[mid]
-            groups: dict[int, list[int]] = {}
+            # By destination too: recipients of one message assigned in the same pass
+            # share an attempt number, and each domain has its own exchanges.
+            groups: dict[tuple[str, int, str], list[int]] = {}
             for k, r in enumerate(msg.rcpts):
                 if r.state is RcptState.ASSIGNED and r.node == self.me:
-                    groups.setdefault(r.attempt, []).append(k)
-            for attempt, ks in groups.items():
-                if (msg.id, attempt) not in self.inflight:
-                    self.inflight.add((msg.id, attempt))
-                    task = asyncio.get_running_loop().create_task(self.deliver(msg.id, attempt, ks))
+                    dest = policy.destination(self.node.policy, r.address)
+                    groups.setdefault((msg.id, r.attempt, dest), []).append(k)
+            for job, ks in groups.items():
+                if job not in self.inflight:
+                    self.inflight.add(job)
+                    task = asyncio.get_running_loop().create_task(self.deliver(job, ks))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
 
-    async def deliver(self, mid: str, attempt: int, ks: list[int]) -> None:
+    async def deliver(self, job: tuple[str, int, str], ks: list[int]) -> None:
+        mid, attempt, _ = job
         try:
             async with self.slots:
                 began = time.monotonic()
@@ -133,7 +137,7 @@ class Worker:
         except Exception:
             log.exception("delivery of %s attempt %d failed unexpectedly", mid, attempt)
         finally:
-            self.inflight.discard((mid, attempt))
+            self.inflight.discard(job)
 
     def _record(
         self, mid: str, attempt: int, results: list[RcptResult], remote: str, took: float

@@ -72,3 +72,32 @@ def test_mx_priority_fallback_null_mx_and_nxdomain(tmp_path: Path, dns: str) -> 
     finally:
         cluster.stop_all()
         c2.stop()
+
+
+def test_one_message_to_two_domains_goes_to_each_domains_own_mx(tmp_path: Path, dns: str) -> None:
+    """To: a@prio.test, Cc: b@plain.test is two transactions, one to each domain's MX.
+    Assigned in the same pass, both recipients carry attempt 1; grouped by attempt
+    alone, both went to the first recipient's MX, which had to refuse or misdeliver
+    the other."""
+    port = free_port("127.0.0.10")
+    mx1, mx2 = Sink(), Sink()
+    c1 = Controller(mx1, hostname="127.0.0.10", port=port)
+    c2 = Controller(mx2, hostname="127.0.0.11", port=port)
+    c1.start()
+    c2.start()
+    (tmp_path / "c").mkdir()
+    cluster = SmtpCluster(tmp_path / "c", n=1, smarthost="", nameservers=dns, mx_port=port)
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            rcpts = ["a@prio.test", "b@plain.test", "c@prio.test"]
+            s.sendmail("sender@prio.test", rcpts, b"Subject: two domains\r\n\r\nx\r\n")
+        wait_for("both deliveries", lambda: len(mx1.received) + len(mx2.received) == 3, 30)
+        assert sorted(r for r, _ in mx1.received) == ["a@prio.test", "c@prio.test"]
+        assert [r for r, _ in mx2.received] == ["b@plain.test"]
+    finally:
+        cluster.stop_all()
+        c1.stop()
+        c2.stop()
