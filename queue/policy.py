@@ -1,8 +1,8 @@
 """Scheduling policy: pure functions from the spool (and the time) to commands.
 
 The leader's scheduler calls these and proposes what they return; nothing here
-changes the spool. Recipients are grouped by destination (their domain, or the
-smarthost), one group per message and destination so one SMTP transaction carries
+changes the spool. Recipients are grouped by destination (their domain's route, else the
+smarthost, else the domain), one group per message and destination so one SMTP transaction carries
 them all; each group goes to the accepting node when it is live and not busier than
 the others, else to the least loaded live node. A node's load is the recipients it
 has in hand plus `busy`, the scheduler's measure of its other work (see
@@ -32,6 +32,7 @@ class Policy:
     max_lifetime_ms: int = 5 * 24 * 60 * MINUTE
     smarthost: str = ""
     max_batch: int = 500  # assignments per Assign command
+    routes: Mapping[str, str] = field(default_factory=dict)  # domain -> "host:port"
 
     def __post_init__(self) -> None:
         assert self.retry_schedule_ms and all(d > 0 for d in self.retry_schedule_ms)
@@ -44,7 +45,24 @@ def next_attempt(policy: Policy, attempts: int, now: int) -> int:
 
 
 def destination(policy: Policy, address: str) -> str:
-    return policy.smarthost or address.rpartition("@")[2].lower()
+    """Where a recipient's mail goes next: its domain's route, else the smarthost, else
+    the domain itself (by MX)."""
+    domain = address.rpartition("@")[2].lower()
+    return route(policy.routes, domain) or policy.smarthost or domain
+
+
+def route(routes: Mapping[str, str], domain: str) -> str:
+    """The next hop `routes` names for `domain`: by the domain itself, else by the
+    nearest ".parent" key (Postfix's transport_maps); "" for none."""
+    if not routes:
+        return ""
+    if hop := routes.get(domain):
+        return hop
+    labels = domain.split(".")
+    for k in range(1, len(labels)):
+        if hop := routes.get("." + ".".join(labels[k:])):
+            return hop
+    return ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,9 @@ class DeliverySection:
     smarthost_ca_file: str = ""
     smarthost_login: tuple[str, str] | None = None
     smarthost_tls_wrapper: bool = False  # TLS from the first byte (port 465)
+    # Postfix's transport_maps: a domain's next hop "host:port", before the smarthost
+    # and MX; a key ".example.com" covers every subdomain of example.com.
+    routes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -358,11 +361,24 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     wrapper = r.take("smarthost_tls_wrapper", bool, False)
     if wrapper and tls == "may":
         raise r.fail("smarthost_tls_wrapper", 'needs smarthost_tls = "encrypt" or "verify"')
+    routes = _routes(r)
     r.done()
     return DeliverySection(
         smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down,
-        tls, ca_file, login, wrapper,
+        tls, ca_file, login, wrapper, routes,
     )  # fmt: skip
+
+
+def _routes(r: _Reader) -> dict[str, str]:
+    routes: dict[str, str] = {}
+    for domain, hop in r.take("routes", dict, {}).items():
+        key = f"routes.{domain}"
+        name = domain.lower().rstrip(".")
+        if not name.lstrip(".") or "@" in name or " " in name:
+            raise r.fail(key, "must be a domain, or .domain for its subdomains")
+        r._parse_address(key, _str(r, key, hop))
+        routes[name] = hop
+    return routes
 
 
 TLS_LEVELS = ("may", "encrypt", "verify")

@@ -80,6 +80,7 @@ class Node:
             retry_schedule_ms=cfg.delivery.retry_schedule_ms,
             max_lifetime_ms=cfg.delivery.max_queue_lifetime_ms,
             smarthost=cfg.delivery.smarthost,
+            routes=cfg.delivery.routes,
         )
         self.router = Router(cfg.delivery.nameservers, cfg.delivery.mx_port)
         self.scheduler = Scheduler(self)

@@ -57,6 +57,7 @@ class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.me = node.cfg.node.id
+        # (message, attempt, destination) being delivered: one SMTP transaction each
         self.inflight: set[tuple[str, int, str]] = set()
         delivery = node.cfg.delivery
         self.slots = asyncio.Semaphore(delivery.concurrency)
@@ -161,7 +162,7 @@ class Worker:
         if msg is None:
             return [], ""
         try:
-            targets = await self._targets(msg.rcpts[ks[0]].address)
+            targets, security = await self._targets(msg.rcpts[ks[0]].address)
         except Undeliverable as exc:
             return [RcptResult(k, OutcomeKind.FAILED, str(exc)) for k in ks], ""
         except RouteTemporaryFailure as exc:
@@ -180,7 +181,6 @@ class Worker:
             return ok
 
         error = "4.4.1 no exchange to try"
-        security = self._security()
         for target in targets:  # in MX order: the next one when one cannot be reached
             job = smtp_client.Outbound(
                 target.host, target.port, self.node.cfg.smtp.hostname, msg.sender, rcpts, body,
@@ -206,20 +206,20 @@ class Worker:
             return self._results(mid, ks, t), str(target)
         return self._defer(mid, ks, error), str(targets[-1]) if targets else ""
 
-    def _security(self) -> smtp_client.Security:
+    async def _targets(self, address: str) -> tuple[list[Address], smtp_client.Security]:
+        """The hosts to try, in order, and how to secure the connections: a route's
+        host and MX hosts get opportunistic TLS, the smarthost its own settings."""
         delivery = self.node.cfg.delivery
-        if not delivery.smarthost:
-            return smtp_client.OPPORTUNISTIC
-        return smtp_client.Security(
-            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
-            delivery.smarthost_tls_wrapper,
-        )  # fmt: skip
-
-    async def _targets(self, address: str) -> list[Address]:
-        delivery = self.node.cfg.delivery
+        domain = address.rpartition("@")[2].lower()
+        if hop := policy.route(delivery.routes, domain):
+            return [Address.parse(hop)], smtp_client.OPPORTUNISTIC
         if delivery.smarthost:
-            return [Address.parse(delivery.smarthost)]
-        return await self.node.router.exchanges(address.rpartition("@")[2])
+            security = smtp_client.Security(
+                delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
+                delivery.smarthost_tls_wrapper,
+            )  # fmt: skip
+            return [Address.parse(delivery.smarthost)], security
+        return await self.node.router.exchanges(domain), smtp_client.OPPORTUNISTIC
 
     def _results(self, mid: str, ks: list[int], t: smtp_client.Transaction) -> list[RcptResult]:
         out = []

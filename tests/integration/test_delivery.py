@@ -253,3 +253,31 @@ def test_a_loop_through_the_relay_itself_ends_at_max_hops(tmp_path: Path) -> Non
         assert "Too many hops (6 Received headers)" in log.read_text()
     finally:
         cluster.stop_all()
+
+
+def test_a_routed_domain_goes_to_its_host_and_the_rest_to_the_smarthost(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """[delivery] routes, Postfix's transport_maps: the inbound domain to its mail store,
+    everything else to the smarthost; one message with both kinds of recipient."""
+    smarthost, smarthost_port = sink
+    store = Sink()
+    port = free_port("127.0.0.1")
+    controller = Controller(store, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, n=1, smarthost=f"127.0.0.1:{smarthost_port}")
+    node = cluster.nodes["n1"]
+    routes = f'routes = {{ "inbound.test" = "127.0.0.1:{port}" }}\n'
+    node.config.write_text(node.config.read_text().replace("[delivery]\n", f"[delivery]\n{routes}"))
+    try:
+        cluster.start_all()
+        cluster.leader()
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            rcpts = ["a@inbound.test", "b@outside.example"]
+            s.sendmail("x@example.org", rcpts, b"Subject: both\r\n\r\nx\r\n")
+        wait_for("both delivered", lambda: store.received and smarthost.received, 30)
+        assert [r for r, _ in store.received] == ["a@inbound.test"]
+        assert [r for r, _ in smarthost.received] == ["b@outside.example"]
+    finally:
+        cluster.stop_all()
+        controller.stop()

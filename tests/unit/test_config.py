@@ -64,6 +64,15 @@ def test_a_smarthost_login_is_read_from_its_file(tmp_path: pathlib.Path) -> None
     assert load(write(tmp_path, GOOD)).delivery.smarthost_login is None
 
 
+def test_routes_are_read_with_their_domains_in_lower_case(tmp_path: pathlib.Path) -> None:
+    text = GOOD.replace(
+        "[delivery]",
+        '[delivery]\nroutes = {{ "Inbound.Example" = "10.0.0.5:25", ".corp" = "mx:2525" }}',
+    )
+    routes = load(write(tmp_path, text)).delivery.routes
+    assert routes == {"inbound.example": "10.0.0.5:25", ".corp": "mx:2525"}
+
+
 def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: pathlib.Path) -> None:
     assert load(write(tmp_path, GOOD)).smtp.min_free_space == 256 << 20
     big = GOOD.replace("[smtp]", "[smtp]\nmax_message_size = 104857600")
@@ -105,6 +114,16 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
         (("[smtp]", "[smtp]\nmax_errors = 0"), "smtp.max_errors", "at least 1"),
         (("[smtp]", "[smtp]\nmin_free_space = -1"), "smtp.min_free_space", "0 (no check)"),
         (("[smtp]", "[smtp]\nmax_sessions = 0"), "smtp.max_sessions", "at least 1"),
+        (
+            ("[delivery]", '[delivery]\nroutes = {{ "Example.com" = "mailstore" }}'),
+            "delivery.routes.Example.com",
+            "host:port",
+        ),
+        (
+            ("[delivery]", '[delivery]\nroutes = {{ "a@b.test" = "10.0.0.5:25" }}'),
+            "delivery.routes.a@b.test",
+            "must be a domain",
+        ),
         (
             ("[delivery]", '[delivery]\nsmarthost = "10.0.0.9:587"\nsmarthost_tls = "always"'),
             "delivery.smarthost_tls",

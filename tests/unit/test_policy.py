@@ -43,6 +43,17 @@ def test_due_recipients_are_grouped_by_message_and_destination() -> None:
     assert p.due_groups(spool, 0, smarthost) == [p.Group("m1", "relay.example:25", (0, 1, 2))]
 
 
+def test_a_domains_route_comes_before_the_smarthost_and_covers_subdomains_by_dot() -> None:
+    routes = {"inbound.test": "10.0.0.5:25", ".corp.test": "10.0.0.6:25", "x.corp.test": "h:1"}
+    pol = p.Policy(smarthost="relay.isp:587", routes=routes)
+    assert p.destination(pol, "u@Inbound.Test") == "10.0.0.5:25"
+    assert p.destination(pol, "u@a.b.corp.test") == "10.0.0.6:25"  # by the nearest parent
+    assert p.destination(pol, "u@x.corp.test") == "h:1"  # the domain's own key first
+    assert p.destination(pol, "u@corp.test") == "relay.isp:587"  # ".corp.test": subdomains only
+    assert p.destination(pol, "u@sub.inbound.test") == "relay.isp:587"
+    assert p.destination(p.Policy(routes=routes), "u@else.example") == "else.example"  # by MX
+
+
 def test_recipients_not_yet_due_wait() -> None:
     spool = spool_with(accept("m1", "u@x.example"))
     spool.apply(Assign(1, (Assignment("m1", 0, "a", 1),)))
