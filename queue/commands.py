@@ -31,6 +31,9 @@ class OutcomeKind(enum.IntEnum):
     DELIVERED = 0  # 2xx after the dot
     DEFERRED = 1  # 4xx: try again later
     FAILED = 2  # 5xx: bounce to the sender
+    # The dot went out and no reply came back (RFC 1047): the remote may have the
+    # message. Counted as uncertain; `retry_at` 0 holds it for an operator.
+    UNCERTAIN = 3
 
 
 class UncertainPolicy(enum.IntEnum):
@@ -81,7 +84,7 @@ class RcptResult:
     rcpt: int
     kind: OutcomeKind
     reply: str  # the remote's reply, or why the attempt failed
-    retry_at: int = 0  # DEFERRED: when to try again, from the proposer's retry schedule
+    retry_at: int = 0  # DEFERRED, UNCERTAIN: when to try again (the proposer's schedule)
 
 
 @dataclass(frozen=True, slots=True)

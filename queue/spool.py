@@ -34,6 +34,7 @@ from mailqueue.commands import (
     NodeId,
     Outcome,
     OutcomeKind,
+    RcptResult,
     Release,
     Retry,
     SetFormat,
@@ -339,12 +340,25 @@ class Spool:
             elif res.kind is OutcomeKind.FAILED:
                 r.reply = res.reply
                 self._move(r, S.BOUNCED)
+            elif res.kind is OutcomeKind.UNCERTAIN and r.state is S.SENDING:
+                self._crossed_dot(r, res)
             else:
                 r.last_error, r.next_attempt = res.reply, res.retry_at
                 self._move(r, S.QUEUED)
             changed += 1
         self._settle(msg)
         return Applied(True, "", changed)
+
+    def _crossed_dot(self, r: Rcpt, res: RcptResult) -> None:
+        """The same window as a worker that died after BeginDot (NodeDown), seen by a
+        worker that lived: counted the same, and held or queued again the same."""
+        r.last_error = res.reply
+        self._move(r, S.UNCERTAIN)
+        r.was_uncertain = True
+        self.uncertain_total += 1
+        if res.retry_at:
+            r.next_attempt = res.retry_at
+            self._move(r, S.QUEUED)
 
     def _release(self, cmd: Release) -> Applied:
         changed = 0

@@ -44,6 +44,7 @@ OUTCOME_LABELS = {
     OutcomeKind.DELIVERED: "delivered",
     OutcomeKind.DEFERRED: "deferred",
     OutcomeKind.FAILED: "bounced",
+    OutcomeKind.UNCERTAIN: "uncertain",
 }
 
 
@@ -225,12 +226,22 @@ class Worker:
         out = []
         for k in ks:
             code, text = t.rcpt_replies.get(k, (0, ""))
+            if 200 <= code < 300 and t.final is None and t.dot_sent:
+                out.append(self._crossed_dot(mid, k))
+                continue
             if 200 <= code < 300:
-                code, text = t.final or (451, "4.4.2 connection lost after the final dot")
+                code, text = t.final or (451, "4.4.2 connection lost before the final dot")
             kind = _kind(code)
             retry = self._retry_at(mid, k) if kind is OutcomeKind.DEFERRED else 0
             out.append(RcptResult(k, kind, f"{code} {text}", retry))
         return out
+
+    def _crossed_dot(self, mid: str, k: int) -> RcptResult:
+        """The dot went out, its reply never came: the remote may have the message
+        (RFC 1047). Uncertain, then queued again or held, as on_uncertain says."""
+        why = "4.4.2 connection lost after the final dot: the remote may have the message"
+        redeliver = self.node.cfg.delivery.on_uncertain == "redeliver"
+        return RcptResult(k, OutcomeKind.UNCERTAIN, why, self._retry_at(mid, k) if redeliver else 0)
 
     def _defer(self, mid: str, ks: list[int], why: str) -> list[RcptResult]:
         return [RcptResult(k, OutcomeKind.DEFERRED, why, self._retry_at(mid, k)) for k in ks]

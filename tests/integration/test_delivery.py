@@ -14,6 +14,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.integration.kvcluster import free_port, wait_for
+from tests.integration.observe import cli
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster
 
@@ -278,6 +279,58 @@ def test_a_routed_domain_goes_to_its_host_and_the_rest_to_the_smarthost(
         wait_for("both delivered", lambda: store.received and smarthost.received, 30)
         assert [r for r, _ in store.received] == ["a@inbound.test"]
         assert [r for r, _ in smarthost.received] == ["b@outside.example"]
+    finally:
+        cluster.stop_all()
+        controller.stop()
+
+
+class SilentAfterDot(Sink):
+    """Takes the message, then drops the connection instead of answering the final dot
+    (until `answer` is set): the RFC 1047 window, with the worker alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        if not self.answer.is_set():
+            assert server.transport is not None
+            server.transport.close()
+        return reply
+
+
+def test_a_lost_reply_to_the_dot_is_uncertain_and_held_under_hold(tmp_path: Path) -> None:
+    """No reply to the dot means the remote may have the message. Under on_uncertain =
+    "hold" it waits for an operator, as after a worker's death, instead of going out
+    again on its own; retried by the operator, it goes out once more."""
+    remote = SilentAfterDot()
+    port = free_port("127.0.0.1")
+    controller = Controller(remote, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, n=1, smarthost=f"127.0.0.1:{port}")
+    config = cluster.nodes["n1"].config
+    config.write_text(
+        config.read_text().replace("[delivery]\n", '[delivery]\non_uncertain = "hold"\n')
+    )
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["u@dest.example"], b"Subject: lost\r\n\r\nx\r\n")
+        [msg] = wait_for("an uncertain recipient", lambda: [
+            m for m in cluster.queued("n1")
+            if m["recipients"][0]["state"] == "uncertain"])  # fmt: skip
+        assert cluster.admin("n1", "/v1/queue-stats")["uncertain_total"] == 1
+        assert len(remote.received) == 1  # and it stays held: nothing goes out on its own
+        remote.answer.set()
+        shown = cli("queue", "show", msg["id"], "--config", str(config))
+        assert "uncertain" in shown.stdout and "the remote may have the message" in shown.stdout
+        retry = cli("queue", "retry", msg["id"], "--config", str(config))  # the operator's call
+        assert retry.returncode == 0, retry.stderr
+        wait_for("the operator's retry delivered", lambda: len(remote.received) == 2, 30)
+        wait_for("an empty queue", lambda: not cluster.queued("n1"), 30)
     finally:
         cluster.stop_all()
         controller.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cbor2
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,6 +269,26 @@ def test_a_node_that_dies_after_the_dot_leaves_the_recipient_uncertain() -> None
     spool.apply(Retry(1005, ("m1",)))
     after = spool.messages["m1"].rcpts[0]
     assert after.state == RcptState.QUEUED and after.next_attempt == 1005
+
+
+@pytest.mark.parametrize("retry_at", [0, 5000], ids=["hold", "redeliver"])
+def test_a_lost_reply_to_the_dot_is_uncertain_as_a_dead_worker_is(retry_at: int) -> None:
+    """The worker lived but the remote's reply to the dot never came: the same window
+    (RFC 1047), counted the same, and held or queued again as the worker's policy says."""
+    spool = accepted("u@x.example", "v@x.example")
+    spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1), Assignment("m1", 1, "a", 1))))
+    spool.apply(BeginDot(1002, "m1", (0,), "a", 1))
+    lost = RcptResult(0, OutcomeKind.UNCERTAIN, "4.4.2 lost", retry_at)
+    early = RcptResult(1, OutcomeKind.UNCERTAIN, "4.4.2 lost", retry_at)  # no dot: no doubt
+    for _ in range(2):  # a repeated Outcome counts once
+        spool.apply(Outcome(1003, "m1", "a", 1, (lost, early)))
+    r0, r1 = spool.messages["m1"].rcpts
+    assert spool.uncertain_total == 1 and r0.was_uncertain and not r1.was_uncertain
+    assert r1.state is RcptState.QUEUED
+    if retry_at:
+        assert r0.state is RcptState.QUEUED and r0.next_attempt == 5000
+    else:
+        assert r0.state is RcptState.UNCERTAIN and r0.last_error == "4.4.2 lost"
 
 
 def test_message_leaves_once_every_recipient_is_final_and_bounces_reported() -> None:
