@@ -69,6 +69,20 @@ def check_deliveries(
         )
 
 
+def check_destinations(
+    report: Report,
+    smarthost: collections.Counter[str],
+    routed: collections.Counter[str],
+    domain: str,
+) -> None:
+    """Each recipient reached its own domain's destination: the route's for `domain`,
+    the smarthost's for the rest, though one message had one of each."""
+    wrong = {r for r in smarthost if r.endswith("@" + domain)}
+    wrong |= {r for r in routed if not r.endswith("@" + domain)}
+    if wrong:
+        report.violations.append(f"{len(wrong)} sent to another domain's host, e.g. {min(wrong)}")
+
+
 def check_leaders(report: Report, logs: list[Path]) -> None:
     """Election Safety from every node's log: never two leaders in one term."""
     leaders: dict[int, set[str]] = collections.defaultdict(set)

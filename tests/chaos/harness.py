@@ -24,8 +24,8 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 
 from smtpcluster.admin_client import AdminClient
-from tests.chaos.checker import Report, check_deliveries, check_leaders
-from tests.chaos.load import CountingSink, Load
+from tests.chaos.checker import Report, check_deliveries, check_destinations, check_leaders
+from tests.chaos.load import ROUTED, CountingSink, Load
 from tests.chaos.nft import Partitions, PartitionsUnavailable
 from tests.chaos.schedule import KINDS, Fault, plan
 from tests.integration.kvcluster import free_port, wait_for
@@ -52,10 +52,17 @@ class Options:
 class Harness:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.sink = CountingSink()
-        sink_port = free_port("127.0.0.1")
-        self.controller = Controller(self.sink, hostname="127.0.0.1", port=sink_port)
-        self.cluster = SmtpCluster(opts.root, smarthost=f"127.0.0.1:{sink_port}")
+        self.sink = CountingSink()  # the smarthost
+        self.routed = CountingSink()  # the route of ROUTED: a second destination
+        sink_port, routed_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        self.controllers = [
+            Controller(self.sink, hostname="127.0.0.1", port=sink_port),
+            Controller(self.routed, hostname="127.0.0.1", port=routed_port),
+        ]
+        self.cluster = SmtpCluster(
+            opts.root, smarthost=f"127.0.0.1:{sink_port}",
+            routes={ROUTED: f"127.0.0.1:{routed_port}"},
+        )  # fmt: skip
         self.report = Report(opts.seed)
         self.probes: set[str] = set()  # answered 250
         self.probes_refused: set[str] = set()
@@ -88,7 +95,8 @@ class Harness:
 
     def run(self) -> Report:
         opts = self.opts
-        self.controller.start()
+        for controller in self.controllers:
+            controller.start()
         try:
             for nid in self.cluster.nodes:
                 self.start(nid)
@@ -107,7 +115,8 @@ class Harness:
             if self.partitions is not None:
                 self.partitions.close()
             self.cluster.stop_all()
-            self.controller.stop()
+            for controller in self.controllers:
+                controller.stop()
         check_leaders(self.report, sorted(opts.root.glob("*.log")))
         return self.report
 
@@ -245,7 +254,7 @@ class Harness:
         accepted = set(load.accepted) | self.probes
 
         def settled() -> bool:  # all delivered, or nothing left that could be
-            if accepted <= set(self.sink.counts):
+            if accepted <= set(self.sink.counts + self.routed.counts):
                 return True
             return self._stats(self.cluster.leader())["messages"] == 0
 
@@ -263,7 +272,8 @@ class Harness:
         report.accepted, report.refused = len(accepted), len(refused)
         report.unknown = len(load.unknown) + len(self.probes_unsure)
         offered = accepted | refused | load.unknown | self.probes_unsure
-        check_deliveries(report, accepted, refused, offered, self.sink.counts)
+        check_deliveries(report, accepted, refused, offered, self.sink.counts + self.routed.counts)
+        check_destinations(report, self.sink.counts, self.routed.counts, ROUTED)
 
     def _stats(self, nid: str) -> dict[str, int]:
         stats: dict[str, int] = self.cluster.admin(nid, "/v1/queue-stats")

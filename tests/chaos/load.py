@@ -1,7 +1,9 @@
 """The outside of the cluster: clients that send uniquely addressed messages to random
 nodes and record each reply, and a sink that counts every final dot it answers.
 
-A message's recipient is its id (m<N>@dest.example). A client that cannot connect
+A message has two recipients named by its id: m<N>@dest.example, which the cluster
+sends to its smarthost, and m<N>@routed.example, which a route sends to another port
+(ROUTED): two destinations, so two transactions per message. A client that cannot connect
 tries the next node, as an MTA tries its next MX, and offers the same message again
 later if none answers; a reply is recorded as 250, refused (4xx/5xx), or unknown (the
 connection died with the transaction open: either fate is allowed).
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+ROUTED = "routed.example"
 GREETING_S = 2.0
 TRANSACTION_S = 60.0
 
@@ -78,12 +81,12 @@ class Load:
             with self.lock:
                 n = next(self._next)
                 self.sent += 1
-            rcpt = f"m{n}@dest.example"
-            while not self.stop.is_set() and not self._offer(rng, rcpt):
+            rcpts = [f"m{n}@dest.example", f"m{n}@{ROUTED}"]
+            while not self.stop.is_set() and not self._offer(rng, rcpts):
                 self.stop.wait(0.2)  # no node answered: offer it again, like a queued MTA
             self.stop.wait(pause * rng.uniform(0.5, 1.5))  # the offered rate; ends at stop
 
-    def _offer(self, rng: random.Random, rcpt: str) -> bool:
+    def _offer(self, rng: random.Random, rcpts: list[str]) -> bool:
         """True once a node took the transaction (whatever its outcome)."""
         nodes = self.nodes()
         rng.shuffle(nodes)
@@ -99,30 +102,37 @@ class Load:
             s.timeout = TRANSACTION_S
             if s.sock is not None:
                 s.sock.settimeout(TRANSACTION_S)
-            self._transact(s, rcpt)
+            self._transact(s, rcpts)
             return True
         return False
 
-    def _transact(self, s: smtplib.SMTP, rcpt: str) -> None:
+    def _transact(self, s: smtplib.SMTP, rcpts: list[str]) -> None:
         began = time.monotonic()
+        body = b"Subject: chaos\r\n\r\n" + rcpts[0].encode()
         try:
             with s:
-                s.sendmail("load@example.org", [rcpt], b"Subject: chaos\r\n\r\n" + rcpt.encode())
+                refused = s.sendmail("load@example.org", rcpts, body)
         except smtplib.SMTPRecipientsRefused as exc:
-            self._record(self.refused, rcpt, next(iter(exc.recipients.values()))[0])
+            for rcpt, (code, _) in exc.recipients.items():
+                self._record(self.refused, [rcpt], code)
         except smtplib.SMTPResponseException as exc:
-            self._record(self.refused, rcpt, exc.smtp_code)
+            self._record(self.refused, rcpts, exc.smtp_code)
         except (OSError, smtplib.SMTPException):
             with self.lock:
-                self.unknown.add(rcpt)
+                self.unknown.update(rcpts)
         else:
-            self._record(self.accepted, rcpt, time.monotonic())
+            for rcpt, (code, _) in refused.items():  # RCPT refused, the others taken
+                self._record(self.refused, [rcpt], code)
+            self._record(self.accepted, [r for r in rcpts if r not in refused], time.monotonic())
         with self.lock:
             self.longest_wait = max(self.longest_wait, time.monotonic() - began)
 
-    def _record(self, where: dict[str, float] | dict[str, int], rcpt: str, value: float) -> None:
+    def _record(
+        self, where: dict[str, float] | dict[str, int], rcpts: list[str], value: float
+    ) -> None:
         with self.lock:
-            where[rcpt] = value  # type: ignore[assignment]
+            for rcpt in rcpts:
+                where[rcpt] = value  # type: ignore[assignment]
 
     def max_gap(self, since: float) -> float:
         """The longest time no client got a 250 (the unavailability clients saw)."""

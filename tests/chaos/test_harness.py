@@ -4,10 +4,12 @@ Longer runs: `scripts/chaos --duration 1800` (docs/reliability.md)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.chaos.checker import Report, check_destinations
 from tests.chaos.harness import Harness, Options
 from tests.chaos.nft import Partitions, PartitionsUnavailable
 
@@ -55,3 +57,16 @@ def test_the_harness_sees_a_final_dot_without_its_fence(tmp_path: Path) -> None:
     )  # fmt: skip
     report = Harness(opts).run()
     assert any("duplicates but only" in v for v in report.violations), report.table()
+
+
+def test_the_checker_sees_a_recipient_at_another_domains_host() -> None:
+    """What the worker did before cc971cd with a message to two destinations: both
+    recipients went to the first one's host."""
+    smarthost = Counter({"m1@dest.example": 1, "m1@routed.example": 1})
+    report = Report(0)
+    check_destinations(report, smarthost, Counter(), "routed.example")
+    assert report.violations == ["1 sent to another domain's host, e.g. m1@routed.example"]
+    right = Report(0)
+    check_destinations(right, Counter({"m1@dest.example": 1}), Counter({"m1@routed.example": 1}),
+                       "routed.example")  # fmt: skip
+    assert right.violations == []

@@ -41,7 +41,7 @@ class SmtpCluster:
         self, root: Path, n: int = 3, *, relay_networks: str = '"127.0.0.0/30"',
         idle: str = "5m", submission: bool = False, max_size: int = 65536,
         smarthost: str = PARKED, nameservers: str = "", mx_port: int = 25,
-        lifetime: str = "5d",
+        lifetime: str = "5d", routes: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.root = root
         (root / "cluster.key").write_text(os.urandom(24).hex())
@@ -58,6 +58,9 @@ class SmtpCluster:
         tls = self._submission_files(root) if submission else ""
         self._settings = (relay_networks, max_size, idle, tls)
         self._delivery_text = self._delivery(smarthost, nameservers, mx_port, lifetime)
+        if routes:
+            table = ", ".join(f'"{d}" = "{hop}"' for d, hop in routes.items())
+            self._delivery_text += f"routes = {{ {table} }}\n"
         peers = ", ".join(f'{n.id} = "{n.host}:{n.raft_port}"' for n in self.nodes.values())
         for node in self.nodes.values():
             self._write_config(node, peers)
