@@ -371,7 +371,10 @@ async def serve(cfg: Config) -> None:
     print(f"ready {cfg.node.id}", flush=True)
     # READY=1 once this node is part of a working cluster, or after READY_WAIT_S
     # without one: the first node of a new cluster must start before its peers.
-    joined = await node.wait_joined(READY_WAIT_S)
+    # A SIGTERM or a failure meanwhile ends the wait: a node started while its cluster
+    # had no quorum took up to READY_WAIT_S to stop (systemctl stop, restart).
+    await _first(node.wait_joined(READY_WAIT_S), stop.wait(), node.raft.failed.wait())
+    joined = node.raft.core.lead is not None
     notify.send("READY=1", f"STATUS={_status(node, joined)}")
     await _first(stop.wait(), node.raft.failed.wait())
     if node.raft.failure is not None:

@@ -48,6 +48,22 @@ def test_node_tells_systemd_ready_and_pings_the_watchdog(tmp_path: Path) -> None
             cluster.stop_all()
 
 
+def test_a_node_without_a_quorum_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    """One node of three started alone waits for a leader before it tells systemd it
+    is ready (up to 30 s); a SIGTERM meanwhile must not wait that out."""
+    cluster = SmtpCluster(tmp_path, n=3)
+    try:
+        cluster.start("n1")  # its peers never come: no leader
+        popen = cluster.nodes["n1"].popen
+        assert popen is not None
+        popen.send_signal(signal.SIGTERM)
+        assert popen.wait(timeout=15) == 0  # the wait for a leader is 30 s
+        cluster.nodes["n1"].popen = None
+        assert "signal received, draining" in (tmp_path / "n1.log").read_text()
+    finally:
+        cluster.stop_all()
+
+
 def _relays(cluster: SmtpCluster) -> int:
     """The reply to a RCPT for an outside domain from 127.0.0.1 (a new session)."""
     node = cluster.nodes["n1"]
