@@ -149,7 +149,8 @@ class RaftNode:
         if init.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(init.snapshot))
             self.sm_applied = init.snapshot.index
-        hello = _HELLO + cbor2.dumps(cfg.format)
+        # A map, so that a later release can say more without confusing this one.
+        hello = _HELLO + cbor2.dumps({"format": cfg.format})
         self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame, hello=hello)
         self.peer_formats: dict[NodeId, int] = {}  # what each peer said at its last connect
         self._waiters: dict[int, list[_Waiter]] = {}
@@ -487,9 +488,10 @@ class RaftNode:
             log.warning("undecodable frame from %s: %s", peer, exc)
         self._wake.set()
 
-    def _hello(self, peer: NodeId, fmt: Any) -> None:
+    def _hello(self, peer: NodeId, said: Any) -> None:
+        fmt = said.get("format") if isinstance(said, dict) else None
         if type(fmt) is not int:
-            log.warning("malformed hello from %s: %r", peer, fmt)
+            log.warning("malformed hello from %s: %r", peer, said)
             return
         if self.peer_formats.get(peer) != fmt:
             log.info("peer %s reads entry formats up to %d", peer, fmt)
