@@ -32,9 +32,12 @@ class Report:
     def table(self) -> str:
         rows = [
             ("seed", self.seed), ("messages offered", self.sent),
-            ("accepted (250)", self.accepted), ("refused (4xx/5xx)", self.refused),
-            ("no reply (connection lost)", self.unknown), ("delivered", self.delivered),
-            ("duplicates", self.duplicates), ("uncertain (cluster's count)", self.uncertain),
+            ("recipients accepted (250)", self.accepted),
+            ("recipients refused (4xx/5xx)", self.refused),
+            ("recipients without a reply", self.unknown),
+            ("recipients delivered", self.delivered),
+            ("duplicates (recipients)", self.duplicates),
+            ("uncertain (cluster's count)", self.uncertain),
             ("leaderships", self.elections),
             ("max unavailability seen by clients", f"{self.max_unavailable_s:.1f} s"),
             ("longest wait for one reply", f"{self.longest_wait_s:.1f} s"),
