@@ -91,6 +91,9 @@ class SmtpSection:
     # A message with more Received fields is refused at its final dot (554 5.4.6): a
     # mail loop. RFC 5321 6.3 asks for a threshold of at least 100; Postfix: 50.
     max_hops: int = 100
+    # Message-ID and Date added when missing, for relay_networks and authenticated
+    # clients only (Postfix: for local_header_rewrite_clients).
+    add_missing_headers: bool = True
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         raise r.fail("min_free_space", f"must be 0 (no check) or more bytes, not {reserve}")
     rcpts = _positive(r, "max_recipients", 1000)
     hops = _positive(r, "max_hops", 100)
+    add_headers = r.take("add_missing_headers", bool, True)
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
     users = r.file("users_file", required=False)
     if users:
@@ -310,7 +314,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         hostname, relay, submission, tuple(networks), domains, size, reserve, rcpts, tls_cert,
         tls_key, users, accept, idle, errors, junk, sessions, per_client,
         submissions_listen=submissions, client_connection_rate_limit=rates[0],
-        client_message_rate_limit=rates[1], max_hops=hops,
+        client_message_rate_limit=rates[1], max_hops=hops, add_missing_headers=add_headers,
     )  # fmt: skip
 
 

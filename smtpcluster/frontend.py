@@ -206,16 +206,12 @@ class Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied
-            return "550 5.6.11 Bare LF in message: lines must end with CRLF"
-        if (hops := received_headers(raw)) > self.cfg.max_hops:
-            log.warning("mail loop? %d Received headers from %s, sender <%s>: refused",
-                        hops, _peer(session), _unbracket(envelope.mail_from))  # fmt: skip
-            return f"554 5.4.6 Too many hops ({hops} Received headers): a mail loop?"
-        if not self._room_for(len(raw)):  # MAIL's check knew at most a declared size
-            return NO_ROOM
+        head = header_of(raw)
+        if refusal := self._refusal(session, envelope, raw, head):
+            return refusal
         message_id = new_message_id(self.node_id)
-        body = self._received(session, envelope, message_id) + raw
+        body = self._received(session, envelope, message_id)
+        body += self._missing_headers(session, head, message_id) + raw
         cmd = Accept(
             int(time.time() * 1000), message_id, _unbracket(envelope.mail_from),
             tuple(envelope.rcpt_tos), body, self.node_id,
@@ -248,6 +244,34 @@ class Handler:
         # (inspect.getmembers for auth_*, a scan for handle_*): only these matter.
         return list(HANDLER_HOOKS)
 
+    def _refusal(self, session: Session, envelope: Envelope, raw: bytes, head: bytes) -> str:
+        """The reply that refuses this message before it is proposed, or "" to go on."""
+        if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied
+            return "550 5.6.11 Bare LF in message: lines must end with CRLF"
+        if (hops := count_fields(head, b"received")) > self.cfg.max_hops:
+            log.warning("mail loop? %d Received headers from %s, sender <%s>: refused",
+                        hops, _peer(session), _unbracket(envelope.mail_from))  # fmt: skip
+            return f"554 5.4.6 Too many hops ({hops} Received headers): a mail loop?"
+        if not self._room_for(len(raw)):  # MAIL's check knew at most a declared size
+            return NO_ROOM
+        return ""
+
+    def _missing_headers(self, session: Session, head: bytes, message_id: str) -> bytes:
+        """Message-ID and Date for mail our own clients submit without them, as Postfix
+        adds them for its local clients: many receivers refuse mail without a
+        Message-ID. Never for mail from elsewhere, and never one that is there."""
+        cfg = self.cfg
+        if not cfg.add_missing_headers or not (
+            session.authenticated or self.policy.trusted(_peer(session))
+        ):
+            return b""
+        out = b""
+        if not has_field(head, b"message-id"):
+            out += f"Message-ID: <{message_id}@{cfg.hostname}>\r\n".encode()
+        if not has_field(head, b"date"):
+            out += f"Date: {email.utils.formatdate(localtime=False)}\r\n".encode()
+        return out
+
     def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
         peer = _peer(session)
         proto = "ESMTP" if session.extended_smtp else "SMTP"
@@ -270,12 +294,21 @@ HANDLER_HOOKS = tuple(n for n in vars(Handler) if n.startswith(("handle_", "auth
 Handler.handle_EHLO.__signature__ = inspect.signature(Handler.handle_EHLO)  # type: ignore[attr-defined]
 
 
-def received_headers(raw: bytes) -> int:
-    """How many Received fields the message's header holds: the hops it has made
-    (RFC 5321 6.3: counting them is how loops are caught)."""
+def header_of(raw: bytes) -> bytes:
+    """The message's header in lower case, after a CRLF: every field name then follows
+    a CRLF, for count_fields and has_field."""
     end = raw.find(b"\r\n\r\n")
-    head = (raw if end < 0 else raw[: end + 2]).lower()
-    return head.startswith(b"received:") + head.count(b"\r\nreceived:")
+    return b"\r\n" + (raw if end < 0 else raw[: end + 2]).lower()
+
+
+def count_fields(head: bytes, name: bytes) -> int:
+    """How many `name` fields (lower case) the header_of() holds. Of Received: the hops
+    the message has made (RFC 5321 6.3: counting them is how loops are caught)."""
+    return head.count(b"\r\n" + name + b":")
+
+
+def has_field(head: bytes, name: bytes) -> bool:
+    return b"\r\n" + name + b":" in head
 
 
 def _peer(session: Session) -> str:

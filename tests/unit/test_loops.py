@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from smtpcluster.frontend import received_headers
+from smtpcluster.frontend import count_fields, header_of
 from tests.unit.test_replies import Wire, relaying_session, replied, until
 
 
@@ -22,7 +22,7 @@ from tests.unit.test_replies import Wire, relaying_session, replied, until
     ],
 )
 def test_received_fields_of_the_header_are_counted(raw: bytes, want: int) -> None:
-    assert received_headers(raw) == want
+    assert count_fields(header_of(raw), b"received") == want
 
 
 def test_a_message_over_the_hop_limit_is_refused_and_the_session_goes_on() -> None:

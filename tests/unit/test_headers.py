@@ -1,0 +1,72 @@
+"""Message-ID and Date are added to mail our own clients submit without them (many
+receivers refuse mail without a Message-ID), never to mail from elsewhere, and a
+header that is there is never touched."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+
+import pytest
+
+from mailqueue.commands import Accept
+from smtpcluster.config import SmtpSection
+from smtpcluster.frontend import FrontendSMTP, Handler, smtp_factory
+from tests.unit.test_replies import Wire, replied, until
+
+
+def submitted_body(message: bytes, trusted: bool, add: bool = True) -> bytes:
+    """The body proposed for `message`, sent from 127.0.0.1 to an inbound domain."""
+    networks = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
+    cfg = SmtpSection(
+        hostname="relay.test", relay_networks=networks, relay_domains=("inbound.test",),
+        add_missing_headers=add,
+    )  # fmt: skip
+    got: list[Accept] = []
+
+    async def accepted(cmd: Accept, timeout: float) -> bool:
+        got.append(cmd)
+        return True
+
+    async def run() -> None:
+        proto = smtp_factory(Handler(cfg, "n1", accepted))()
+        assert isinstance(proto, FrontendSMTP)
+        wire = Wire()
+        proto.connection_made(wire)
+        await until(lambda: len(wire.writes) == 1)
+        proto.data_received(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@inbound.test>\r\n"
+                            b"DATA\r\n")  # fmt: skip
+        await until(functools.partial(replied, wire, b"354"))
+        proto.data_received(message + b".\r\n")
+        await until(functools.partial(replied, wire, b"250 2.0.0"))
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    [cmd] = got
+    return cmd.body
+
+
+BARE = b"From: app@example.org\r\nSubject: report\r\n\r\nbody\r\n"
+
+
+def test_a_trusted_clients_message_gets_a_message_id_and_a_date() -> None:
+    body = submitted_body(BARE, trusted=True)
+    head = body.split(b"\r\n\r\n", 1)[0]
+    [mid] = [ln for ln in head.split(b"\r\n") if ln.startswith(b"Message-ID: ")]
+    assert mid.endswith(b"@relay.test>") and b"-n1@" in mid  # the queue id, our name
+    assert b"\r\nDate: " in head
+    assert body.endswith(BARE)  # the client's own lines as they were
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["from elsewhere", "present"])
+def test_nothing_is_added_from_elsewhere_or_when_present(trusted: bool) -> None:
+    message = BARE if not trusted else b"Message-ID: <x@y>\r\nDATE: Thu, 1 Jan 2026\r\n" + BARE
+    body = submitted_body(message, trusted)
+    assert body.startswith(b"Received: ") and body.endswith(message)
+    assert body.count(b"Message-ID") == (0 if not trusted else 1)
+    assert b"\r\nDate: " not in body
+
+
+def test_the_operator_can_turn_it_off() -> None:
+    assert b"Message-ID" not in submitted_body(BARE, trusted=True, add=False)
