@@ -118,6 +118,9 @@ class DeliverySection:
     # Postfix's transport_maps: a domain's next hop "host:port", before the smarthost
     # and MX; a key ".example.com" covers every subdomain of example.com.
     routes: dict[str, str] = field(default_factory=dict)
+    # Recipients in one outbound transaction (Postfix's default_destination_recipient_limit):
+    # more make several, in parallel; many servers take at most 100 (RFC 5321's minimum).
+    destination_recipient_limit: int = 50
 
 
 @dataclass(frozen=True)
@@ -366,10 +369,11 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     if wrapper and tls == "may":
         raise r.fail("smarthost_tls_wrapper", 'needs smarthost_tls = "encrypt" or "verify"')
     routes = _routes(r)
+    rcpt_limit = _positive(r, "destination_recipient_limit", 50)
     r.done()
     return DeliverySection(
         smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down,
-        tls, ca_file, login, wrapper, routes,
+        tls, ca_file, login, wrapper, routes, destination_recipient_limit=rcpt_limit,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ idempotent). Destinations come from the smarthost, or from MX records in order.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from mailqueue.commands import (
     RcptResult,
     UncertainPolicy,
 )
-from mailqueue.spool import RcptState
+from mailqueue.spool import Message, RcptState
 from raft.core import RaftError
 from raft.transport import Address
 from smtpcluster import logs, smtp_client
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05
 PROPOSE_TIMEOUT_S = 10.0
 
+
+# An SMTP transaction: message, attempt, destination, chunk (see Worker._transactions).
+Job = tuple[str, int, str, int]
 
 OUTCOME_LABELS = {
     OutcomeKind.DELIVERED: "delivered",
@@ -58,8 +62,7 @@ class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.me = node.cfg.node.id
-        # (message, attempt, destination) being delivered: one SMTP transaction each
-        self.inflight: set[tuple[str, int, str]] = set()
+        self.inflight: set[Job] = set()  # being delivered: one SMTP transaction each
         delivery = node.cfg.delivery
         self.slots = asyncio.Semaphore(delivery.concurrency)
         self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
@@ -113,22 +116,33 @@ class Worker:
         spool = self.node.machine.spool
         for mid in spool.index.held(self.me):  # not the whole spool: see mailqueue.index
             msg = spool.messages[mid]
-            # By destination too: recipients of one message assigned in the same pass
-            # share an attempt number, and each domain has its own exchanges.
-            groups: dict[tuple[str, int, str], list[int]] = {}
-            for k, r in enumerate(msg.rcpts):
-                if r.state is RcptState.ASSIGNED and r.node == self.me:
-                    dest = policy.destination(self.node.policy, r.address)
-                    groups.setdefault((msg.id, r.attempt, dest), []).append(k)
-            for job, ks in groups.items():
+            for job, ks in self._transactions(msg).items():
                 if job not in self.inflight:
                     self.inflight.add(job)
                     task = asyncio.get_running_loop().create_task(self.deliver(job, ks))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
 
-    async def deliver(self, job: tuple[str, int, str], ks: list[int]) -> None:
-        mid, attempt, _ = job
+    def _transactions(self, msg: Message) -> dict[Job, list[int]]:
+        """This node's assigned recipients of `msg`, by the SMTP transaction that will
+        carry them: one per attempt, destination (recipients assigned in the same pass
+        share an attempt, and each domain has its own exchanges) and chunk of at most
+        destination_recipient_limit. A recipient's chunk is its rank among all the
+        message's recipients for that destination, so it never moves to another chunk
+        while one is in flight: two tasks must never hold the same recipient."""
+        limit = self.node.cfg.delivery.destination_recipient_limit
+        ranks: collections.Counter[str] = collections.Counter()
+        groups: dict[Job, list[int]] = {}
+        for k, r in enumerate(msg.rcpts):
+            dest = policy.destination(self.node.policy, r.address)
+            chunk = ranks[dest] // limit
+            ranks[dest] += 1
+            if r.state is RcptState.ASSIGNED and r.node == self.me:
+                groups.setdefault((msg.id, r.attempt, dest, chunk), []).append(k)
+        return groups
+
+    async def deliver(self, job: Job, ks: list[int]) -> None:
+        mid, attempt, _, _ = job
         try:
             async with self.slots:
                 began = time.monotonic()

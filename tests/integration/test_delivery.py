@@ -334,3 +334,50 @@ def test_a_lost_reply_to_the_dot_is_uncertain_and_held_under_hold(tmp_path: Path
     finally:
         cluster.stop_all()
         controller.stop()
+
+
+class FiftyPerTransaction(Sink):
+    """Takes at most 50 recipients per transaction, as many servers cap them (Gmail at
+    100); counts what it had to refuse and the size of each transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+        self.sizes: list[int] = []
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        if len(envelope.rcpt_tos) >= 50:
+            self.refused += 1
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.sizes.append(len(envelope.rcpt_tos))
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_long_recipient_list_goes_out_in_transactions_of_50(tmp_path: Path) -> None:
+    """120 recipients of one domain: three transactions (50, 50, 20), as Postfix's
+    default_destination_recipient_limit makes them, so nothing waits for a retry."""
+    remote = FiftyPerTransaction()
+    port = free_port("127.0.0.1")
+    controller = Controller(remote, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, n=1, smarthost=f"127.0.0.1:{port}")
+    try:
+        cluster.start_all()
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        rcpts = [f"u{k}@list.example" for k in range(120)]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", rcpts, b"Subject: to many\r\n\r\nx\r\n")
+        wait_for("all 120 delivered", lambda: len(remote.received) == 120, 30)
+        assert sorted(remote.sizes) == [20, 50, 50] and remote.refused == 0
+        assert sorted(r for r, _ in remote.received) == sorted(rcpts)
+    finally:
+        cluster.stop_all()
+        controller.stop()
