@@ -22,9 +22,12 @@ class Filter:
     state: RcptState | None = None  # messages with at least one recipient in this state
     domain: str = ""  # ...or addressed to this domain
     min_age_ms: int = 0
+    sender: str | None = None  # ...from this envelope sender ("" for the null sender)
 
     def matches(self, m: Message, now: int) -> bool:
         if now - m.received_at < self.min_age_ms:
+            return False
+        if self.sender is not None and m.sender.lower() != self.sender.lower():
             return False
         if self.state is not None and all(r.state is not self.state for r in m.rcpts):
             return False

@@ -94,7 +94,11 @@ def _now() -> int:
 
 def _filter(q: Any) -> queries.Filter:
     state = RcptState[q["state"].upper()] if "state" in q else None
-    return queries.Filter(state, q.get("domain", ""), int(q.get("min_age_s", 0)) * 1000)
+    sender = q.get("sender")  # "<>": the null sender, as Postfix writes it
+    return queries.Filter(
+        state, q.get("domain", ""), int(q.get("min_age_s", 0)) * 1000,
+        None if sender is None else sender.strip("<>"),
+    )  # fmt: skip
 
 
 async def queue_list(request: web.Request) -> web.StreamResponse:

@@ -71,6 +71,7 @@ def _queue_parsers(queue: argparse.ArgumentParser) -> None:
     lst = sub.add_parser("list", help="the queue, like mailq")
     lst.add_argument("--state", help="messages with a recipient in this state")
     lst.add_argument("--domain", help="messages with a recipient at this domain")
+    lst.add_argument("--sender", help='messages from this envelope sender ("<>": bounces)')
     _admin_options(lst)
     show = sub.add_parser("show", help="one message, like postcat")
     show.add_argument("id")
@@ -78,7 +79,7 @@ def _queue_parsers(queue: argparse.ArgumentParser) -> None:
     _admin_options(show)
     for action in QUEUE_ACTIONS:
         act = sub.add_parser(action, help=f"{action} messages")
-        act.add_argument("ids", nargs="*", metavar="ID")
+        act.add_argument("ids", nargs="*", metavar="ID", help='"-": one ID a line on stdin')
         act.add_argument("--all", action="store_true", help="every message in the queue")
         _admin_options(act)
     stats = sub.add_parser("stats", help="pending recipients by domain and age, like qshape")
@@ -188,7 +189,7 @@ def _client(args: argparse.Namespace) -> AdminClient:
 
 def _queue(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
     if args.action == "list":
-        query = {k: v for k in ("state", "domain") if (v := getattr(args, k))}
+        query = {k: v for k in ("state", "domain", "sender") if (v := getattr(args, k))}
         messages = client.stream("/v1/queue?" + urllib.parse.urlencode(query | {"stream": 1}))
         return _json_array(messages) if args.json else cli_format.queue_list(messages)
     if args.action == "show":
@@ -199,7 +200,10 @@ def _queue(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
         return [json.dumps(s, indent=2)] if args.json else cli_format.stats(s)
     if bool(args.ids) == bool(args.all):
         raise UsageError(f"queue {args.action}: give message IDs or --all, not both")
-    body: dict[str, Any] = {"all": True} if args.all else {"ids": args.ids}
+    ids = args.ids
+    if ids == ["-"]:  # as postsuper -d -: queue list --json ... | jq ... | queue delete -
+        ids = [line.strip() for line in sys.stdin if line.strip()]
+    body: dict[str, Any] = {"all": True} if args.all else {"ids": ids}
     result = client.post(f"/v1/queue/{args.action}", body)
     if args.json:
         print(json.dumps(result))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -84,6 +86,31 @@ def test_queue_commands_work_from_any_node_and_match_the_spool(cluster: SmtpClus
     assert {"one.example", "two.example"} <= {d["domain"] for d in stats["domains"]}
     table = cli("queue", "list", "--config", conf(cluster, "n1"))
     assert table.returncode == 0 and ids[0] in table.stdout and "Requests." in table.stdout
+
+
+def test_a_senders_mail_is_listed_and_deleted_by_a_pipe(cluster: SmtpCluster) -> None:
+    """A stolen account's spam: queue list --sender, then the ids piped to queue delete -
+    (as postqueue -j | jq | postsuper -d -)."""
+    node = cluster.nodes["n2"]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+        for k in range(3):
+            s.sendmail("Spammer@Example.org", [f"v{k}@victims.example"], MESSAGE)
+        s.sendmail("", ["someone@else.example"], MESSAGE)  # a bounce: the null sender
+    by_sender = ("queue", "list", "--sender", "spammer@example.org", "--config")
+    spam = ok_json(*by_sender, conf(cluster, "n1"))
+    assert sorted(r["address"] for m in spam for r in m["recipients"]) == [
+        "v0@victims.example", "v1@victims.example", "v2@victims.example"]  # fmt: skip
+    bounces = ok_json("queue", "list", "--sender", "<>", "--config", conf(cluster, "n1"))
+    assert [m["recipients"][0]["address"] for m in bounces] == ["someone@else.example"]
+    ids = "".join(f"{m['id']}\n" for m in spam)
+    deleted = subprocess.run(
+        [sys.executable, "-P", "-m", "smtpcluster.cli", "queue", "delete", "-", "--config",
+         conf(cluster, "n3"), "--json"],
+        input=ids, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["changed"] == 3
+    assert ok_json(*by_sender, conf(cluster, "n2")) == []
 
 
 def test_cluster_status_and_transfer_leader_from_any_node(cluster: SmtpCluster) -> None:
