@@ -208,6 +208,7 @@ class Handler:
         raw = envelope.original_content or b""
         head = header_of(raw)
         if refusal := self._refusal(session, envelope, raw, head):
+            self._log(session, envelope, "", len(raw), reply=refusal, began=time.monotonic())
             return refusal
         message_id = new_message_id(self.node_id)
         body = self._received(session, envelope, message_id)
@@ -227,17 +228,23 @@ class Handler:
             # message is not queued, and a 4xx is the truth.
             log.error("message %s refused by the spool: %s", message_id, exc)
             reply = "451 4.3.0 Cluster unavailable, try again later"
-        # One line per transaction, envelope facts only: never the body. Written just
-        # after the reply (FrontendSMTP.smtp_DATA sends it at once): the client need not
-        # wait for our log.
+        self._log(session, envelope, message_id, len(body), reply=reply, began=began)
+        return reply
+
+    def _log(
+        self, session: Session, envelope: Envelope, message_id: str, size: int, *,
+        reply: str, began: float,
+    ) -> None:  # fmt: skip
+        """One line per transaction, envelope facts only: never the body; `id` is empty
+        for a message refused before it had one. Written just after the reply
+        (FrontendSMTP.smtp_DATA sends it at once): the client need not wait for it."""
         level = logging.INFO if reply.startswith("250") else logging.WARNING
         asyncio.get_running_loop().call_soon(functools.partial(
-            logs.event, log, "smtp", level, id=message_id, sender=f"<{cmd.sender}>",
-            rcpts=",".join(cmd.recipients), size=len(body), peer=_peer(session),
-            auth=_user(session), tls=session.ssl is not None, reply=reply,
-            took=f"{time.monotonic() - began:.3f}s",
+            logs.event, log, "smtp", level, id=message_id,
+            sender=f"<{_unbracket(envelope.mail_from)}>", rcpts=",".join(envelope.rcpt_tos),
+            size=size, peer=_peer(session), auth=_user(session), tls=session.ssl is not None,
+            reply=reply, took=f"{time.monotonic() - began:.3f}s",
         ))  # fmt: skip
-        return reply
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's SMTP.__init__ looks through dir(handler) twice per connection
