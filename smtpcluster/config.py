@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -397,6 +398,13 @@ def _smarthost_security(r: _Reader, smarthost: str) -> tuple[str, str, tuple[str
     if tls not in TLS_LEVELS:
         raise r.fail("smarthost_tls", f"{tls!r}: use one of {', '.join(TLS_LEVELS)}")
     ca_file = r.file("smarthost_ca_file", required=False)
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise r.fail(
+                "smarthost_ca_file", f"{ca_file} holds no usable certificate: {exc}"
+            ) from None
     auth_file = r.file("smarthost_auth_file", required=False)
     for name, given in (("smarthost_tls", tls != "may"), ("smarthost_ca_file", ca_file),
                         ("smarthost_auth_file", auth_file)):  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiosmtplib
@@ -77,6 +77,15 @@ class Security:
     ca_file: str = ""
     login: tuple[str, str] | None = None
     wrapper: bool = False  # TLS from the first byte (port 465), not STARTTLS
+    # For "verify": built once (see verified()), not for every connection: loading the
+    # CA file is most of a handshake's own cost.
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    def verified(self) -> Security:
+        """This, with its SSLContext built now when it verifies certificates."""
+        if self.tls != "verify" or self.context is not None:
+            return self
+        return replace(self, context=ssl.create_default_context(cafile=self.ca_file or None))
 
 
 OPPORTUNISTIC = Security()
@@ -140,7 +149,7 @@ async def _starttls(smtp: aiosmtplib.SMTP, security: Security) -> None:
 def _tls_options(security: Security) -> dict[str, Any]:
     if security.tls != "verify":
         return {"validate_certs": False}  # opportunistic or merely encrypted, as MTAs do
-    return {"tls_context": ssl.create_default_context(cafile=security.ca_file or None)}
+    return {"tls_context": security.verified().context}
 
 
 def refusal(smtp: aiosmtplib.SMTP, job: Outbound) -> tuple[int, str] | None:

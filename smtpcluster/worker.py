@@ -69,6 +69,10 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.batcher = Batcher(node.raft.propose, PROPOSE_TIMEOUT_S)
+        self.smarthost_security = smtp_client.Security(
+            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
+            delivery.smarthost_tls_wrapper,
+        ).verified()  # fmt: skip
 
     async def run(self) -> None:
         # A previous run of this node may have died between BeginDot and Outcome, and if
@@ -229,11 +233,7 @@ class Worker:
         if hop := policy.route(delivery.routes, domain):
             return [Address.parse(hop)], smtp_client.OPPORTUNISTIC
         if delivery.smarthost:
-            security = smtp_client.Security(
-                delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
-                delivery.smarthost_tls_wrapper,
-            )  # fmt: skip
-            return [Address.parse(delivery.smarthost)], security
+            return [Address.parse(delivery.smarthost)], self.smarthost_security
         return await self.node.router.exchanges(domain), smtp_client.OPPORTUNISTIC
 
     def _results(self, mid: str, ks: list[int], t: smtp_client.Transaction) -> list[RcptResult]:

@@ -160,6 +160,14 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
             "no such file",
         ),
         (
+            (
+                "[delivery]",
+                '[delivery]\nsmarthost = "10.0.0.9:587"\nsmarthost_ca_file = "{d}/cluster.key"',
+            ),
+            "delivery.smarthost_ca_file",
+            "holds no usable certificate",
+        ),
+        (
             ("[delivery]", '[delivery]\nsmarthost = "10.0.0.9:465"\nsmarthost_tls_wrapper = true'),
             "delivery.smarthost_tls_wrapper",
             "needs smarthost_tls",

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from smtpcluster.node import Node
 
 
+SMARTHOST = {"smarthost_tls": "may", "smarthost_ca_file": "", "smarthost_login": None,
+             "smarthost_tls_wrapper": False}  # fmt: skip
+
+
 def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
     """The scheduler counts from the later of its clock and the spool's; a worker whose
     clock is an hour behind must not ask for the retry an hour early."""
@@ -31,7 +35,7 @@ def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
         machine=SimpleNamespace(spool=spool), policy=Policy(retry_schedule_ms=schedule),
         raft=SimpleNamespace(propose=propose),
         cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=SimpleNamespace(
-            concurrency=2, destination_concurrency=1, destination_recipient_limit=50)),
+            concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **SMARTHOST)),
     )  # fmt: skip
     worker = Worker(cast("Node", node))
     assert worker._retry_at("m1", 0) == ahead + schedule[0]
@@ -54,7 +58,7 @@ def test_transactions_split_by_destination_and_limit_and_never_regroup() -> None
         machine=SimpleNamespace(spool=spool), policy=Policy(),
         raft=SimpleNamespace(propose=propose),
         cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=SimpleNamespace(
-            concurrency=2, destination_concurrency=1, destination_recipient_limit=50)),
+            concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **SMARTHOST)),
     )  # fmt: skip
     worker = Worker(cast("Node", node))
     before = worker._transactions(spool.messages["m1"])
