@@ -37,6 +37,12 @@ class CountingSink:
         self.lock = threading.Lock()
         self.delay_s = delay_s
 
+    def seen(self) -> collections.Counter[str]:
+        """A copy of the counts, taken while no delivery changes them (the sink's
+        thread does, all along, while the checker reads)."""
+        with self.lock:
+            return self.counts.copy()
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.lock:
             self.counts.update(envelope.rcpt_tos)
