@@ -156,7 +156,7 @@ class Handler:
         return self.sessions.admit(session, peer, limits, trusted)
 
     def _message_rate_refusal(self, session: Session) -> str:
-        """ "" when this MAIL is within the client's rate, else the 450 to refuse it with.
+        """The 450 to refuse this MAIL with, the client being over its rate; else "".
         An authenticated session counts against its user, wherever it comes from: a
         stolen password is what this limit is mostly for."""
         limit, peer = self.cfg.client_message_rate_limit, _peer(session)

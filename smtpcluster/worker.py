@@ -135,13 +135,17 @@ class Worker:
         message's recipients for that destination, so it never moves to another chunk
         while one is in flight: two tasks must never hold the same recipient."""
         limit = self.node.cfg.delivery.destination_recipient_limit
+        one_chunk = len(msg.rcpts) <= limit  # the usual case: no ranks to count
         ranks: collections.Counter[str] = collections.Counter()
         groups: dict[Job, list[int]] = {}
         for k, r in enumerate(msg.rcpts):
+            mine = r.state is RcptState.ASSIGNED and r.node == self.me
+            if one_chunk and not mine:
+                continue  # this runs every poll for every message held here
             dest = policy.destination(self.node.policy, r.address)
-            chunk = ranks[dest] // limit
+            chunk = 0 if one_chunk else ranks[dest] // limit
             ranks[dest] += 1
-            if r.state is RcptState.ASSIGNED and r.node == self.me:
+            if mine:
                 groups.setdefault((msg.id, r.attempt, dest, chunk), []).append(k)
         return groups
 
