@@ -353,12 +353,16 @@ class Spool:
         """The same window as a worker that died after BeginDot (NodeDown), seen by a
         worker that lived: counted the same, and held or queued again the same."""
         r.last_error = res.reply
-        self._move(r, S.UNCERTAIN)
-        r.was_uncertain = True
-        self.uncertain_total += 1
+        self._uncertain(r)
         if res.retry_at:
             r.next_attempt = res.retry_at
             self._move(r, S.QUEUED)
+
+    def _uncertain(self, r: Rcpt) -> None:
+        """A SENDING recipient whose dot may have been taken: counted, once, for ever."""
+        self._move(r, S.UNCERTAIN)
+        r.was_uncertain = True
+        self.uncertain_total += 1
 
     def _release(self, cmd: Release) -> Applied:
         changed = 0
@@ -384,9 +388,7 @@ class Spool:
                     self._move(r, S.QUEUED)
                     changed += 1
                 elif r.state is S.SENDING:
-                    self._move(r, S.UNCERTAIN)
-                    r.was_uncertain = True
-                    self.uncertain_total += 1
+                    self._uncertain(r)
                     if cmd.policy is UncertainPolicy.REDELIVER:
                         self._move(r, S.QUEUED)
                     changed += 1
