@@ -31,7 +31,7 @@ class SpoolMachine:
             log.error("log entry %d is not a spool command and was refused: %s", index, exc)
             return encode_result(Applied(False, f"undecodable command: {exc}"))
         self._check_format(index, cmd)
-        return encode_result(self.spool.apply(cmd, index))
+        return encode_result(self.spool.apply(cmd))
 
     def _check_format(self, index: int, cmd: Command) -> None:
         inner = cmd.commands if isinstance(cmd, Batch) else (cmd,)

@@ -17,8 +17,8 @@ from mailqueue.commands import FORMAT, FormatTooNew
 from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool, SpoolView
 from raft import streams
 
-# 2 added the cluster's replicated format to the header; 3 the log index applied, with
-# tombstones stamped by log index instead of time (mailqueue.spool.REPLAY_WINDOW).
+# 2 added the cluster's replicated format to the header; 3 the count of Accepts applied,
+# with tombstones stamped by that count instead of time (mailqueue.spool.REPLAY_WINDOW).
 VERSION = 3
 
 
@@ -30,14 +30,14 @@ def dump(spool: SpoolView | Spool) -> Iterator[bytes]:
     """A spool's records, read lazily: from a view (Spool.open_view) when commands go on
     applying meanwhile, from the spool itself only when nothing does."""
     counts = [len(spool.messages), len(spool.finished)]
-    header = [VERSION, spool.now, spool.uncertain_total, *counts, spool.format, spool.entry]
+    header = [VERSION, spool.now, spool.uncertain_total, *counts, spool.format, spool.accepts]
     yield cbor2.dumps(header)
     for m in spool.messages.values():
         rcpts = [list(r.key()) for r in m.rcpts]
         record = [m.id, m.sender, m.size, m.received_at, m.accepted_by, m.is_bounce, rcpts]
         yield cbor2.dumps([*record, spool.bodies.get(m.id)])
-    for mid, entry in spool.finished.items():
-        yield cbor2.dumps([mid, entry])
+    for mid, count in spool.finished.items():
+        yield cbor2.dumps([mid, count])
 
 
 def load(chunks: Iterator[bytes], bodies: BodyStore | None = None, readable: int = FORMAT) -> Spool:
@@ -55,7 +55,7 @@ def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> S
     if version != VERSION or len(rest) != 2:
         raise SnapshotError(f"spool snapshot version {version}, this code reads {VERSION}")
     spool = Spool(bodies)
-    spool.format, spool.entry = rest
+    spool.format, spool.accepts = rest
     if spool.format > readable:
         raise FormatTooNew(
             f"the snapshot is of replicated format {spool.format}; this version reads up "
@@ -73,10 +73,10 @@ def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> S
             if r.state in (RcptState.ASSIGNED, RcptState.SENDING):
                 spool.load[r.node] = spool.load.get(r.node, 0) + 1
     for _ in range(n_tombs):
-        mid, entry = decoder.decode()
-        spool.finished[mid] = entry
+        mid, count = decoder.decode()
+        spool.finished[mid] = count
     spool.rebuild_index()
-    spool._finished_order.extend(sorted((e, mid) for mid, e in spool.finished.items()))
+    spool._finished_order.extend(sorted((n, mid) for mid, n in spool.finished.items()))
     return spool
 
 

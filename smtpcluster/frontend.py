@@ -225,7 +225,7 @@ class Handler:
             reply = "451 4.3.0 Cluster unavailable, try again later"
         except AcceptRefused as exc:
             # The spool refuses only an Accept that took too long to commit (REPLAY_WINDOW
-            # entries): the message is not queued, and a 4xx is the truth.
+            # messages later): it is not queued, and a 4xx is the truth.
             log.error("message %s refused by the spool: %s", message_id, exc)
             reply = "451 4.3.0 Cluster unavailable, try again later"
         self._log(session, envelope, message_id, len(body), reply=reply, began=began)

@@ -132,13 +132,13 @@ def test_an_accept_the_spool_refuses_is_reported_not_retried(
 
 def test_tombstones_outlast_the_time_a_front_end_proposes_the_same_accept() -> None:
     """A front end proposes an Accept again for at most ACCEPT_HARD_CAP_S; the spool
-    takes a copy, and keeps a tombstone, for REPLAY_WINDOW log entries: more than the
-    cap at 1,800 entries a second (this machine's cluster appends at most about 1,200),
-    and not without bound: a day's worth of tombstones was GiBs."""
+    takes a copy, and keeps a tombstone, for REPLAY_WINDOW Accepts: more than the cap
+    at 1,800 messages a second (this machine's cluster takes at most about 1,000), and
+    not without bound: a day's worth of tombstones was GiBs."""
     assert ACCEPT_HARD_CAP_S * 1800 <= REPLAY_WINDOW <= 2_000_000
 
 
-def test_every_attempt_carries_the_log_index_applied_at_the_first(
+def test_every_attempt_carries_the_count_of_accepts_applied_at_the_first(
     made: list[Node], tmp_path: pathlib.Path
 ) -> None:
     """The spool measures an Accept's age from `seen`: were it stamped again on each
@@ -148,11 +148,11 @@ def test_every_attempt_carries_the_log_index_applied_at_the_first(
 
     async def recording(data: bytes, timeout: float = 10.0) -> bytes:
         sent.append(codec.decode(data))
-        n.raft.sm_applied += 5  # the log moves on while the attempt waits
+        n.spool.accepts += 5  # other messages are accepted while the attempt waits
         return await scripted(data, timeout)
 
     n.raft.propose = recording  # type: ignore[method-assign]
-    n.raft.sm_applied = 41
+    n.spool.accepts = 41
     assert asyncio.run(n.submit(dataclasses.replace(ACCEPT, seen=-1), timeout=5))
     assert [getattr(c, "seen", None) for c in sent] == [41, 41]
 

@@ -324,41 +324,42 @@ def delivered_at(spool: Spool, at: int) -> None:
 def test_a_replayed_accept_is_a_no_op_while_its_tombstone_lasts_then_refused() -> None:
     """A front end may propose the same Accept again (its fate was unknown) while its
     client waits: the copy must not queue the delivered message again. A tombstone
-    lasts REPLAY_WINDOW log entries; by then any copy of the Accept is refused as too
-    late, so the id can be forgotten and tombstones do not grow without bound."""
-    original = Accept(1000, "m1", "s@example.org", ("u@x.example",), b"body", "a", seen=9)
+    lasts REPLAY_WINDOW Accepts; by then any copy of the Accept is refused as too late,
+    so the id can be forgotten and tombstones do not grow without bound."""
+    original = Accept(1000, "m1", "s@example.org", ("u@x.example",), b"body", "a", seen=0)
     spool = Spool()
-    spool.apply(original, 10)
-    delivered_at(spool, 2000)  # inside entry 10's Batch, as far as the spool can tell
-    m2 = Accept(3000, "m2", "s@example.org", ("v@x.example",), b"", "b", seen=10 + REPLAY_WINDOW)
-    spool.apply(m2, 10 + REPLAY_WINDOW)
-    replay = spool.apply(original, 10 + REPLAY_WINDOW)  # the tombstone's last entry
-    assert replay.ok and replay.detail == "already accepted" and "m1" not in spool.messages
-    assert spool.counts[RcptState.QUEUED] == 1  # m2 only
-    late = spool.apply(original, 11 + REPLAY_WINDOW)
-    assert "m1" not in spool.finished and list(spool.finished) == []
-    assert not late.ok and "too late" in late.detail
+    spool.apply(original)
+    delivered_at(spool, 2000)  # m1's tombstone is stamped 1: one message queued so far
+    spool.accepts += REPLAY_WINDOW  # as if that many other messages came and went
+    replay = spool.apply(original)
+    assert replay.ok and replay.detail == "already accepted"  # the tombstone's last
+    assert spool.counts[RcptState.QUEUED] == 0
+    m2 = Accept(3000, "m2", "s@example.org", ("v@x.example",), b"", "b", seen=spool.accepts)
+    assert spool.apply(m2).detail == "accepted"
+    assert list(spool.finished) == []  # m1's tombstone is forgotten...
+    late = spool.apply(original)
+    assert not late.ok and "too late" in late.detail  # ...and yet the copy is refused
     assert "m1" not in spool.messages and spool.counts[RcptState.QUEUED] == 1
 
 
 def test_a_clock_jumping_forward_does_not_expire_a_tombstone() -> None:
     """When tombstones lasted an hour of the spool's time, a node whose clock jumped a
     day ahead made every tombstone expire at once, and a replayed copy of a delivered
-    message's Accept queued it again: sent twice. Counted in log entries, they last."""
-    original = Accept(1000, "m1", "s@example.org", ("u@x.example",), b"body", "a", seen=9)
+    message's Accept queued it again: sent twice. Counted in Accepts, they last."""
+    original = Accept(1000, "m1", "s@example.org", ("u@x.example",), b"body", "a", seen=0)
     spool = Spool()
-    spool.apply(original, 10)
+    spool.apply(original)
     delivered_at(spool, 2000)
     day = 24 * 3600 * 1000
-    spool.apply(Accept(2000 + day, "m2", "s@example.org", ("v@x.example",), b"", "b", seen=11), 12)
+    spool.apply(Accept(2000 + day, "m2", "s@example.org", ("v@x.example",), b"", "b", seen=1))
     assert spool.now == 2000 + day and "m1" in spool.finished
-    replay = spool.apply(original, 13)
+    replay = spool.apply(original)
     assert replay.detail == "already accepted" and "m1" not in spool.messages
 
 
-def test_an_accept_without_its_proposers_log_index_is_refused() -> None:
+def test_an_accept_without_its_proposers_count_is_refused() -> None:
     spool = Spool()
-    result = spool.apply(Accept(1000, "m1", "s@example.org", ("u@x.example",), b"", "a"), 1)
+    result = spool.apply(Accept(1000, "m1", "s@example.org", ("u@x.example",), b"", "a"))
     assert not result.ok and "a bug" in result.detail and not spool.messages
 
 

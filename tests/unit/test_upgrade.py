@@ -81,7 +81,7 @@ def test_a_snapshot_of_an_older_version_is_refused_naming_it() -> None:
     spool = Spool()
     spool.apply(Accept(1, "m1", "s@example.org", ("u@x.example",), b"body\r\n", "a", seen=0))
     records = [cbor2.loads(c) for c in snapshot.dump(spool)]
-    records[0] = [2, *records[0][1:6]]  # the version-2 header: no log index
+    records[0] = [2, *records[0][1:6]]  # the version-2 header: no count of messages
     chunks = [cbor2.dumps(r) for r in records]
     with pytest.raises(snapshot.SnapshotError, match="version 2, this code reads 3"):
         snapshot.load(iter(chunks), MemoryBodies())
