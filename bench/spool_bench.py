@@ -39,7 +39,7 @@ BODY = (b"Subject: benchmark\r\n\r\n" + b"x" * 76 + b"\r\n") * 26  # about 2 KiB
 def accept(k: int, at: int) -> Accept:
     return Accept(
         at, f"{k:016x}-bench", f"sender{k % 1000}@example.org",
-        (f"user{k}@dest{k % 100}.example",), BODY, f"node{k % 3}", seen=0,
+        (f"user{k}@dest{k % 100}.example",), BODY, f"node{k % 3}",
     )  # fmt: skip
 
 

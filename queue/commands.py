@@ -49,11 +49,6 @@ class Accept:
     recipients: tuple[str, ...]
     body: bytes
     accepted_by: NodeId
-    # How many Accepts the proposer's spool had applied when it first proposed this one
-    # (every re-proposal carries the same): the spool refuses a copy that commits more
-    # than REPLAY_WINDOW Accepts later, so a tombstone need outlive its message only
-    # that long, whatever the clocks do (mailqueue.spool).
-    seen: int = -1  # -1: not stamped, a bug the spool refuses loudly
     is_bounce: bool = False  # a DSN we generated: never bounced itself
     bounce_of: MessageId = ""  # for a DSN: the message whose failures it reports...
     bounce_rcpts: tuple[int, ...] = ()  # ...and which of its recipients

@@ -159,7 +159,7 @@ def dsn(spool: Spool, msg: Message, rcpts: tuple[int, ...], now: int, mta: str) 
     dsn_id = f"{msg.id}.dsn-{tag}"
     body = render_dsn(spool.bodies.get(msg.id), msg, rcpts, now=now, mta=mta, dsn_id=dsn_id)
     return Accept(
-        now, dsn_id, "", (msg.sender,), body, msg.accepted_by, seen=spool.accepts, is_bounce=True,
+        now, dsn_id, "", (msg.sender,), body, msg.accepted_by, is_bounce=True,
         bounce_of=msg.id, bounce_rcpts=rcpts,
     )  # fmt: skip
 

@@ -17,9 +17,7 @@ from mailqueue.commands import FORMAT, FormatTooNew
 from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool, SpoolView
 from raft import streams
 
-# 2 added the cluster's replicated format to the header; 3 the count of Accepts applied,
-# with tombstones stamped by that count instead of time (mailqueue.spool.REPLAY_WINDOW).
-VERSION = 3
+VERSION = 2  # 2 added the cluster's replicated format to the header; 1 is read as format 1
 
 
 class SnapshotError(ValueError):
@@ -30,14 +28,13 @@ def dump(spool: SpoolView | Spool) -> Iterator[bytes]:
     """A spool's records, read lazily: from a view (Spool.open_view) when commands go on
     applying meanwhile, from the spool itself only when nothing does."""
     counts = [len(spool.messages), len(spool.finished)]
-    header = [VERSION, spool.now, spool.uncertain_total, *counts, spool.format, spool.accepts]
-    yield cbor2.dumps(header)
+    yield cbor2.dumps([VERSION, spool.now, spool.uncertain_total, *counts, spool.format])
     for m in spool.messages.values():
         rcpts = [list(r.key()) for r in m.rcpts]
         record = [m.id, m.sender, m.size, m.received_at, m.accepted_by, m.is_bounce, rcpts]
         yield cbor2.dumps([*record, spool.bodies.get(m.id)])
-    for mid, count in spool.finished.items():
-        yield cbor2.dumps([mid, count])
+    for mid, at in spool.finished.items():
+        yield cbor2.dumps([mid, at])
 
 
 def load(chunks: Iterator[bytes], bodies: BodyStore | None = None, readable: int = FORMAT) -> Spool:
@@ -50,12 +47,10 @@ def load(chunks: Iterator[bytes], bodies: BodyStore | None = None, readable: int
 def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> Spool:
     decoder = cbor2.CBORDecoder(streams.reader(chunks))
     version, now, uncertain, n_messages, n_tombs, *rest = decoder.decode()
-    # Versions 1 and 2 stamped tombstones by time, which this code cannot bound; no
-    # release wrote them.
-    if version != VERSION or len(rest) != 2:
-        raise SnapshotError(f"spool snapshot version {version}, this code reads {VERSION}")
+    if version not in (1, VERSION) or len(rest) != version - 1:
+        raise SnapshotError(f"spool snapshot version {version}, this code reads 1 and {VERSION}")
     spool = Spool(bodies)
-    spool.format, spool.accepts = rest
+    spool.format = rest[0] if rest else 1
     if spool.format > readable:
         raise FormatTooNew(
             f"the snapshot is of replicated format {spool.format}; this version reads up "
@@ -73,10 +68,10 @@ def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> S
             if r.state in (RcptState.ASSIGNED, RcptState.SENDING):
                 spool.load[r.node] = spool.load.get(r.node, 0) + 1
     for _ in range(n_tombs):
-        mid, count = decoder.decode()
-        spool.finished[mid] = count
+        mid, at = decoder.decode()
+        spool.finished[mid] = at
     spool.rebuild_index()
-    spool._finished_order.extend(sorted((n, mid) for mid, n in spool.finished.items()))
+    spool._finished_order.extend(sorted((at, mid) for mid, at in spool.finished.items()))
     return spool
 
 

@@ -43,17 +43,14 @@ from mailqueue.commands import (
 )
 from mailqueue.index import NOBODY, SpoolIndex
 
-# How long a copy of an Accept may take to commit, counted in messages queued since its
-# node first proposed it; and so how long a message's tombstone outlives it. A front end
-# proposes the same Accept again only while its client waits, at most 9 minutes
-# (smtpcluster.node.ACCEPT_HARD_CAP_S): at the 1,000 messages a second this machine's
-# cluster takes at most, some 540,000 messages. A copy that commits later is refused
-# (the message is not queued; its client got or gets a 4xx), so the tombstone it would
-# have met is no longer needed. Counted in messages, not time: a clock that jumps
-# forward cannot expire a tombstone early and let a replayed copy queue a delivered
-# message again, as it could when this was an hour of the spool's time. Nor in log
-# entries: the Raft node puts many proposals in one. Tombstones are at most this many.
-REPLAY_WINDOW = 1_000_000
+# How long a message's tombstone outlives it, in the spool's time (the newest command
+# time applied). A front end proposes the same Accept again only while its client
+# waits, at most 9 minutes (smtpcluster.node.ACCEPT_HARD_CAP_S), so a replayed copy
+# finds the tombstone; the rest of the hour is margin. A day's worth at a few hundred
+# messages/s was GiBs of memory, and of every snapshot. The spool's time follows the
+# fastest clock, so a steady skew does not shorten this; only a forward jump of the
+# cluster's fastest clock by most of an hour would, for replays already under way.
+TOMBSTONE_MS = 3600 * 1000
 
 
 class RcptState(enum.IntEnum):
@@ -158,7 +155,6 @@ class SpoolView:
     the bodies of messages that leave until the view is closed."""
 
     now: int
-    accepts: int
     uncertain_total: int
     messages: dict[MessageId, Message]
     finished: dict[MessageId, int]
@@ -181,7 +177,7 @@ class Spool:
     def __init__(self, bodies: BodyStore | None = None) -> None:
         self.bodies: BodyStore = bodies if bodies is not None else MemoryBodies()
         self.messages: dict[MessageId, Message] = {}
-        self.finished: dict[MessageId, int] = {}  # tombstones: id -> `accepts` when it left
+        self.finished: dict[MessageId, int] = {}  # tombstones: id -> when it left
         self._finished_order: collections.deque[tuple[int, MessageId]] = collections.deque()
         self.counts: dict[RcptState, int] = dict.fromkeys(RcptState, 0)
         self.load: dict[NodeId, int] = {}  # assigned + sending recipients per node
@@ -190,7 +186,6 @@ class Spool:
         self.accepted: collections.Counter[NodeId] = collections.Counter()
         self.uncertain_total = 0
         self.now = 0  # the newest command time applied
-        self.accepts = 0  # messages ever queued by an Accept: what replays are measured in
         self.format = 1  # the replicated format the cluster writes (commands.FORMAT)
         self.index = SpoolIndex()  # derived, not replicated: see mailqueue.index
         self._view: SpoolView | None = None  # open for a snapshot being written
@@ -205,8 +200,8 @@ class Spool:
         meanwhile."""
         assert self._view is None, "one snapshot at a time"
         self._view = SpoolView(
-            self.now, self.accepts, self.uncertain_total, dict(self.messages), dict(self.finished),
-            self.bodies, self.format,
+            self.now, self.uncertain_total, dict(self.messages), dict(self.finished), self.bodies,
+            self.format,
         )  # fmt: skip
         return self._view
 
@@ -246,7 +241,9 @@ class Spool:
     def apply(self, cmd: Command) -> Applied:
         if not isinstance(cmd, Batch):  # a Batch's commands each bring their own time
             self.now = max(self.now, cmd.at)
-        result: Applied = _HANDLERS[type(cmd)](self, cmd)
+        handler = _HANDLERS[type(cmd)]
+        result: Applied = handler(self, cmd)
+        self._forget_tombstones()
         return result
 
     def _set_format(self, cmd: SetFormat) -> Applied:
@@ -262,15 +259,6 @@ class Spool:
     def _accept(self, cmd: Accept) -> Applied:
         if cmd.message_id in self.messages or cmd.message_id in self.finished:
             return Applied(True, "already accepted")
-        if cmd.seen < 0:
-            return Applied(False, "an Accept without its proposer's count of Accepts: a bug")
-        if self.accepts - cmd.seen > REPLAY_WINDOW:
-            late = self.accepts - cmd.seen
-            return Applied(False, f"proposed {late} messages ago: too late")
-        # Only a message queued counts: a copy applied again changes nothing, as every
-        # command's second application must (docs/spool.md).
-        self.accepts += 1
-        self._forget_tombstones()
         msg = Message(
             cmd.message_id, cmd.sender, len(cmd.body), cmd.at, cmd.accepted_by, cmd.is_bounce,
             [Rcpt(a, next_attempt=cmd.at) for a in cmd.recipients],
@@ -475,8 +463,8 @@ class Spool:
             self._doomed.append(msg.id)
         else:
             self.bodies.delete(msg.id)
-        self.finished[msg.id] = self.accepts
-        self._finished_order.append((self.accepts, msg.id))
+        self.finished[msg.id] = self.now
+        self._finished_order.append((self.now, msg.id))
 
     def reindex(self, msg: Message) -> None:
         self.index.update(*index_entry(msg))
@@ -485,9 +473,7 @@ class Spool:
         self.index = SpoolIndex.build(index_entry(m) for m in self.messages.values())
 
     def _forget_tombstones(self) -> None:
-        # No copy of the Accept can apply any more (see REPLAY_WINDOW): it was proposed
-        # before the message left.
-        horizon = self.accepts - REPLAY_WINDOW
+        horizon = self.now - TOMBSTONE_MS
         order = self._finished_order
         while order and order[0][0] < horizon:
             _, mid = order.popleft()
@@ -503,7 +489,7 @@ class Spool:
             for m in sorted(self.messages.values(), key=lambda m: m.id)
         )  # fmt: skip
         tombs = tuple(sorted(self.finished.items()))
-        return (msgs, tombs, self.uncertain_total, self.now, self.accepts, self.format)
+        return (msgs, tombs, self.uncertain_total, self.now, self.format)
 
 
 def index_entry(msg: Message) -> tuple[MessageId, int | None, frozenset[NodeId], bool]:

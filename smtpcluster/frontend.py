@@ -224,8 +224,8 @@ class Handler:
         except TimeoutError:
             reply = "451 4.3.0 Cluster unavailable, try again later"
         except AcceptRefused as exc:
-            # The spool refuses only an Accept that took too long to commit (REPLAY_WINDOW
-            # messages later): it is not queued, and a 4xx is the truth.
+            # Nothing in the spool refuses a new Accept today; if it ever does, the
+            # message is not queued, and a 4xx is the truth.
             log.error("message %s refused by the spool: %s", message_id, exc)
             reply = "451 4.3.0 Cluster unavailable, try again later"
         self._log(session, envelope, message_id, len(body), reply=reply, began=began)

@@ -116,8 +116,7 @@ class Node:
         AcceptRefused: the spool applied it and refused it (it is not queued).
         """
         began = time.monotonic()
-        # Stamped once: every attempt below carries the same count (see Accept.seen).
-        data = codec.encode(dataclasses.replace(cmd, seen=self.spool.accepts))
+        data = codec.encode(cmd)
         if self.hooks.early_250:  # a planted bug: see smtpcluster/testhooks.py
             task = asyncio.get_running_loop().create_task(self.raft.propose(data, timeout))
             self._planted.add(task)

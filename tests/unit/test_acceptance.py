@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import pathlib
 from collections.abc import Iterator
 
 import pytest
 
-from mailqueue import codec
 from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import encode_result
-from mailqueue.spool import REPLAY_WINDOW, Applied
+from mailqueue.spool import TOMBSTONE_MS, Applied
 from raft.core import NotLeader, TransferInProgress
 from raft.node import NoLeader, ProposalLost
 from smtpcluster.config import load
@@ -33,7 +31,7 @@ hostname = "relay.test"
 [admin]
 token_file = "{d}/token"
 """
-ACCEPT = Accept(1, "m1", "a@example.org", ("u@x.example",), b"body", "n1", seen=0)
+ACCEPT = Accept(1, "m1", "a@example.org", ("u@x.example",), b"body", "n1")
 
 
 @pytest.fixture
@@ -132,29 +130,9 @@ def test_an_accept_the_spool_refuses_is_reported_not_retried(
 
 def test_tombstones_outlast_the_time_a_front_end_proposes_the_same_accept() -> None:
     """A front end proposes an Accept again for at most ACCEPT_HARD_CAP_S; the spool
-    takes a copy, and keeps a tombstone, for REPLAY_WINDOW Accepts: more than the cap
-    at 1,800 messages a second (this machine's cluster takes at most about 1,000), and
-    not without bound: a day's worth of tombstones was GiBs."""
-    assert ACCEPT_HARD_CAP_S * 1800 <= REPLAY_WINDOW <= 2_000_000
-
-
-def test_every_attempt_carries_the_count_of_accepts_applied_at_the_first(
-    made: list[Node], tmp_path: pathlib.Path
-) -> None:
-    """The spool measures an Accept's age from `seen`: were it stamped again on each
-    attempt, a copy retried for minutes would never look old."""
-    n = node(made, tmp_path, [TimeoutError(), None])
-    scripted, sent = n.raft.propose, []
-
-    async def recording(data: bytes, timeout: float = 10.0) -> bytes:
-        sent.append(codec.decode(data))
-        n.spool.accepts += 5  # other messages are accepted while the attempt waits
-        return await scripted(data, timeout)
-
-    n.raft.propose = recording  # type: ignore[method-assign]
-    n.spool.accepts = 41
-    assert asyncio.run(n.submit(dataclasses.replace(ACCEPT, seen=-1), timeout=5))
-    assert [getattr(c, "seen", None) for c in sent] == [41, 41]
+    keeps a tombstone for TOMBSTONE_MS, with room to spare for clock jumps, and not for
+    long: a day's worth was GiBs at a few hundred messages/s."""
+    assert ACCEPT_HARD_CAP_S * 1000 * 4 <= TOMBSTONE_MS <= 2 * 3600 * 1000
 
 
 def test_a_removed_node_closes_its_front_ends_and_starts_no_more_deliveries(

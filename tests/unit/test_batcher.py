@@ -32,9 +32,7 @@ class FakeRaft:
 
 def queued(raft: FakeRaft, n: int) -> None:
     for k in range(n):
-        raft.sm.apply(
-            0, codec.encode(Accept(1, f"m{k}", "s@x", ("u@y.example",), b"b", "a", seen=0))
-        )
+        raft.sm.apply(0, codec.encode(Accept(1, f"m{k}", "s@x", ("u@y.example",), b"b", "a")))
     assignments = tuple(Assignment(f"m{k}", 0, "a", 1) for k in range(n))
     raft.sm.apply(0, codec.encode(Assign(1, assignments)))
 

@@ -38,7 +38,7 @@ def walked(obj: object) -> bool:
 def queued(n: int) -> SpoolMachine:
     sm = SpoolMachine()
     for k in range(n):
-        accept = Accept(1, f"m{k}", "s@example.org", ("u@x.example",), b"body", "a", seen=0)
+        accept = Accept(1, f"m{k}", "s@example.org", ("u@x.example",), b"body", "a")
         sm.apply(k + 1, codec.encode(accept))
     return sm
 

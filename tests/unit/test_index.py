@@ -25,7 +25,7 @@ MINUTE = 60_000
 
 
 def one(spool: Spool, mid: str = "m1", at: int = 1000, node: str = "a") -> None:
-    spool.apply(Accept(at, mid, "s@example.org", ("u@d.example",), b"body\r\n", node, seen=0))
+    spool.apply(Accept(at, mid, "s@example.org", ("u@d.example",), b"body\r\n", node))
 
 
 def test_a_recipient_is_due_while_queued_and_held_while_assigned() -> None:

@@ -13,7 +13,7 @@ from mailqueue.machine import SpoolMachine, decode_result
 
 def test_commands_apply_and_results_come_back_as_bytes() -> None:
     sm = SpoolMachine()
-    sm.apply(1, codec.encode(Accept(1, "m1", "s@example.org", ("u@x.example",), b"b", "a", seen=0)))
+    sm.apply(1, codec.encode(Accept(1, "m1", "s@example.org", ("u@x.example",), b"b", "a")))
     sm.apply(2, codec.encode(Assign(2, (Assignment("m1", 0, "a", 1),))))
     stale = decode_result(sm.apply(3, codec.encode(BeginDot(3, "m1", (0,), "b", 1))))
     assert not stale.ok and "no longer holds" in stale.detail
@@ -30,7 +30,7 @@ def test_an_undecodable_entry_is_refused_and_reported(caplog: pytest.LogCaptureF
 
 def test_snapshot_and_restore_through_the_interface() -> None:
     sm = SpoolMachine()
-    sm.apply(1, codec.encode(Accept(1, "m1", "s@example.org", ("u@x.example",), b"b", "a", seen=0)))
+    sm.apply(1, codec.encode(Accept(1, "m1", "s@example.org", ("u@x.example",), b"b", "a")))
     other = SpoolMachine()
     other.restore(iter(list(sm.snapshot())))
     assert other.spool.state_key() == sm.spool.state_key()

@@ -32,7 +32,7 @@ def spool_with(*accepts: Accept) -> Spool:
 def accept(
     mid: str, *rcpts: str, by: str = "a", at: int = 0, sender: str = "s@example.org"
 ) -> Accept:
-    return Accept(at, mid, sender, rcpts, BODY, by, seen=0)
+    return Accept(at, mid, sender, rcpts, BODY, by)
 
 
 def test_due_recipients_are_grouped_by_message_and_destination() -> None:
@@ -149,7 +149,7 @@ def test_no_bounce_to_the_null_sender_nor_for_a_bounce() -> None:
     assert p.bounces(spool, 3_600_000, "relay.example.com") == []
     assert "m1" not in spool.messages  # nothing owed: it left the spool
     spool = Spool()
-    spool.apply(Accept(0, "d1", "", ("s@example.org",), BODY, "a", seen=0, is_bounce=True))
+    spool.apply(Accept(0, "d1", "", ("s@example.org",), BODY, "a", is_bounce=True))
     spool.apply(Assign(1, (Assignment("d1", 0, "a", 1),)))
     spool.apply(Outcome(2, "d1", "a", 1, (RcptResult(0, OutcomeKind.FAILED, "550 gone"),)))
     assert p.bounces(spool, 3, "relay.example.com") == []

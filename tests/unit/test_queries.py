@@ -14,15 +14,7 @@ def spool() -> Spool:
     for k in range(25):
         rcpts = (f"u{k}@x.example",) if k % 2 else (f"u{k}@y.example", f"v{k}@x.example")
         s.apply(
-            Accept(
-                k * MIN,
-                f"m{k:03d}",
-                "s@example.org",
-                rcpts,
-                b"Subject: %d\r\n\r\n" % k,
-                "a",
-                seen=0,
-            )
+            Accept(k * MIN, f"m{k:03d}", "s@example.org", rcpts, b"Subject: %d\r\n\r\n" % k, "a")
         )
     s.apply(Hold(25 * MIN, ("m003", "m004")))
     return s

@@ -26,8 +26,8 @@ def test_busy_counts_each_nodes_recent_acceptances_and_the_leaders_replication()
     sched = Scheduler(cast("Node", leader))
     assert sum(sched.busy().values()) == 0
     for k in range(5):
-        spool.apply(Accept(0, f"b{k}", "s@example.org", ("u@x.example",), b"x\r\n", "b", seen=0))
-    spool.apply(Accept(0, "a0", "s@example.org", ("u@x.example",), b"x\r\n", "a", seen=0))
+        spool.apply(Accept(0, f"b{k}", "s@example.org", ("u@x.example",), b"x\r\n", "b"))
+    spool.apply(Accept(0, "a0", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
     # b's own work; the leader's: its front end's and replicating all, capped at the
     # six recipients a node delivers at once
     assert sched.busy() == {"b": 5, "a": 6}
@@ -41,7 +41,7 @@ def test_mail_from_a_node_with_a_clock_ahead_is_assigned_at_once() -> None:
     the leader's scheduler must not hold it back for the hour."""
     spool = Spool()
     ahead = int(time.time() * 1000) + 3600 * 1000
-    spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b", seen=0))
+    spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b"))
     proposed: list[Command] = []
 
     async def propose(data: bytes, timeout: float) -> bytes:

@@ -25,7 +25,7 @@ def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
     clock is an hour behind must not ask for the retry an hour early."""
     spool = Spool()
     ahead = int(time.time() * 1000) + 3600 * 1000
-    spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b", seen=0))
+    spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b"))
     schedule = (60_000, 300_000)
 
     async def propose(data: bytes, timeout: float) -> bytes:
@@ -48,7 +48,7 @@ def test_transactions_split_by_destination_and_limit_and_never_regroup() -> None
     a task in flight is never joined by a second one holding the same recipients."""
     spool = Spool()
     rcpts = tuple(f"u{k}@big.example" for k in range(120)) + ("a@small.example",) * 3
-    spool.apply(Accept(1000, "m1", "s@example.org", rcpts, b"x\r\n", "a", seen=0))
+    spool.apply(Accept(1000, "m1", "s@example.org", rcpts, b"x\r\n", "a"))
     spool.apply(Assign(1001, tuple(Assignment("m1", k, "a", 1) for k in range(123))))
 
     async def propose(data: bytes, timeout: float) -> bytes:
