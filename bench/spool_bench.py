@@ -107,7 +107,7 @@ def scheduler_pass(n: int) -> None:
     began = time.perf_counter()
     assigned = policy.assign(spool, 1_000_002, pol, ["node0", "node1", "node2"])
     policy.expired(spool, 1_000_002, pol)
-    policy.bounces(spool, 1_000_002, "bench.test")
+    policy.bounces(spool, 1_000_002, "bench.test", "node0")
     held = spool.index.held("node0")
     took = time.perf_counter() - began
     assert sum(len(a.assignments) for a in assigned) == 100 and not held

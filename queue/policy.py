@@ -141,25 +141,28 @@ def expired(spool: Spool, now: int, policy: Policy) -> list[Expire]:
     return out
 
 
-def bounces(spool: Spool, now: int, reporting_mta: str) -> list[Accept]:
-    """A DSN for every message with bounced recipients not yet reported."""
+def bounces(spool: Spool, now: int, reporting_mta: str, by: NodeId) -> list[Accept]:
+    """A DSN for every message with bounced recipients not yet reported, made by node
+    `by` (the leader) and stamped `now` by its clock."""
     out = []
     for mid in spool.index.dsn_pending:
         m = spool.messages[mid]
         pending = tuple(k for k, r in enumerate(m.rcpts) if m.needs_dsn(r))
         if pending:
-            out.append(dsn(spool, m, pending, now, reporting_mta))
+            out.append(dsn(spool, m, pending, now, reporting_mta, by=by))
     return out
 
 
-def dsn(spool: Spool, msg: Message, rcpts: tuple[int, ...], now: int, mta: str) -> Accept:
+def dsn(
+    spool: Spool, msg: Message, rcpts: tuple[int, ...], now: int, mta: str, *, by: NodeId
+) -> Accept:
     """An RFC 3464 delivery status notification, from the null sender, to the sender."""
     assert msg.sender and not msg.is_bounce  # never a bounce for a bounce, nor to <>
     tag = hashlib.sha256(repr(rcpts).encode()).hexdigest()[:8]
     dsn_id = f"{msg.id}.dsn-{tag}"
     body = render_dsn(spool.bodies.get(msg.id), msg, rcpts, now=now, mta=mta, dsn_id=dsn_id)
     return Accept(
-        now, dsn_id, "", (msg.sender,), body, msg.accepted_by, is_bounce=True,
+        now, dsn_id, "", (msg.sender,), body, by, is_bounce=True,
         bounce_of=msg.id, bounce_rcpts=rcpts,
     )  # fmt: skip
 

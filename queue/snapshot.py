@@ -7,6 +7,7 @@ holds the whole of it (raft.storage writes the chunks straight to disk).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,9 @@ from mailqueue.commands import FORMAT, FormatTooNew
 from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool, SpoolView
 from raft import streams
 
-VERSION = 2  # 2 added the cluster's replicated format to the header; 1 is read as format 1
+# 2 added the cluster's replicated format to the header; 3 each node's clock (Spool.clocks)
+# and a tombstone's node, by whose clock it is forgotten. No release wrote 1 or 2.
+VERSION = 3
 
 
 class SnapshotError(ValueError):
@@ -28,13 +31,14 @@ def dump(spool: SpoolView | Spool) -> Iterator[bytes]:
     """A spool's records, read lazily: from a view (Spool.open_view) when commands go on
     applying meanwhile, from the spool itself only when nothing does."""
     counts = [len(spool.messages), len(spool.finished)]
-    yield cbor2.dumps([VERSION, spool.now, spool.uncertain_total, *counts, spool.format])
+    header = [VERSION, spool.now, spool.uncertain_total, *counts, spool.format, spool.clocks]
+    yield cbor2.dumps(header)
     for m in spool.messages.values():
         rcpts = [list(r.key()) for r in m.rcpts]
         record = [m.id, m.sender, m.size, m.received_at, m.accepted_by, m.is_bounce, rcpts]
         yield cbor2.dumps([*record, spool.bodies.get(m.id)])
-    for mid, at in spool.finished.items():
-        yield cbor2.dumps([mid, at])
+    for mid, (origin, stamp) in spool.finished.items():
+        yield cbor2.dumps([mid, origin, stamp])
 
 
 def load(chunks: Iterator[bytes], bodies: BodyStore | None = None, readable: int = FORMAT) -> Spool:
@@ -47,10 +51,10 @@ def load(chunks: Iterator[bytes], bodies: BodyStore | None = None, readable: int
 def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> Spool:
     decoder = cbor2.CBORDecoder(streams.reader(chunks))
     version, now, uncertain, n_messages, n_tombs, *rest = decoder.decode()
-    if version not in (1, VERSION) or len(rest) != version - 1:
-        raise SnapshotError(f"spool snapshot version {version}, this code reads 1 and {VERSION}")
+    if version != VERSION or len(rest) != 2:
+        raise SnapshotError(f"spool snapshot version {version}, this code reads {VERSION}")
     spool = Spool(bodies)
-    spool.format = rest[0] if rest else 1
+    spool.format, spool.clocks = rest
     if spool.format > readable:
         raise FormatTooNew(
             f"the snapshot is of replicated format {spool.format}; this version reads up "
@@ -67,11 +71,14 @@ def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> S
             spool.counts[r.state] += 1
             if r.state in (RcptState.ASSIGNED, RcptState.SENDING):
                 spool.load[r.node] = spool.load.get(r.node, 0) + 1
+    order: dict[str, list[tuple[int, str]]] = {}
     for _ in range(n_tombs):
-        mid, at = decoder.decode()
-        spool.finished[mid] = at
+        mid, origin, stamp = decoder.decode()
+        spool.finished[mid] = (origin, stamp)
+        order.setdefault(origin, []).append((stamp, mid))
     spool.rebuild_index()
-    spool._finished_order.extend(sorted((at, mid) for mid, at in spool.finished.items()))
+    for origin, stamps in order.items():
+        spool._finished_order[origin] = collections.deque(sorted(stamps))
     return spool
 
 

@@ -43,14 +43,17 @@ from mailqueue.commands import (
 )
 from mailqueue.index import NOBODY, SpoolIndex
 
-# How long a message's tombstone outlives it, in the spool's time (the newest command
-# time applied). A front end proposes the same Accept again only while its client
-# waits, at most 9 minutes (smtpcluster.node.ACCEPT_HARD_CAP_S), so a replayed copy
-# finds the tombstone; the rest of the hour is margin. A day's worth at a few hundred
-# messages/s was GiBs of memory, and of every snapshot. The spool's time follows the
-# fastest clock, so a steady skew does not shorten this; only a forward jump of the
-# cluster's fastest clock by most of an hour would, for replays already under way.
-TOMBSTONE_MS = 3600 * 1000
+# How long a copy of an Accept may take to commit, and so how long a message's
+# tombstone outlives it, in the time of the node that accepted it. A front end proposes
+# the same Accept again only while its client waits, at most 9 minutes
+# (smtpcluster.node.ACCEPT_HARD_CAP_S); a copy that commits later than this is refused
+# (the message is not queued, and its client got or gets a 4xx), so the tombstone it
+# would have met is no longer needed. Measured on each node's own stamps, never against
+# another node's clock: when it was an hour of the spool's time, which follows the
+# fastest clock, one clock jumping a day ahead expired every tombstone at once, and a
+# copy still under way queued a delivered message again.
+REPLAY_WINDOW_MS = 3600 * 1000
+Tombstone = tuple[NodeId, int]  # the node that accepted the message, its clock then
 
 
 class RcptState(enum.IntEnum):
@@ -157,7 +160,8 @@ class SpoolView:
     now: int
     uncertain_total: int
     messages: dict[MessageId, Message]
-    finished: dict[MessageId, int]
+    finished: dict[MessageId, Tombstone]
+    clocks: dict[NodeId, int]
     bodies: BodyStore
     format: int
 
@@ -177,8 +181,10 @@ class Spool:
     def __init__(self, bodies: BodyStore | None = None) -> None:
         self.bodies: BodyStore = bodies if bodies is not None else MemoryBodies()
         self.messages: dict[MessageId, Message] = {}
-        self.finished: dict[MessageId, int] = {}  # tombstones: id -> when it left
-        self._finished_order: collections.deque[tuple[int, MessageId]] = collections.deque()
+        self.finished: dict[MessageId, Tombstone] = {}  # the ids of messages that left
+        # Each node's newest Accept stamp: the clock its own replays are measured by.
+        self.clocks: dict[NodeId, int] = {}
+        self._finished_order: dict[NodeId, collections.deque[tuple[int, MessageId]]] = {}
         self.counts: dict[RcptState, int] = dict.fromkeys(RcptState, 0)
         self.load: dict[NodeId, int] = {}  # assigned + sending recipients per node
         # Messages each node's front end has accepted, counted as Accepts apply: derived
@@ -200,8 +206,8 @@ class Spool:
         meanwhile."""
         assert self._view is None, "one snapshot at a time"
         self._view = SpoolView(
-            self.now, self.uncertain_total, dict(self.messages), dict(self.finished), self.bodies,
-            self.format,
+            self.now, self.uncertain_total, dict(self.messages), dict(self.finished),
+            dict(self.clocks), self.bodies, self.format,
         )  # fmt: skip
         return self._view
 
@@ -243,7 +249,6 @@ class Spool:
             self.now = max(self.now, cmd.at)
         handler = _HANDLERS[type(cmd)]
         result: Applied = handler(self, cmd)
-        self._forget_tombstones()
         return result
 
     def _set_format(self, cmd: SetFormat) -> Applied:
@@ -259,6 +264,14 @@ class Spool:
     def _accept(self, cmd: Accept) -> Applied:
         if cmd.message_id in self.messages or cmd.message_id in self.finished:
             return Applied(True, "already accepted")
+        origin = cmd.accepted_by
+        newest = self.clocks.get(origin, cmd.at)
+        if newest - cmd.at > REPLAY_WINDOW_MS:
+            late = (newest - cmd.at) // 1000
+            return Applied(False, f"proposed {late} s ago by {origin}'s clock: too late")
+        if cmd.at >= newest:
+            self.clocks[origin] = cmd.at
+            self._forget_tombstones(origin)
         msg = Message(
             cmd.message_id, cmd.sender, len(cmd.body), cmd.at, cmd.accepted_by, cmd.is_bounce,
             [Rcpt(a, next_attempt=cmd.at) for a in cmd.recipients],
@@ -463,8 +476,13 @@ class Spool:
             self._doomed.append(msg.id)
         else:
             self.bodies.delete(msg.id)
-        self.finished[msg.id] = self.now
-        self._finished_order.append((self.now, msg.id))
+        # Stamped by the clock that measures the age of any copy of its Accept, which is
+        # stamped no later than this.
+        stamp = self.clocks.get(msg.accepted_by, msg.received_at)
+        self.finished[msg.id] = (msg.accepted_by, stamp)
+        self._finished_order.setdefault(msg.accepted_by, collections.deque()).append(
+            (stamp, msg.id)
+        )
 
     def reindex(self, msg: Message) -> None:
         self.index.update(*index_entry(msg))
@@ -472,9 +490,11 @@ class Spool:
     def rebuild_index(self) -> None:
         self.index = SpoolIndex.build(index_entry(m) for m in self.messages.values())
 
-    def _forget_tombstones(self) -> None:
-        horizon = self.now - TOMBSTONE_MS
-        order = self._finished_order
+    def _forget_tombstones(self, origin: NodeId) -> None:
+        """Those no copy of an Accept from `origin` can need any more: every one old
+        enough to forget is refused as too late (see _accept)."""
+        order = self._finished_order.get(origin)
+        horizon = self.clocks[origin] - REPLAY_WINDOW_MS
         while order and order[0][0] < horizon:
             _, mid = order.popleft()
             self.finished.pop(mid, None)
@@ -489,7 +509,8 @@ class Spool:
             for m in sorted(self.messages.values(), key=lambda m: m.id)
         )  # fmt: skip
         tombs = tuple(sorted(self.finished.items()))
-        return (msgs, tombs, self.uncertain_total, self.now, self.format)
+        clocks = tuple(sorted(self.clocks.items()))
+        return (msgs, tombs, clocks, self.uncertain_total, self.now, self.format)
 
 
 def index_entry(msg: Message) -> tuple[MessageId, int | None, frozenset[NodeId], bool]:

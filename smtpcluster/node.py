@@ -116,7 +116,11 @@ class Node:
         AcceptRefused: the spool applied it and refused it (it is not queued).
         """
         began = time.monotonic()
-        data = codec.encode(cmd)
+        # Never before this node's newest stamp in the spool: a copy's age is measured
+        # on this node's own stamps (mailqueue.spool.REPLAY_WINDOW_MS), so after the
+        # clock steps back the stamps wait for it rather than look an hour old.
+        newest = self.spool.clocks.get(cmd.accepted_by, 0)
+        data = codec.encode(dataclasses.replace(cmd, at=max(cmd.at, newest)))
         if self.hooks.early_250:  # a planted bug: see smtpcluster/testhooks.py
             task = asyncio.get_running_loop().create_task(self.raft.propose(data, timeout))
             self._planted.add(task)

@@ -99,7 +99,8 @@ class Scheduler:
         commands += [NodeDown(now, n, on_uncertain) for n in spool.load if n not in live]
         commands += policy.assign(spool, now, pol, live, self.busy())
         commands += policy.expired(spool, now, pol)
-        commands += policy.bounces(spool, now, self.node.cfg.smtp.hostname)
+        me = self.node.cfg.node.id
+        commands += policy.bounces(spool, now, self.node.cfg.smtp.hostname, me)
         commands += self.new_format(now)
         # All at once: the Ready loop appends them as one entry, one round of fsyncs,
         # where one by one each pass cost a round per command, each delaying Accepts.

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from mailqueue import codec
 from mailqueue.bodies import DiskBodies
 from mailqueue.commands import Accept
 from mailqueue.machine import encode_result
-from mailqueue.spool import TOMBSTONE_MS, Applied
+from mailqueue.spool import REPLAY_WINDOW_MS, Applied
 from raft.core import NotLeader, TransferInProgress
 from raft.node import NoLeader, ProposalLost
 from smtpcluster.config import load
@@ -130,9 +131,28 @@ def test_an_accept_the_spool_refuses_is_reported_not_retried(
 
 def test_tombstones_outlast_the_time_a_front_end_proposes_the_same_accept() -> None:
     """A front end proposes an Accept again for at most ACCEPT_HARD_CAP_S; the spool
-    keeps a tombstone for TOMBSTONE_MS, with room to spare for clock jumps, and not for
-    long: a day's worth was GiBs at a few hundred messages/s."""
-    assert ACCEPT_HARD_CAP_S * 1000 * 4 <= TOMBSTONE_MS <= 2 * 3600 * 1000
+    takes a copy, and keeps a tombstone, for REPLAY_WINDOW_MS of the accepting node's
+    time, with room to spare, and not for long: a day's worth was GiBs at a few hundred
+    messages/s."""
+    assert ACCEPT_HARD_CAP_S * 1000 * 4 <= REPLAY_WINDOW_MS <= 2 * 3600 * 1000
+
+
+def test_after_the_clock_steps_back_a_node_stamps_no_earlier_than_before(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """The spool measures a copy's age by the accepting node's newest stamp: stamped
+    by a clock that stepped back an hour, a fresh Accept would look too late."""
+    n = node(made, tmp_path, [None])
+    scripted, sent = n.raft.propose, []
+
+    async def recording(data: bytes, timeout: float = 10.0) -> bytes:
+        sent.append(codec.decode(data))
+        return await scripted(data, timeout)
+
+    n.raft.propose = recording  # type: ignore[method-assign]
+    n.spool.clocks["n1"] = ACCEPT.at + 3_600_000
+    assert asyncio.run(n.submit(ACCEPT, timeout=5))
+    assert [getattr(c, "at", None) for c in sent] == [ACCEPT.at + 3_600_000]
 
 
 def test_a_removed_node_closes_its_front_ends_and_starts_no_more_deliveries(

@@ -68,7 +68,7 @@ def test_a_bounce_is_pending_until_its_dsn_is_accepted_and_the_message_then_leav
     spool.apply(Assign(1001, (Assignment("m1", 0, "a", 1),)))
     spool.apply(Outcome(1002, "m1", "a", 1, (RcptResult(0, OutcomeKind.FAILED, "550 no"),)))
     assert list(spool.index.dsn_pending) == ["m1"]
-    (dsn,) = policy.bounces(spool, 1003, "relay.test")
+    (dsn,) = policy.bounces(spool, 1003, "relay.test", "a")
     spool.apply(dsn)
     assert "m1" not in spool.messages and "m1" not in spool.index.dsn_pending
     check_invariants(spool)
@@ -104,6 +104,6 @@ def test_a_scheduler_pass_over_a_deferred_backlog_looks_only_at_what_is_due() ->
     pol = policy.Policy()
     assigned = policy.assign(spool, 2000, pol, ["a", "b"])
     assert [a.message_id for cmd in assigned for a in cmd.assignments] == ["new"]
-    assert policy.expired(spool, 2000, pol) == [] and policy.bounces(spool, 2000, "r") == []
+    assert policy.expired(spool, 2000, pol) == [] and policy.bounces(spool, 2000, "r", "a") == []
     assert watched.walked <= 2, watched.walked  # not the 10,000 waiting for their retry
     assert len(list(spool.index.due(retry))) == backlog + 1

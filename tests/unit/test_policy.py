@@ -122,8 +122,9 @@ def bounced(sender: str = "s@example.org") -> Spool:
 
 def test_a_bounce_produces_an_rfc_3464_report_to_the_sender() -> None:
     spool = bounced()
-    [dsn] = p.bounces(spool, 3_600_000, "relay.example.com")
+    [dsn] = p.bounces(spool, 3_600_000, "relay.example.com", "n2")
     assert dsn.sender == "" and dsn.recipients == ("s@example.org",) and dsn.is_bounce
+    assert dsn.accepted_by == "n2"  # the leader that made it, and stamped it by its clock
     msg = email.message_from_bytes(dsn.body, policy=email.policy.default)
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
@@ -141,15 +142,15 @@ def test_a_bounce_produces_an_rfc_3464_report_to_the_sender() -> None:
     assert b"Message-ID: <x@example.org>" in headers.get_payload(decode=True)
     spool.apply(dsn)
     assert "m1" not in spool.messages and dsn.message_id in spool.messages
-    assert p.bounces(spool, 3_600_001, "relay.example.com") == []  # nothing twice
+    assert p.bounces(spool, 3_600_001, "relay.example.com", "a") == []  # nothing twice
 
 
 def test_no_bounce_to_the_null_sender_nor_for_a_bounce() -> None:
     spool = bounced(sender="")
-    assert p.bounces(spool, 3_600_000, "relay.example.com") == []
+    assert p.bounces(spool, 3_600_000, "relay.example.com", "a") == []
     assert "m1" not in spool.messages  # nothing owed: it left the spool
     spool = Spool()
     spool.apply(Accept(0, "d1", "", ("s@example.org",), BODY, "a", is_bounce=True))
     spool.apply(Assign(1, (Assignment("d1", 0, "a", 1),)))
     spool.apply(Outcome(2, "d1", "a", 1, (RcptResult(0, OutcomeKind.FAILED, "550 gone"),)))
-    assert p.bounces(spool, 3, "relay.example.com") == []
+    assert p.bounces(spool, 3, "relay.example.com", "a") == []

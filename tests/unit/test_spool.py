@@ -32,7 +32,7 @@ from mailqueue.commands import (
 from mailqueue.index import SpoolIndex
 from mailqueue.spool import (
     FINAL,
-    TOMBSTONE_MS,
+    REPLAY_WINDOW_MS,
     MemoryBodies,
     RcptState,
     Spool,
@@ -318,20 +318,55 @@ def delivered_at(spool: Spool, at: int) -> None:
     assert "m1" not in spool.messages
 
 
-def test_a_replayed_accept_is_a_no_op_while_its_tombstone_lasts_then_forgotten() -> None:
-    """A front end may propose the same Accept again (its fate was unknown) for a few
-    minutes: the copy must not queue the delivered message again. After the tombstone
-    time the id is forgotten, so tombstones do not grow without bound."""
-    original = Accept(1000, "m1", "s@example.org", ("u@x.example",), b"body", "a")
+def accept(at: int, mid: str, by: str = "a") -> Accept:
+    return Accept(at, mid, "s@example.org", (f"{mid}@x.example",), b"body", by)
+
+
+def test_a_replayed_accept_is_a_no_op_while_its_tombstone_lasts_then_refused() -> None:
+    """A front end may propose the same Accept again (its fate was unknown) while its
+    client waits: the copy must not queue the delivered message again. A tombstone
+    lasts REPLAY_WINDOW_MS by the accepting node's stamps; by then a copy is refused as
+    too late, so the id can be forgotten and tombstones do not grow without bound."""
+    original = accept(1000, "m1")
+    spool = Spool()
+    spool.apply(original)
+    delivered_at(spool, 2000)  # a's newest stamp is still 1000: the tombstone's
+    spool.apply(accept(1000 + REPLAY_WINDOW_MS, "m2"))
+    replay = spool.apply(original)  # the tombstone's last moment
+    assert replay.ok and replay.detail == "already accepted" and "m1" not in spool.messages
+    spool.apply(accept(1001 + REPLAY_WINDOW_MS, "m3"))
+    assert "m1" not in spool.finished and list(spool.finished) == []  # forgotten...
+    late = spool.apply(original)
+    assert not late.ok and "too late" in late.detail  # ...and the copy refused
+    assert "m1" not in spool.messages and spool.counts[RcptState.QUEUED] == 2  # m2, m3
+
+
+def test_another_nodes_clock_jumping_ahead_expires_no_tombstone() -> None:
+    """When tombstones lasted an hour of the spool's time, which follows the fastest
+    clock, a node whose clock jumped a day ahead made every tombstone expire at once,
+    and a replayed copy of a delivered message's Accept queued it again: sent twice."""
+    original = accept(1000, "m1", by="a")
     spool = Spool()
     spool.apply(original)
     delivered_at(spool, 2000)
-    spool.apply(Accept(2000 + TOMBSTONE_MS, "m2", "s@example.org", ("v@x.example",), b"", "b"))
-    replay = spool.apply(original)  # the tombstone's last moment
-    assert replay.ok and replay.detail == "already accepted" and "m1" not in spool.messages
-    assert spool.counts[RcptState.QUEUED] == 1  # m2 only
-    spool.apply(Accept(2001 + TOMBSTONE_MS, "m3", "s@example.org", ("w@x.example",), b"", "b"))
-    assert "m1" not in spool.finished and len(spool.finished) == 0
+    day = 24 * 3600 * 1000
+    spool.apply(accept(2000 + day, "m2", by="b"))  # b's clock is a day ahead
+    assert spool.now == 2000 + day and "m1" in spool.finished
+    replay = spool.apply(original)
+    assert replay.detail == "already accepted" and "m1" not in spool.messages
+    assert spool.apply(accept(2000, "m3", by="a")).detail == "accepted"  # a takes mail
+
+
+def test_the_accepting_nodes_own_clock_jumping_ahead_refuses_its_old_copies() -> None:
+    """Its tombstones go early, but every copy they could have caught is refused."""
+    original = accept(1000, "m1", by="a")
+    spool = Spool()
+    spool.apply(original)
+    delivered_at(spool, 2000)
+    spool.apply(accept(1000 + 2 * REPLAY_WINDOW_MS, "m2", by="a"))
+    assert list(spool.finished) == []
+    late = spool.apply(original)
+    assert not late.ok and "m1" not in spool.messages
 
 
 def test_deferred_recipient_waits_for_its_retry_time() -> None:
