@@ -42,6 +42,14 @@ def test_listing_filters_by_state_domain_and_age() -> None:
     assert [m["id"] for m in old] == ["m000", "m001", "m002", "m003", "m004", "m005"]
 
 
+def test_a_message_stamped_by_a_clock_ahead_is_listed() -> None:
+    """Taken by a node whose clock runs ahead of the one listing: its age is negative."""
+    s = Spool()
+    s.apply(Accept(90 * MIN, "m1", "s@example.org", ("u@x.example",), b"", "b"))
+    page, _ = queries.list_messages(s, 30 * MIN, queries.Filter())
+    assert [m["id"] for m in page] == ["m1"] and page[0]["age_s"] < 0
+
+
 def test_show_includes_the_body_on_request() -> None:
     s = spool()
     shown = queries.show(s, "m002", 30 * MIN, body=True)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
 from mailqueue import codec
-from mailqueue.commands import Accept, Assign, Command
+from mailqueue.commands import Accept, Assign, Command, Expire, Hold
 from mailqueue.machine import encode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Applied, Spool
@@ -42,6 +42,31 @@ def test_mail_from_a_node_with_a_clock_ahead_is_assigned_at_once() -> None:
     spool = Spool()
     ahead = int(time.time() * 1000) + 3600 * 1000
     spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b"))
+    proposed = tick(spool)
+    assigned = [a.message_id for c in proposed if isinstance(c, Assign) for a in c.assignments]
+    assert assigned == ["m1"]
+
+
+def test_a_node_clock_days_ahead_does_not_expire_the_queue() -> None:
+    """b's clock runs six days ahead, past the five-day queue lifetime, and b's
+    commands carry the spool's time with them; the leader's clock says the message is
+    an hour old, and bouncing for age cannot be undone: it waits."""
+    spool = Spool()
+    wall = int(time.time() * 1000)
+    spool.apply(Accept(wall - 3600_000, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
+    spool.apply(Hold(wall, ("m1",)))  # waiting, as a deferred message would
+    spool.apply(Accept(wall + 6 * 86400_000, "m2", "s@example.org", ("u@x.example",), b"", "b"))
+    assert spool.now > wall + 5 * 86400_000
+    proposed = tick(spool)
+    assert not [c for c in proposed if isinstance(c, Expire)]
+    old = Spool()
+    old.apply(Accept(wall - 6 * 86400_000, "m1", "s@example.org", ("u@x.example",), b"", "a"))
+    old.apply(Hold(wall, ("m1",)))
+    assert [c.message_id for c in tick(old) if isinstance(c, Expire)] == ["m1"]  # by its clock
+
+
+def tick(spool: Spool) -> list[Command]:
+    """What leader a's scheduler proposes in one pass over `spool`, b alive."""
     proposed: list[Command] = []
 
     async def propose(data: bytes, timeout: float) -> bytes:
@@ -64,5 +89,4 @@ def test_mail_from_a_node_with_a_clock_ahead_is_assigned_at_once() -> None:
     sched = Scheduler(cast("Node", leader))
     sched.lead_since = time.monotonic()
     asyncio.run(sched.tick())
-    assigned = [a.message_id for c in proposed if isinstance(c, Assign) for a in c.assignments]
-    assert assigned == ["m1"]
+    return proposed

@@ -1,0 +1,65 @@
+"""A node whose wall clock is wrong, on real processes: libfaketime (Debian package
+faketime, installed by scripts/setup-system) moves one node's clock and nothing
+else's, its monotonic clock left alone, as NTP stepping a VM's clock would."""
+
+from __future__ import annotations
+
+import glob
+import smtplib
+from pathlib import Path
+
+from tests.integration.kvcluster import wait_for
+from tests.integration.observe import scrape, value
+from tests.integration.smtpnodes import SmtpCluster
+
+DAY_S = 86400
+
+
+def clock_ahead(offset: str) -> dict[str, str]:
+    """The environment that runs a node with its wall clock `offset` ahead ("+6d")."""
+    [lib] = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
+    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def send(cluster: SmtpCluster, nid: str, rcpt: str) -> None:
+    node = cluster.nodes[nid]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+        s.sendmail("sender@example.org", [rcpt], b"Subject: clocks\r\n\r\nx\r\n")
+
+
+def attempts(cluster: SmtpCluster, nid: str, rcpt: str) -> int:
+    return sum(
+        r["attempts"] for m in cluster.queued(nid) for r in m["recipients"] if r["address"] == rcpt
+    )
+
+
+def test_a_node_whose_clock_runs_six_days_ahead_bounces_nothing(tmp_path: Path) -> None:
+    """The spool's time follows the fastest clock, so that mail from a node ahead is
+    not held back. It once decided queue lifetimes too: a node started with its clock
+    six days ahead carried that time in with its first command, and the leader bounced
+    every queued message in the cluster as five days old."""
+    cluster = SmtpCluster(tmp_path)  # the smarthost is parked: every attempt defers
+    try:
+        cluster.start("n1")
+        cluster.start("n2")
+        leader = cluster.leader()  # n1 or n2: the leader's clock is right
+        send(cluster, "n1", "early@dest.example")
+        wait_for("a deferral", lambda: attempts(cluster, leader, "early@dest.example") >= 1)
+        cluster.start("n3", env=clock_ahead("+6d"))
+        send(cluster, "n3", "ahead@dest.example")
+
+        def behind() -> float:
+            return value(scrape(cluster, leader), "smtpcluster_clock_behind_seconds")
+
+        wait_for("the spool's time six days ahead", lambda: behind() > 5 * DAY_S)
+        # Stamped six days ahead, `ahead` is due only by the spool's time: once it has
+        # been tried, the scheduler has also judged `early` by that time.
+        wait_for(
+            "a try of n3's message", lambda: attempts(cluster, leader, "ahead@dest.example") >= 1
+        )
+        states = {r["address"]: r["state"] for m in cluster.queued(leader) for r in m["recipients"]}
+        # No bounce, and so no DSN to sender@example.org: both are still being tried.
+        assert set(states) == {"early@dest.example", "ahead@dest.example"}
+        assert set(states.values()) <= {"queued", "assigned", "sending"}
+    finally:
+        cluster.stop_all()
