@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mailqueue.commands import Accept, Assign, Assignment, Expire, MessageId, NodeId
@@ -74,14 +74,17 @@ class Group:
     rcpts: tuple[int, ...]
 
 
-def due_groups(spool: Spool, now: int, policy: Policy) -> list[Group]:
+def due_groups(
+    spool: Spool, now: int, policy: Policy, expiring: Collection[MessageId] = ()
+) -> list[Group]:
     """Recipients due by `now`, longest due first: from the spool's index, so a backlog
-    of deferred mail costs a tick nothing until it is due."""
+    of deferred mail costs a tick nothing until it is due. Not those of the messages
+    `expiring` (expired() said so, by its own time): they are bounced instead."""
     groups: list[Group] = []
     for mid in spool.index.due(now):
         msg = spool.messages[mid]
-        if msg.received_at + policy.max_lifetime_ms <= now:
-            continue  # expiry's business, not delivery's
+        if mid in expiring:
+            continue
         by_dest: dict[str, list[int]] = {}
         for k, r in enumerate(msg.rcpts):
             if r.state is RcptState.QUEUED and r.next_attempt <= now:
@@ -96,6 +99,8 @@ def assign(
     policy: Policy,
     live: Iterable[NodeId],
     busy: Mapping[NodeId, int] | None = None,
+    *,
+    expiring: Collection[MessageId] = (),
 ) -> list[Assign]:
     """Assign due groups to live nodes, in batches of at most `max_batch` recipients."""
     nodes = sorted(set(live))
@@ -104,7 +109,7 @@ def assign(
     busy = busy or {}
     load = {n: spool.load.get(n, 0) + busy.get(n, 0) for n in nodes}
     out: list[Assignment] = []
-    for g in due_groups(spool, now, policy):
+    for g in due_groups(spool, now, policy, expiring):
         msg = spool.messages[g.message_id]
         node = _choose(msg, load)
         for k in g.rcpts:

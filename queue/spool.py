@@ -242,6 +242,13 @@ class Spool:
         if to in FINAL:
             r.final_at = self.now
 
+    def stamp(self, node: NodeId, wall: int) -> int:
+        """The time for an Accept `node` proposes by its clock reading `wall`: never
+        before its newest Accept, since a copy's age is measured on that node's own
+        stamps (REPLAY_WINDOW_MS). After its clock steps back, fresh mail would look
+        an hour old; its stamps wait for the clock instead."""
+        return max(wall, self.clocks.get(node, 0))
+
     # ---- applying commands
 
     def apply(self, cmd: Command) -> Applied:

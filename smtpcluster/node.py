@@ -23,6 +23,7 @@ from raft.core import RaftError, Role
 from raft.node import NodeConfig, RaftNode
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
+from smtpcluster.clock import ClusterClock
 from smtpcluster.config import Config, SmtpSection
 from smtpcluster.diskspace import DiskReserve
 from smtpcluster.frontend import AcceptRefused, Handler, smtp_factory
@@ -83,6 +84,7 @@ class Node:
             routes=cfg.delivery.routes,
         )
         self.router = Router(cfg.delivery.nameservers, cfg.delivery.mx_port)
+        self.clock = ClusterClock(lambda: self.machine.spool.now)
         self.scheduler = Scheduler(self)
         self.worker = Worker(self)
         self._tasks: list[asyncio.Task[None]] = []
@@ -116,11 +118,7 @@ class Node:
         AcceptRefused: the spool applied it and refused it (it is not queued).
         """
         began = time.monotonic()
-        # Never before this node's newest stamp in the spool: a copy's age is measured
-        # on this node's own stamps (mailqueue.spool.REPLAY_WINDOW_MS), so after the
-        # clock steps back the stamps wait for it rather than look an hour old.
-        newest = self.spool.clocks.get(cmd.accepted_by, 0)
-        data = codec.encode(dataclasses.replace(cmd, at=max(cmd.at, newest)))
+        data = codec.encode(dataclasses.replace(cmd, at=self.spool.stamp(cmd.accepted_by, cmd.at)))
         if self.hooks.early_250:  # a planted bug: see smtpcluster/testhooks.py
             task = asyncio.get_running_loop().create_task(self.raft.propose(data, timeout))
             self._planted.add(task)

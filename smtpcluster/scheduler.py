@@ -88,23 +88,22 @@ class Scheduler:
 
     async def tick(self) -> None:
         spool = self.node.machine.spool
-        # Never behind the newest command time: a message a node with a fast clock
-        # accepted is due at that node's time, and a leader whose own clock lags would
-        # otherwise hold it back by the difference.
+        now = self.node.clock.now()  # see smtpcluster.clock: never behind the spool
         wall = int(time.time() * 1000)
-        now = max(wall, spool.now)
         live = self.live_nodes()
         pol = self.node.policy
         commands: list[Command] = []
         on_uncertain = UncertainPolicy[self.node.cfg.delivery.on_uncertain.upper()]
         commands += [NodeDown(now, n, on_uncertain) for n in spool.load if n not in live]
-        commands += policy.assign(spool, now, pol, live, self.busy())
         # Bouncing for age cannot be undone, so only this node's own clock decides it:
         # one node's clock days ahead (the spool's time follows the fastest) bounced
         # every queued message in the cluster. A leader whose clock lags bounces late.
-        commands += policy.expired(spool, wall, pol)
+        expiring = policy.expired(spool, wall, pol)
+        gone = {e.message_id for e in expiring}
+        commands += policy.assign(spool, now, pol, live, self.busy(), expiring=gone)
+        commands += expiring
         me = self.node.cfg.node.id
-        commands += policy.bounces(spool, now, self.node.cfg.smtp.hostname, me)
+        commands += policy.bounces(spool, spool.stamp(me, wall), self.node.cfg.smtp.hostname, me)
         commands += self.new_format(now)
         # All at once: the Ready loop appends them as one entry, one round of fsyncs,
         # where one by one each pass cost a round per command, each delaying Accepts.

@@ -265,12 +265,11 @@ class Worker:
         return [RcptResult(k, OutcomeKind.DEFERRED, why, self._retry_at(mid, k)) for k in ks]
 
     def _retry_at(self, mid: str, k: int) -> int:
-        spool = self.node.machine.spool
-        msg = spool.messages.get(mid)
+        msg = self.node.machine.spool.messages.get(mid)
         attempts = msg.rcpts[k].attempts + 1 if msg else 1
-        # From the spool's time when this clock lags it, as the scheduler counts: from a
-        # lagging clock the retry would come early by the lag.
-        return policy.next_attempt(self.node.policy, attempts, max(_now(), spool.now))
+        # By the time the scheduler counts in: from a clock behind it, the retry would
+        # come early by the difference.
+        return policy.next_attempt(self.node.policy, attempts, self.node.clock.now())
 
     async def _begin_dot(self, mid: str, ks: list[int], attempt: int) -> tuple[bool, bool]:
         """(applied with success, the answer is definite). No quorum or a lost leader

@@ -5,6 +5,7 @@ else's, its monotonic clock left alone, as NTP stepping a VM's clock would."""
 from __future__ import annotations
 
 import glob
+import signal
 import smtplib
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def attempts(cluster: SmtpCluster, nid: str, rcpt: str) -> int:
     )
 
 
+def behind(cluster: SmtpCluster, nid: str) -> float:
+    """How far the spool's time is ahead of `nid`'s clock, in seconds."""
+    return value(scrape(cluster, nid), "smtpcluster_clock_behind_seconds")
+
+
 def test_a_node_whose_clock_runs_six_days_ahead_bounces_nothing(tmp_path: Path) -> None:
     """The spool's time follows the fastest clock, so that mail from a node ahead is
     not held back. It once decided queue lifetimes too: a node started with its clock
@@ -47,11 +53,7 @@ def test_a_node_whose_clock_runs_six_days_ahead_bounces_nothing(tmp_path: Path) 
         wait_for("a deferral", lambda: attempts(cluster, leader, "early@dest.example") >= 1)
         cluster.start("n3", env=clock_ahead("+6d"))
         send(cluster, "n3", "ahead@dest.example")
-
-        def behind() -> float:
-            return value(scrape(cluster, leader), "smtpcluster_clock_behind_seconds")
-
-        wait_for("the spool's time six days ahead", lambda: behind() > 5 * DAY_S)
+        wait_for("the spool's time six days ahead", lambda: behind(cluster, leader) > 5 * DAY_S)
         # Stamped six days ahead, `ahead` is due only by the spool's time: once it has
         # been tried, the scheduler has also judged `early` by that time.
         wait_for(
@@ -61,5 +63,30 @@ def test_a_node_whose_clock_runs_six_days_ahead_bounces_nothing(tmp_path: Path) 
         # No bounce, and so no DSN to sender@example.org: both are still being tried.
         assert set(states) == {"early@dest.example", "ahead@dest.example"}
         assert set(states.values()) <= {"queued", "assigned", "sending"}
+    finally:
+        cluster.stop_all()
+
+
+def test_deferred_mail_is_retried_after_a_clock_ahead_is_set_right(tmp_path: Path) -> None:
+    """A node ran six days ahead and stamped the spool's time; then its clock was set
+    right (here: restarted without the offset). No clock is past that stamp any more,
+    so the spool's time stood still, and a recipient deferred until a second after it
+    waited six days. The scheduler's time now goes on from the stamp at the rate of
+    real time: the retries go on, a second apart as configured."""
+    cluster = SmtpCluster(tmp_path)  # the smarthost is parked: every attempt defers
+    try:
+        cluster.start("n1")
+        cluster.start("n2")
+        leader = cluster.leader()
+        send(cluster, "n1", "early@dest.example")
+        wait_for("a deferral", lambda: attempts(cluster, leader, "early@dest.example") >= 1)
+        cluster.start("n3", env=clock_ahead("+6d"))
+        wait_for("the spool's time six days ahead", lambda: behind(cluster, leader) > 5 * DAY_S)
+        cluster.kill("n3", signal.SIGTERM)
+        cluster.start("n3")
+        tried = attempts(cluster, leader, "early@dest.example")
+        wait_for(
+            "two more tries", lambda: attempts(cluster, leader, "early@dest.example") >= tried + 2
+        )
     finally:
         cluster.stop_all()

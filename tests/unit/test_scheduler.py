@@ -13,6 +13,7 @@ from mailqueue.commands import Accept, Assign, Command, Expire, Hold
 from mailqueue.machine import encode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Applied, Spool
+from smtpcluster.clock import ClusterClock
 from smtpcluster.scheduler import BUSY_WINDOW_TICKS, Scheduler
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ def tick(spool: Spool) -> list[Command]:
     members = SimpleNamespace(members=lambda: ("a", "b"))
     leader = SimpleNamespace(
         machine=SimpleNamespace(spool=spool), policy=Policy(),
+        clock=ClusterClock(lambda: spool.now),
         raft=SimpleNamespace(
             propose=propose, cfg=SimpleNamespace(id="a"), last_heard={"b": time.monotonic()},
             core=SimpleNamespace(conf=lambda: members), format_of=lambda n: 1,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 from mailqueue.commands import Accept, Assign, Assignment, BeginDot
 from mailqueue.policy import Policy
 from mailqueue.spool import Spool
+from smtpcluster.clock import ClusterClock
 from smtpcluster.worker import Worker
 
 if TYPE_CHECKING:
@@ -21,8 +22,8 @@ SMARTHOST = {"smarthost_tls": "may", "smarthost_ca_file": "", "smarthost_login":
 
 
 def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
-    """The scheduler counts from the later of its clock and the spool's; a worker whose
-    clock is an hour behind must not ask for the retry an hour early."""
+    """The scheduler counts from the later of its clock and the spool's (ClusterClock);
+    a worker whose clock is an hour behind must not ask for the retry an hour early."""
     spool = Spool()
     ahead = int(time.time() * 1000) + 3600 * 1000
     spool.apply(Accept(ahead, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "b"))
@@ -33,7 +34,7 @@ def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
 
     node = SimpleNamespace(
         machine=SimpleNamespace(spool=spool), policy=Policy(retry_schedule_ms=schedule),
-        raft=SimpleNamespace(propose=propose),
+        raft=SimpleNamespace(propose=propose), clock=ClusterClock(lambda: spool.now),
         cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=SimpleNamespace(
             concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **SMARTHOST)),
     )  # fmt: skip
