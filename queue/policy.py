@@ -138,6 +138,10 @@ def expired(spool: Spool, now: int, policy: Policy) -> list[Expire]:
     waiting = (RcptState.QUEUED, RcptState.HELD, RcptState.UNCERTAIN)
     out = []
     for m in spool.messages.values():
+        if m.received_at > now:
+            # Stamped by a clock ahead of this one: no sign that those after it are
+            # young too, and it would hold back their expiry by as long as it is ahead.
+            continue
         if m.received_at + policy.max_lifetime_ms > now:
             break
         if any(r.state in waiting for r in m.rcpts):

@@ -108,6 +108,18 @@ def test_messages_past_their_lifetime_expire_into_bounces() -> None:
     assert spool.messages["old"].rcpts[0].state is RcptState.BOUNCED
 
 
+def test_a_message_stamped_by_a_clock_ahead_does_not_hold_back_expiry() -> None:
+    """The walk stops at the first young message; one stamped days ahead of the
+    leader's clock is not young, it is from a clock that was wrong."""
+    short = p.Policy(max_lifetime_ms=10_000)
+    spool = spool_with(
+        accept("old", "u@x.example", at=0),
+        accept("ahead", "u@x.example", at=6 * 86_400_000, by="b"),
+        accept("later", "u@x.example", at=1_000),
+    )
+    assert [e.message_id for e in p.expired(spool, 20_000, short)] == ["old", "later"]
+
+
 def bounced(sender: str = "s@example.org") -> Spool:
     spool = spool_with(accept("m1", "u@x.example", "v@y.example", sender=sender))
     spool.apply(Assign(1, (Assignment("m1", 0, "a", 1), Assignment("m1", 1, "a", 1))))
