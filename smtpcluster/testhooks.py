@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
-import time
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -59,7 +59,9 @@ class TestHooks:
             if rd.must_sync():
                 if _read(path) == "eio":
                     raise OSError(errno.EIO, "injected disk failure (test hook)")
-                time.sleep(_delay_ms(path) / 1000)  # in the fsync thread, as a disk would
+                # In the fsync thread, as a disk would. Not time.sleep: under libfaketime
+                # (the chaos harness's clock jumps) it fails with EINVAL.
+                threading.Event().wait(_delay_ms(path) / 1000)
             save(rd)
 
         return delayed

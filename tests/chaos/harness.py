@@ -12,6 +12,7 @@ take at most `heal_limit_s`. Exits 1 on any violation, naming the seed.
 from __future__ import annotations
 
 import argparse
+import glob
 import shutil
 import signal
 import smtplib
@@ -27,7 +28,7 @@ from smtpcluster.admin_client import AdminClient
 from tests.chaos.checker import Report, check_deliveries, check_destinations, check_leaders
 from tests.chaos.load import ROUTED, CountingSink, Load
 from tests.chaos.nft import Partitions, PartitionsUnavailable
-from tests.chaos.schedule import KINDS, Fault, plan
+from tests.chaos.schedule import CLOCK_OFFSETS, KINDS, OPT_IN, Fault, plan
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.smtpnodes import SmtpCluster
 
@@ -75,6 +76,10 @@ class Harness:
             self.partitions = None
             self.say(f"partitions skipped: {exc}")
         self.load = Load(self._smtp_addresses, opts.seed, opts.sessions, opts.rate)
+        libs = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")  # scripts/setup-system
+        self.faketime = libs[0] if libs and "clock_jump" in opts.kinds else ""
+        if "clock_jump" in opts.kinds and not libs:
+            self.say("clock jumps skipped: no libfaketime (scripts/setup-system installs it)")
 
     def say(self, text: str) -> None:
         line = f"[chaos {time.strftime('%H:%M:%S')}] {text}"
@@ -85,10 +90,21 @@ class Harness:
         return [(n.host, n.smtp_port) for n in self.cluster.nodes.values() if n.popen]
 
     def _env(self, nid: str) -> dict[str, str]:
-        return {
+        env = {
             "SMTPCLUSTER_TEST_FSYNC_DELAY_FILE": str(self.opts.root / f"{nid}.fsync-delay"),
             "SMTPCLUSTER_TEST_BUGS": ",".join(self.opts.bugs),
         }
+        if self.faketime:
+            # The node's wall clock is this file's offset, read again every second;
+            # its monotonic clock is left alone, as NTP stepping a clock leaves it.
+            clock = self.opts.root / f"{nid}.clock"
+            if not clock.exists():
+                clock.write_text("+0\n")
+            env |= {
+                "LD_PRELOAD": self.faketime, "FAKETIME_TIMESTAMP_FILE": str(clock),
+                "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }  # fmt: skip
+        return env
 
     def start(self, nid: str) -> None:
         self.cluster.start(nid, self._env(nid))
@@ -145,12 +161,18 @@ class Harness:
         if fault.kind.endswith("_leader"):
             return self.cluster.leader()
         voters = self._voters()
+        if fault.kind == "clock_jump":
+            # Not the leader: the queue lifetime is judged by its clock, as a lone
+            # Postfix's is by its own (docs/operations.md).
+            voters = [n for n in voters if n != self.cluster.leader()]
         return voters[fault.pick % len(voters)]
 
     def inject(self, fault: Fault) -> None:
         kind = fault.kind.removesuffix("_leader")
         if kind == "partition" and self.partitions is None:
             kind = "pause"  # the nearest fault this machine allows
+        if kind == "clock_jump" and not self.faketime:
+            kind = "pause"
         if kind == "restart_all":
             return self._restart_all(fault.hold_s)
         if kind == "membership":
@@ -179,6 +201,13 @@ class Harness:
             delay.write_text("0")
         elif kind == "disk_low":
             self._disk_low(nid, fault.hold_s)
+        elif kind == "clock_jump":
+            clock = self.opts.root / f"{nid}.clock"
+            offset = CLOCK_OFFSETS[fault.pick % len(CLOCK_OFFSETS)]
+            self.say(f"{nid}'s clock {offset}")
+            clock.write_text(offset + "\n")
+            time.sleep(fault.hold_s)
+            clock.write_text("+0\n")
 
     def _disk_low(self, nid: str, hold_s: float) -> None:
         """The node's disk as if nearly full: a reserve larger than any disk, by the
@@ -287,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=120, help="seconds of faults and load")
     p.add_argument("--fault-every", type=float, default=10.0, help="seconds between faults")
     p.add_argument("--rate", type=float, default=100.0, help="messages/s offered")
-    p.add_argument("--kinds", default=",".join(KINDS), help="fault kinds, comma-separated")
+    p.add_argument(
+        "--kinds", default=",".join(KINDS),
+        help=f"fault kinds, comma-separated (default: all but {', '.join(OPT_IN)})",
+    )  # fmt: skip
     p.add_argument("--bug", action="append", default=[], help="plant a bug (teeth check)")
     p.add_argument("--keep", action="store_true", help="keep the nodes' logs and data")
     args = p.parse_args(argv)
