@@ -425,7 +425,10 @@ class RaftNode:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (p := self.core.prs.get(target)) is None or p.match < self.core.log.committed:
-            if loop.time() > deadline or self.core.role is not Role.LEADER:
+            if self.core.role is not Role.LEADER:
+                # Not a slow node: said as such, an operator would look at the wrong one.
+                raise Unavailable(f"leadership moved while {target} caught up: join it again")
+            if loop.time() > deadline:
                 raise Unavailable(f"{target} did not catch up within {timeout:.0f} s")
             await asyncio.sleep(0.05)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
-from smtpcluster.admin_client import AdminClient
+from smtpcluster.admin_client import AdminClient, AdminError
 from tests.chaos.checker import Report, check_deliveries, check_destinations, check_leaders
 from tests.chaos.load import ROUTED, CountingSink, Load
 from tests.chaos.nft import Partitions, PartitionsUnavailable
@@ -234,13 +234,29 @@ class Harness:
         jid = f"j{self.joiners}"
         node = self.cluster.add_joiner(jid, "127.0.0.4")
         self.start(jid)
-        admin = self._admin(self._voters()[0])
-        admin.post("/v1/cluster/join", {"id": jid, "address": f"{node.host}:{node.raft_port}"})
+        try:
+            admin = self._admin(self._voters()[0])
+            admin.post("/v1/cluster/join", {"id": jid, "address": f"{node.host}:{node.raft_port}"})
+        except AdminError as exc:
+            # A 503 when leadership moved meanwhile: the operator's answer is to join it
+            # again; here the fault is then a node that started and stopped.
+            self.say(f"join of {jid} refused: {exc}")
         time.sleep(hold_s)
-        self._admin(self._voters()[0]).post("/v1/cluster/leave", {"id": jid, "address": ""})
+        self._leave(jid)
         self.cluster.kill(jid, signal.SIGTERM)
         del self.cluster.nodes[jid]
         shutil.rmtree(self.opts.root / jid, ignore_errors=True)
+
+    def _leave(self, jid: str) -> None:
+        """Take `jid` out of the configuration, as an operator would: again if the
+        leader changed while it was asked; refused when it never got in."""
+        for _ in range(3):
+            try:
+                self._admin(self._voters()[0]).post("/v1/cluster/leave", {"id": jid, "address": ""})
+                return
+            except AdminError as exc:
+                self.say(f"leave of {jid} refused: {exc}")
+                self.cluster.leader()
 
     def _admin(self, nid: str) -> AdminClient:
         node = self.cluster.nodes[nid]
