@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from smtpcluster.upgrade import holding_back
+
 
 def age(seconds: int) -> str:
     for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
@@ -80,6 +82,10 @@ def cluster(s: dict[str, Any]) -> Iterator[str]:
         fmt = "?" if m.get("format") is None else m["format"]
         yield (f"{m['id']:<16} {m['role']:<9} {m['address']:<24} {reach:<10} {m['lag']:>8} "
                f"{fmt:>6}")  # fmt: skip
+    if "format" in s:
+        said = {m["id"]: m.get("format") for m in s["members"]}
+        if held := holding_back(s["format"], said, said.get):
+            yield f"a member reads a newer format; the cluster waits for {', '.join(held)}"
 
 
 def _format(s: dict[str, Any]) -> str:

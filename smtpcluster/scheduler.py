@@ -27,6 +27,7 @@ class Scheduler:
         self.node = node
         self.term = -1
         self.lead_since = 0.0
+        self.format_held: list[str] = []  # what holds back a format raise, last said
         # The spool's per-node acceptance counts at each of the last ticks.
         self.seen: collections.deque[collections.Counter[str]] = collections.deque(
             maxlen=BUSY_WINDOW_TICKS
@@ -79,8 +80,16 @@ class Scheduler:
 
     def new_format(self, now: int) -> list[Command]:
         raft, spool = self.node.raft, self.node.machine.spool
-        fmt = upgrade.format_to_set(spool.format, raft.core.conf().members(), raft.format_of)
+        members = raft.core.conf().members()
+        fmt = upgrade.format_to_set(spool.format, members, raft.format_of)
         if fmt is None:
+            # Said once per change: a rolling upgrade that waits on a member looks like
+            # one that is done, and a member that died must be removed to finish it.
+            held = upgrade.holding_back(spool.format, members, raft.format_of)
+            if held and held != self.format_held:
+                log.info("the cluster stays at replicated format %d: a member reads a newer "
+                         "one, but not %s", spool.format, ", ".join(held))  # fmt: skip
+            self.format_held = held
             return []
         log.info("every member reads replicated format %d: the cluster moves to it from %d, "
                  "and no member can go back to an older release", fmt, spool.format)  # fmt: skip

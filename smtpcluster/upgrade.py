@@ -24,3 +24,18 @@ def format_to_set(
         return None
     newest = min(f for f in said if f is not None)
     return newest if newest > current else None
+
+
+def holding_back(
+    current: int, members: Iterable[NodeId], format_of: Callable[[NodeId], int | None]
+) -> list[str]:
+    """While some member reads a format newer than `current`, the members that keep the
+    cluster at it and why ("n3: not heard from", "n2: reads 1"); else nothing."""
+    said = {n: format_of(n) for n in members}
+    if not any(f is not None and f > current for f in said.values()):
+        return []
+    return [
+        f"{n}: not heard from" if f is None else f"{n}: reads {f}"
+        for n, f in sorted(said.items())
+        if f is None or f <= current
+    ]

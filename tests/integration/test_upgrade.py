@@ -54,6 +54,9 @@ def test_a_rolling_upgrade_raises_the_format_last_and_a_downgrade_stops(tmp_path
             send(cluster, nid, f"during{k}")  # mail is taken throughout
             if k < len(order) - 1:  # one node still old: the cluster stays at format 1
                 assert set(formats(cluster).values()) == {1}
+                leader = cluster.nodes[cluster.leader()]
+                out = cli("cluster", "status", "--config", str(leader.config)).stdout
+                assert "the cluster waits for" in out and f"{order[-1]}: reads 1" in out, out
         wait_for("format 2 everywhere", lambda: set(formats(cluster).values()) == {2})
         status = cli("cluster", "status", "--config", str(cluster.nodes[first].config))
         assert "replicated format 2 (reads up to 2)" in status.stdout, status.stdout

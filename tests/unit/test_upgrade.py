@@ -11,7 +11,8 @@ from mailqueue.codec import encode
 from mailqueue.commands import Accept, Batch, FormatTooNew, Hold, SetFormat
 from mailqueue.machine import SpoolMachine, decode_result
 from mailqueue.spool import MemoryBodies, RcptState, Spool
-from smtpcluster.upgrade import format_to_set
+from smtpcluster import cli_format
+from smtpcluster.upgrade import format_to_set, holding_back
 
 
 def said(**formats: int | None) -> dict[str, int | None]:
@@ -33,6 +34,24 @@ def test_the_format_rises_only_when_every_member_reads_it(
     current: int, formats: dict[str, int | None], want: int | None
 ) -> None:
     assert format_to_set(current, formats, formats.get) == want
+
+
+def test_what_holds_the_format_back_is_named_while_an_upgrade_waits() -> None:
+    """A rolling upgrade that waits on a member looked like one that was done."""
+    waiting = said(a=2, b=None, c=1)
+    assert holding_back(1, waiting, waiting.get) == ["b: not heard from", "c: reads 1"]
+    assert holding_back(1, said(a=1, b=1), said(a=1, b=1).get) == []  # no upgrade under way
+    status = {
+        "id": "a", "role": "leader", "term": 3, "leader": "a", "commit": 9, "applied": 9,
+        "snapshot_index": 0, "format": 1, "format_readable": 2,
+        "members": [
+            {"id": n, "role": "voter", "address": "x:1", "reachable": True, "lag": 0,
+             "format": f} for n, f in waiting.items()
+        ],
+    }  # fmt: skip
+    assert list(cli_format.cluster(status))[-1] == (
+        "a member reads a newer format; the cluster waits for b: not heard from, c: reads 1"
+    )
 
 
 def test_set_format_raises_the_spools_format_and_never_lowers_it() -> None:
