@@ -553,7 +553,8 @@ class RaftNode:
         elif error.startswith("ProposalLost"):
             fut.set_exception(ProposalLost(error))
         else:
-            fut.set_exception(Unavailable(error))
+            # "Unavailable: Unavailable: ..." said the leader's own type twice over.
+            fut.set_exception(Unavailable(error.removeprefix("Unavailable: ")))
 
     # ================================================================ the Ready loop
 

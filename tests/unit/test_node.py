@@ -325,6 +325,22 @@ def test_a_removed_nodes_forwarded_proposal_is_answered_by_the_leader(
     asyncio.run(run())
 
 
+def test_a_refusal_forwarded_back_names_its_kind_once(tmp_path: pathlib.Path) -> None:
+    """The leader sends "Unavailable: why"; it read "Unavailable: Unavailable: why"."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            node = nodes[0]
+            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            node._forwards[7] = fut
+            node._answer([7, None, "Unavailable: leadership moved while j1 caught up"])
+            with pytest.raises(RaftError) as caught:
+                await fut
+            assert str(caught.value) == "leadership moved while j1 caught up"
+
+    asyncio.run(run())
+
+
 def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) -> None:
     """The removal never reaches the removed node through the log (the leader stops
     replicating to it), so the leader says so once it applies the change; a stale word
