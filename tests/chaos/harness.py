@@ -31,6 +31,7 @@ from tests.chaos.nft import Partitions, PartitionsUnavailable
 from tests.chaos.schedule import CLOCK_OFFSETS, KINDS, OPT_IN, Fault, plan
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.test_clocks import FAKETIME_QUIET
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Harness:
                 clock.write_text("+0\n")
             env |= {
                 "LD_PRELOAD": self.faketime, "FAKETIME_TIMESTAMP_FILE": str(clock),
-                "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                "FAKETIME_CACHE_DURATION": "1", **FAKETIME_QUIET,
             }  # fmt: skip
         return env
 
