@@ -12,7 +12,6 @@ take at most `heal_limit_s`. Exits 1 on any violation, naming the seed.
 from __future__ import annotations
 
 import argparse
-import glob
 import shutil
 import signal
 import smtplib
@@ -29,9 +28,9 @@ from tests.chaos.checker import Report, check_deliveries, check_destinations, ch
 from tests.chaos.load import ROUTED, CountingSink, Load
 from tests.chaos.nft import Partitions, PartitionsUnavailable
 from tests.chaos.schedule import CLOCK_OFFSETS, KINDS, OPT_IN, Fault, plan
+from tests.integration import fakeclock
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.smtpnodes import SmtpCluster
-from tests.integration.test_clocks import FAKETIME_QUIET
 
 
 @dataclass
@@ -77,9 +76,9 @@ class Harness:
             self.partitions = None
             self.say(f"partitions skipped: {exc}")
         self.load = Load(self._smtp_addresses, opts.seed, opts.sessions, opts.rate)
-        libs = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")  # scripts/setup-system
-        self.faketime = libs[0] if libs and "clock_jump" in opts.kinds else ""
-        if "clock_jump" in opts.kinds and not libs:
+        lib = fakeclock.library()
+        self.faketime = lib if "clock_jump" in opts.kinds else ""
+        if "clock_jump" in opts.kinds and not lib:
             self.say("clock jumps skipped: no libfaketime (scripts/setup-system installs it)")
 
     def say(self, text: str) -> None:
@@ -101,10 +100,7 @@ class Harness:
             clock = self.opts.root / f"{nid}.clock"
             if not clock.exists():
                 clock.write_text("+0\n")
-            env |= {
-                "LD_PRELOAD": self.faketime, "FAKETIME_TIMESTAMP_FILE": str(clock),
-                "FAKETIME_CACHE_DURATION": "1", **FAKETIME_QUIET,
-            }  # fmt: skip
+            env |= fakeclock.file_env(self.faketime, clock)
         return env
 
     def start(self, nid: str) -> None:

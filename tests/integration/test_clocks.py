@@ -1,30 +1,18 @@
-"""A node whose wall clock is wrong, on real processes: libfaketime (Debian package
-faketime, installed by scripts/setup-system) moves one node's clock and nothing
-else's, its monotonic clock left alone, as NTP stepping a VM's clock would."""
+"""A node whose wall clock is wrong, on real processes: libfaketime moves one node's
+wall clock and nothing else's (tests/integration/fakeclock.py)."""
 
 from __future__ import annotations
 
-import glob
 import signal
 import smtplib
 from pathlib import Path
 
+from tests.integration import fakeclock
 from tests.integration.kvcluster import wait_for
 from tests.integration.observe import scrape, value
 from tests.integration.smtpnodes import SmtpCluster
 
 DAY_S = 86400
-# The wall clock only, as NTP stepping it would; and without libfaketime's rewrite of
-# timed condition waits, which breaks CPython's GIL hand-off: a thread waiting for the
-# GIL asks for it again at once, and a node with its fsync thread busy ran ~15 times
-# slower and lost elections.
-FAKETIME_QUIET = {"FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "0"}
-
-
-def clock_ahead(offset: str) -> dict[str, str]:
-    """The environment that runs a node with its wall clock `offset` ahead ("+6d")."""
-    [lib] = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
-    return {"LD_PRELOAD": lib, "FAKETIME": offset, **FAKETIME_QUIET}
 
 
 def send(cluster: SmtpCluster, nid: str, rcpt: str) -> None:
@@ -56,7 +44,7 @@ def test_a_node_whose_clock_runs_six_days_ahead_bounces_nothing(tmp_path: Path) 
         leader = cluster.leader()  # n1 or n2: the leader's clock is right
         send(cluster, "n1", "early@dest.example")
         wait_for("a deferral", lambda: attempts(cluster, leader, "early@dest.example") >= 1)
-        cluster.start("n3", env=clock_ahead("+6d"))
+        cluster.start("n3", env=fakeclock.offset_env("+6d"))
         send(cluster, "n3", "ahead@dest.example")
         wait_for("the spool's time six days ahead", lambda: behind(cluster, leader) > 5 * DAY_S)
         # Stamped six days ahead, `ahead` is due only by the spool's time: once it has
@@ -85,7 +73,7 @@ def test_deferred_mail_is_retried_after_a_clock_ahead_is_set_right(tmp_path: Pat
         leader = cluster.leader()
         send(cluster, "n1", "early@dest.example")
         wait_for("a deferral", lambda: attempts(cluster, leader, "early@dest.example") >= 1)
-        cluster.start("n3", env=clock_ahead("+6d"))
+        cluster.start("n3", env=fakeclock.offset_env("+6d"))
         wait_for("the spool's time six days ahead", lambda: behind(cluster, leader) > 5 * DAY_S)
         cluster.kill("n3", signal.SIGTERM)
         cluster.start("n3")
