@@ -118,7 +118,9 @@ class Node:
         AcceptRefused: the spool applied it and refused it (it is not queued).
         """
         began = time.monotonic()
-        data = codec.encode(dataclasses.replace(cmd, at=self.spool.stamp(cmd.accepted_by, cmd.at)))
+        at = self.spool.stamp(cmd.accepted_by, cmd.at)
+        # A copy only when the clock stepped back: this runs for every message.
+        data = codec.encode(cmd if at == cmd.at else dataclasses.replace(cmd, at=at))
         if self.hooks.early_250:  # a planted bug: see smtpcluster/testhooks.py
             task = asyncio.get_running_loop().create_task(self.raft.propose(data, timeout))
             self._planted.add(task)
