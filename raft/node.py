@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import cbor2
 
-from raft import codec
+from raft import clocks, codec
 from raft.core import Config, NotLeader, Raft, RaftError, Role
 from raft.storage import Storage
 from raft.transport import Address, Transport
@@ -150,9 +150,10 @@ class RaftNode:
             self._restore(self.storage.snapshot_chunks(init.snapshot))
             self.sm_applied = init.snapshot.index
         # A map, so that a later release can say more without confusing this one.
-        hello = _HELLO + cbor2.dumps({"format": cfg.format})
+        hello = self._hello_frame({})
         self.transport = Transport(cfg.id, cfg.listen, cfg.key, self._on_frame, hello=hello)
         self.peer_formats: dict[NodeId, int] = {}  # what each peer said at its last connect
+        self.clocks = clocks.PeerClocks()  # each peer's wall clock; a test may skew ours
         self._waiters: dict[int, list[_Waiter]] = {}
         self._pending: list[tuple[bytes, asyncio.Future[bytes]]] = []  # not yet in the log
         self._reads: dict[bytes, asyncio.Future[int]] = {}
@@ -211,10 +212,26 @@ class RaftNode:
         self.storage.close()
 
     async def _ticker(self) -> None:
+        pinged = 0.0
         while True:
             await asyncio.sleep(self.cfg.tick_ms / 1000)
             self.core.tick()
             self._wake.set()
+            if (now := time.monotonic()) - pinged >= clocks.EVERY_S:
+                pinged = now
+                self._ping_clocks()
+
+    def _ping_clocks(self) -> None:
+        # In a hello, which a node of an older release reads for its format only, so
+        # that it takes the ping without a complaint (and does not answer it).
+        ping = self._hello_frame(self.clocks.ping())
+        for peer in self.addresses:
+            # Not queued for a peer not connected: it would arrive too late to be read.
+            if peer != self.cfg.id and self.transport.is_connected(peer):
+                self.transport.send(peer, ping)
+
+    def _hello_frame(self, more: dict[str, float]) -> bytes:
+        return _HELLO + cbor2.dumps({"format": self.cfg.format, **more})
 
     # ================================================================ API
 
@@ -388,6 +405,7 @@ class RaftNode:
         now = time.monotonic()
         heard_s = 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000
         last = c.log.last_index()
+        offsets = self.clocks.offsets()
         out = []
         for n in sorted(conf.members()):
             p = c.prs.get(n)
@@ -400,6 +418,7 @@ class RaftNode:
                 "match": match,
                 "lag": last - match,
                 "format": self.format_of(n),
+                "clock_offset_s": 0.0 if n == self.cfg.id else offsets.get(n),
             })  # fmt: skip
         return out
 
@@ -414,12 +433,23 @@ class RaftNode:
             raise NotLeader(self.core.lead)
         if op == "transfer":
             self.transfer_leader(target)
+            await self._handed_over(target)
         elif op == "leave":
             await self.change(ConfChange(ConfChangeOp.REMOVE, target))
         elif op == "join":
             await self.add_learner(target, Address.parse(addr))
             await self._caught_up(target, JOIN_CATCH_UP_S)
             await self.change(ConfChange(ConfChangeOp.PROMOTE, target))
+
+    async def _handed_over(self, target: NodeId) -> None:
+        """Until this node stops leading. The core abandons a transfer whose target did
+        not catch up and campaign within an election timeout: the operator was told "ok"
+        all the same, and leadership had not moved."""
+        while self.core.role is Role.LEADER and target != self.cfg.id:
+            if self.core.lead_transferee != target:
+                raise Unavailable(f"{target} did not take over within an election timeout "
+                                  "(behind or unreachable): try again")  # fmt: skip
+            await asyncio.sleep(0.01)
 
     async def _caught_up(self, target: NodeId, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -499,6 +529,11 @@ class RaftNode:
         if self.peer_formats.get(peer) != fmt:
             log.info("peer %s reads entry formats up to %d", peer, fmt)
         self.peer_formats[peer] = fmt
+        ping, pong, wall = said.get("ping"), said.get("pong"), said.get("wall")
+        if type(ping) is float:
+            self.transport.send(peer, self._hello_frame(self.clocks.pong(ping)))
+        elif type(pong) is float and type(wall) is float:
+            self.clocks.read(peer, pong, wall)
 
     def _serve_forward(self, peer: NodeId, req: int, envelope: bytes) -> None:
         """A follower's proposal: answered when it applies here, by a callback rather

@@ -10,6 +10,7 @@ import logging
 import pathlib
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 import cbor2
@@ -404,3 +405,60 @@ def test_an_entry_of_a_kind_this_version_does_not_know_stops_the_node_naming_it(
     assert "is of kind 99, unknown to this version" in failure
     assert "no longer takes part in the cluster" in caplog.text
     assert kv.data == {"before": b"v"}
+
+
+def test_each_node_reads_its_peers_clocks_and_the_leader_shows_them(
+    tmp_path: pathlib.Path,
+) -> None:
+    """One node's wall clock runs six days ahead: the others read it so, it reads
+    theirs six days behind, and the members' view gives the leader's readings."""
+    ahead = 6 * 86400.0
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            fast = nodes[0]
+            fast.clocks.wall = lambda: time.time() + ahead
+
+            def read(node: RaftNode, peer: str) -> float | None:
+                return node.clocks.offsets().get(peer)
+
+            def all_read() -> bool:
+                pairs = [(a, b) for a in nodes for b in nodes if a is not b]
+                return all(read(a, b.cfg.id) is not None for a, b in pairs)
+
+            await _until(all_read)
+            slow = [n for n in nodes if n is not fast]
+            for node in slow:
+                assert read(node, fast.cfg.id) == pytest.approx(ahead, abs=1)
+                assert read(fast, node.cfg.id) == pytest.approx(-ahead, abs=1)
+                assert read(node, next(n.cfg.id for n in slow if n is not node)) == (
+                    pytest.approx(0, abs=1)
+                )
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            shown = {m["id"]: m["clock_offset_s"] for m in leader._members_here()}
+            assert shown[leader.cfg.id] == 0.0
+            assert shown == pytest.approx(
+                {n.cfg.id: read(leader, n.cfg.id) or 0.0 for n in nodes}, abs=1
+            )
+
+    asyncio.run(run())
+
+
+def test_a_transfer_of_leadership_is_answered_once_it_happened_or_was_abandoned(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The core abandons a transfer whose target does not take over within an election
+    timeout. The operator was told "ok" at once, and leadership had not moved."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            leader, one, other = await _ready_for_a_change(nodes)
+            await other.stop()
+            with pytest.raises(RaftError, match="did not take over"):
+                await leader.membership("transfer", other.cfg.id)
+            assert leader.core.role is Role.LEADER
+            await one.membership("transfer", one.cfg.id)  # asked of a follower, for itself
+            assert leader.core.role is not Role.LEADER
+            await _until(lambda: one.core.role is Role.LEADER)
+
+    asyncio.run(run())
