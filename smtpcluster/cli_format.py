@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from raft import clocks
 from smtpcluster.upgrade import holding_back
 
 
@@ -76,16 +77,32 @@ def cluster(s: dict[str, Any]) -> Iterator[str]:
     if s.get("members") is None:
         yield f"members: unknown ({s.get('members_error', 'no leader')})"
         return
-    yield f"{'ID':<16} {'ROLE':<9} {'ADDRESS':<24} {'REACHABLE':<10} {'LAG':>8} {'FORMAT':>6}"
+    yield (f"{'ID':<16} {'ROLE':<9} {'ADDRESS':<24} {'REACHABLE':<10} {'LAG':>8} {'FORMAT':>6} "
+           f"{'CLOCK':>8}")  # fmt: skip
     for m in s["members"]:
         reach = "yes" if m["reachable"] else "NO"
         fmt = "?" if m.get("format") is None else m["format"]
         yield (f"{m['id']:<16} {m['role']:<9} {m['address']:<24} {reach:<10} {m['lag']:>8} "
-               f"{fmt:>6}")  # fmt: skip
+               f"{fmt:>6} {_offset(m.get('clock_offset_s')):>8}")  # fmt: skip
     if "format" in s:
         said = {m["id"]: m.get("format") for m in s["members"]}
         if held := holding_back(s["format"], said, said.get):
             yield f"a member reads a newer format; the cluster waits for {', '.join(held)}"
+    off = [m for m in s["members"] if abs(m.get("clock_offset_s") or 0.0) > clocks.WARN_S]
+    if off:
+        which = ", ".join(f"{m['id']} {_offset(m['clock_offset_s'])}" for m in off)
+        yield (f"clocks differ from the leader's: {which}; mail expires by the time a "
+               "majority of the clocks agree on")  # fmt: skip
+
+
+def _offset(seconds: float | None) -> str:
+    """A clock offset as the leader read it, in the largest unit that fits."""
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:+.1f}{unit}"
+    return f"{seconds:+.1f}s"
 
 
 def _format(s: dict[str, Any]) -> str:

@@ -184,6 +184,15 @@ class _StateCollector(Collector):
                 if peer != raft.cfg.id:
                     lag.add_metric([peer], last - p.match)
         yield lag
+        offset = GaugeMetricFamily(
+            "smtpcluster_raft_peer_clock_offset_seconds",
+            "How far a peer's wall clock is ahead of this node's (negative: behind), read "
+            "in the last few seconds; queue lifetimes go by what a majority of clocks say",
+            labels=["peer"],
+        )  # fmt: skip
+        for peer, seconds in sorted(raft.clocks.offsets().items()):
+            offset.add_metric([peer], seconds)
+        yield offset
 
 
 def clock_behind_s(spool_now_ms: int, wall_s: float) -> float:

@@ -10,9 +10,10 @@ import time
 from typing import TYPE_CHECKING
 
 from mailqueue import codec, policy
-from mailqueue.commands import Command, NodeDown, SetFormat, UncertainPolicy
+from mailqueue.commands import Command, Expire, NodeDown, SetFormat, UncertainPolicy
+from raft import clocks
 from raft.core import RaftError, Role
-from smtpcluster import upgrade
+from smtpcluster import clock, upgrade
 
 if TYPE_CHECKING:
     from smtpcluster.node import Node
@@ -28,6 +29,7 @@ class Scheduler:
         self.term = -1
         self.lead_since = 0.0
         self.format_held: list[str] = []  # what holds back a format raise, last said
+        self.clock_ahead = False  # this node's clock ahead of the cluster's, last said
         # The spool's per-node acceptance counts at each of the last ticks.
         self.seen: collections.deque[collections.Counter[str]] = collections.deque(
             maxlen=BUSY_WINDOW_TICKS
@@ -95,6 +97,27 @@ class Scheduler:
                  "and no member can go back to an older release", fmt, spool.format)  # fmt: skip
         return [SetFormat(now, fmt)]
 
+    def expiring(self, wall: int) -> list[Expire]:
+        """Messages to bounce for their age. That cannot be undone, so neither the
+        spool's time (it follows the fastest clock: one node's clock days ahead bounced
+        every queued message) nor this leader's clock alone decides it, but the time a
+        majority of the voters' clocks agree on, or this clock if it is behind that: a
+        leader whose clock lags bounces late, which is harmless."""
+        raft = self.node.raft
+        voters = raft.core.conf().voters
+        offsets = {n: o for n, o in raft.clocks.offsets().items() if n in voters}
+        agreed = clock.agreed_wall(wall, offsets, len(voters))
+        ahead = agreed is not None and wall - agreed > clocks.WARN_S * 1000
+        if ahead != self.clock_ahead:
+            self.clock_ahead = ahead
+            if ahead:
+                assert agreed is not None
+                log.warning("this node's clock is %.0f s ahead of the cluster's: mail "
+                            "expires by the cluster's", (wall - agreed) / 1000)  # fmt: skip
+        if agreed is None:
+            return []
+        return policy.expired(self.node.machine.spool, agreed, self.node.policy)
+
     async def tick(self) -> None:
         spool = self.node.machine.spool
         now = self.node.clock.now()  # see smtpcluster.clock: never behind the spool
@@ -104,10 +127,7 @@ class Scheduler:
         commands: list[Command] = []
         on_uncertain = UncertainPolicy[self.node.cfg.delivery.on_uncertain.upper()]
         commands += [NodeDown(now, n, on_uncertain) for n in spool.load if n not in live]
-        # Bouncing for age cannot be undone, so only this node's own clock decides it:
-        # one node's clock days ahead (the spool's time follows the fastest) bounced
-        # every queued message in the cluster. A leader whose clock lags bounces late.
-        expiring = policy.expired(spool, wall, pol)
+        expiring = self.expiring(wall)
         gone = {e.message_id for e in expiring}
         commands += policy.assign(spool, now, pol, live, self.busy(), expiring=gone)
         commands += expiring

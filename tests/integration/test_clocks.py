@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.integration import fakeclock
 from tests.integration.kvcluster import wait_for
-from tests.integration.observe import scrape, value
+from tests.integration.observe import cli, scrape, value
 from tests.integration.smtpnodes import SmtpCluster
 
 DAY_S = 86400
@@ -81,5 +81,41 @@ def test_deferred_mail_is_retried_after_a_clock_ahead_is_set_right(tmp_path: Pat
         wait_for(
             "two more tries", lambda: attempts(cluster, leader, "early@dest.example") >= tried + 2
         )
+    finally:
+        cluster.stop_all()
+
+
+def test_a_leader_whose_clock_runs_six_days_ahead_bounces_nothing(tmp_path: Path) -> None:
+    """The leader judges queue lifetimes. With its own clock alone, a leader six days
+    ahead bounced every queued message at its first pass. It now goes by the time a
+    majority of the clocks agree on, read from its peers, and says that it does."""
+    cluster = SmtpCluster(tmp_path)  # the smarthost is parked: every attempt defers
+    try:
+        cluster.start("n1")
+        cluster.start("n2")
+        send(cluster, "n1", "early@dest.example")
+        wait_for(
+            "a deferral", lambda: attempts(cluster, cluster.leader(), "early@dest.example") >= 1
+        )
+        cluster.start("n3", env=fakeclock.offset_env("+6d"))
+        config = str(cluster.nodes["n1"].config)
+
+        def moved() -> bool:  # refused while n3 still catches up: asked until it takes over
+            return cli("cluster", "transfer-leader", "n3", "--config", config).returncode == 0
+
+        wait_for("n3 to take over", moved)
+        assert cluster.leader() == "n3"
+        tried = attempts(cluster, "n3", "early@dest.example")
+        wait_for(
+            "n3 to try it twice more",
+            lambda: attempts(cluster, "n3", "early@dest.example") >= tried + 2,
+        )
+        states = {r["address"]: r["state"] for m in cluster.queued("n3") for r in m["recipients"]}
+        assert states.keys() == {"early@dest.example"}  # no bounce, so no DSN either
+        assert states["early@dest.example"] in {"queued", "assigned", "sending"}
+        shown = cli("cluster", "status", "--config", str(cluster.nodes["n3"].config))
+        assert shown.stdout.splitlines()[-1].startswith(
+            "clocks differ from the leader's: n1 -6.0d, n2 -6.0d;"
+        ), shown.stdout
     finally:
         cluster.stop_all()

@@ -66,3 +66,15 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert all((undecodable, ()) in v and value(v, undecodable) == 0 for v in views.values())
         # one machine, one clock: no node is behind the commands' times
         assert all(value(v, "smtpcluster_clock_behind_seconds") == 0 for v in views.values())
+
+        def offsets() -> dict[tuple[str, str], float]:
+            return {
+                (n, dict(labels)["peer"]): seconds
+                for n in cluster.nodes
+                for (name, labels), seconds in scrape(cluster, n).items()
+                if name == "smtpcluster_raft_peer_clock_offset_seconds"
+            }
+
+        pairs = {(a, b) for a in cluster.nodes for b in cluster.nodes if a != b}
+        wait_for("each node to read each other's clock", lambda: set(offsets()) == pairs)
+        assert all(abs(seconds) < 1 for seconds in offsets().values())  # the same clock

@@ -66,21 +66,39 @@ def test_a_node_clock_days_ahead_does_not_expire_the_queue() -> None:
     assert [c.message_id for c in tick(old) if isinstance(c, Expire)] == ["m1"]  # by its clock
 
 
-def tick(spool: Spool) -> list[Command]:
-    """What leader a's scheduler proposes in one pass over `spool`, b alive."""
+def test_a_leader_with_its_clock_days_ahead_does_not_expire_the_queue() -> None:
+    """Leader a's clock says m1 is six days old, past the five-day lifetime; b's clock,
+    read a moment ago, says a's is six days ahead. One of them is wrong, and bouncing
+    cannot be undone: m1 is bounced only once a majority of the clocks says so."""
+    spool = Spool()
+    wall = int(time.time() * 1000)
+    spool.apply(Accept(wall - 6 * 86400_000, "m1", "s@example.org", ("u@x.example",), b"", "a"))
+    spool.apply(Hold(wall, ("m1",)))
+    behind = -6 * 86400.0 + 3600
+    assert not [c for c in tick(spool, {"b": behind}) if isinstance(c, Expire)]
+    # b's clock not read (just elected, or b's release does not answer): a waits too
+    assert not [c for c in tick(spool, {}) if isinstance(c, Expire)]
+    # b's clock agrees with a's: m1 is six days old
+    assert [c.message_id for c in tick(spool) if isinstance(c, Expire)] == ["m1"]
+
+
+def tick(spool: Spool, offsets: dict[str, float] | None = None) -> list[Command]:
+    """What leader a's scheduler proposes in one pass over `spool`, b alive; `offsets`:
+    how far b's clock is ahead of a's as a read it (default: they agree)."""
     proposed: list[Command] = []
 
     async def propose(data: bytes, timeout: float) -> bytes:
         proposed.append(codec.decode(data))
         return encode_result(Applied(True))
 
-    members = SimpleNamespace(members=lambda: ("a", "b"))
+    members = SimpleNamespace(members=lambda: ("a", "b"), voters=("a", "b"))
+    clocks = SimpleNamespace(offsets=lambda: {"b": 0.0} if offsets is None else offsets)
     leader = SimpleNamespace(
         machine=SimpleNamespace(spool=spool), policy=Policy(),
         clock=ClusterClock(lambda: spool.now),
         raft=SimpleNamespace(
             propose=propose, cfg=SimpleNamespace(id="a"), last_heard={"b": time.monotonic()},
-            core=SimpleNamespace(conf=lambda: members), format_of=lambda n: 1,
+            core=SimpleNamespace(conf=lambda: members), format_of=lambda n: 1, clocks=clocks,
         ),
         cfg=SimpleNamespace(
             node=SimpleNamespace(id="a"), smtp=SimpleNamespace(hostname="relay.test"),

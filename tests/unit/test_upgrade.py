@@ -3,6 +3,8 @@ reads it, and a node that cannot read what the cluster writes stops rather than 
 
 from __future__ import annotations
 
+from typing import Any
+
 import cbor2
 import pytest
 
@@ -104,3 +106,23 @@ def test_a_snapshot_of_an_older_version_is_refused_naming_it() -> None:
     chunks = [cbor2.dumps(r) for r in records]
     with pytest.raises(snapshot.SnapshotError, match="version 2, this code reads 3"):
         snapshot.load(iter(chunks), MemoryBodies())
+
+
+def test_cluster_status_shows_each_members_clock_and_says_when_one_is_off() -> None:
+    offsets = {"a": 0.0, "b": 6 * 86400.0, "c": -0.2, "d": None}
+    status: dict[str, Any] = {
+        "id": "a", "role": "leader", "term": 3, "leader": "a", "commit": 9, "applied": 9,
+        "snapshot_index": 0,
+        "members": [
+            {"id": n, "role": "voter", "address": "x:1", "reachable": True, "lag": 0,
+             "format": 1, "clock_offset_s": o} for n, o in offsets.items()
+        ],
+    }  # fmt: skip
+    lines = list(cli_format.cluster(status))
+    assert [line.split()[-1] for line in lines[-5:-1]] == ["+0.0s", "+6.0d", "-0.2s", "?"]
+    assert lines[-1] == (
+        "clocks differ from the leader's: b +6.0d; mail expires by the time a majority of "
+        "the clocks agree on"
+    )
+    del status["members"][1]
+    assert "clocks differ" not in list(cli_format.cluster(status))[-1]
