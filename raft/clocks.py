@@ -28,9 +28,13 @@ WARN_S = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    offset: float  # seconds the peer's wall clock is ahead of this node's; < 0: behind
+    # What the peer's wall clock said at `at`, this node's monotonic time: kept apart
+    # from this node's wall clock, which may step while the reading is in use. Kept as
+    # an offset, a leader whose own clock jumped days ahead would have taken its peers
+    # for as far ahead as itself until the next readings.
+    wall: float
+    at: float
     rtt: float  # the round trip it was read in, seconds
-    at: float  # this node's monotonic time when it was read
 
 
 class PeerClocks:
@@ -57,16 +61,22 @@ class PeerClocks:
         rtt = now - ping
         if not 0.0 <= rtt <= MAX_RTT_S:
             return None
-        reading = Reading(wall - (self.wall() - rtt / 2), rtt, now)
+        reading = Reading(wall + rtt / 2, now, rtt)
         self.readings[peer] = reading
-        self._say(peer, reading.offset)
+        self._say(peer, reading.wall - self.wall())
         return reading
 
-    def offsets(self) -> dict[NodeId, float]:
-        """Seconds each peer's clock is ahead of this node's, for the peers read in the
-        last FRESH_S."""
+    def walls(self) -> dict[NodeId, float]:
+        """What each peer's wall clock says now, carried on from its reading by this
+        node's monotonic clock, for the peers read in the last FRESH_S."""
         now = self._monotonic()
-        return {n: r.offset for n, r in self.readings.items() if now - r.at < FRESH_S}
+        return {n: r.wall + (now - r.at) for n, r in self.readings.items() if now - r.at < FRESH_S}
+
+    def offsets(self) -> dict[NodeId, float]:
+        """Seconds each peer's clock is ahead of this node's (negative: behind), for the
+        peers read in the last FRESH_S."""
+        mine = self.wall()
+        return {n: wall - mine for n, wall in self.walls().items()}
 
     def _say(self, peer: NodeId, offset: float) -> None:
         off = abs(offset) > WARN_S

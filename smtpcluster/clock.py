@@ -38,15 +38,15 @@ class ClusterClock:
         return self._last
 
 
-def agreed_wall(own_ms: int, offsets_s: Mapping[str, float], voters: int) -> int | None:
+def agreed_wall(own_ms: int, peers_ms: Mapping[str, int], voters: int) -> int | None:
     """The wall time a majority of the voters' clocks vouches for, for what cannot be
     undone (bouncing mail for its age): this node's clock, unless it is ahead of the
-    lower median of the clocks read (`offsets_s`: each voting peer's, in seconds
-    ahead of this one). With one clock wrong, the median is bounded by right ones; a
-    leader with its clock days ahead bounced the whole queue. None until a majority of
-    the voters' clocks (this one included) are known: a leader just elected, or a peer
-    of a release that does not answer pings, leaves expiry waiting, which is harmless."""
-    known = sorted([own_ms] + [own_ms + int(o * 1000) for o in offsets_s.values()])
+    lower median of the clocks read (`peers_ms`: what each voting peer's clock says
+    now). With one clock wrong, the median is bounded by right ones; a leader with its
+    clock days ahead bounced the whole queue. None until a majority of the voters'
+    clocks (this one included) are known: a leader just elected, or a peer of a release
+    that does not answer pings, leaves expiry waiting, which is harmless."""
+    known = sorted([own_ms, *peers_ms.values()])
     if len(known) < voters // 2 + 1:
         return None
     return min(own_ms, known[(len(known) - 1) // 2])

@@ -105,8 +105,8 @@ class Scheduler:
         leader whose clock lags bounces late, which is harmless."""
         raft = self.node.raft
         voters = raft.core.conf().voters
-        offsets = {n: o for n, o in raft.clocks.offsets().items() if n in voters}
-        agreed = clock.agreed_wall(wall, offsets, len(voters))
+        peers = {n: int(w * 1000) for n, w in raft.clocks.walls().items() if n in voters}
+        agreed = clock.agreed_wall(wall, peers, len(voters))
         ahead = agreed is not None and wall - agreed > clocks.WARN_S * 1000
         if ahead != self.clock_ahead:
             self.clock_ahead = ahead

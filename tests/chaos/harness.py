@@ -158,10 +158,6 @@ class Harness:
         if fault.kind.endswith("_leader"):
             return self.cluster.leader()
         voters = self._voters()
-        if fault.kind == "clock_jump":
-            # Not the leader: the queue lifetime is judged by its clock, as a lone
-            # Postfix's is by its own (docs/operations.md).
-            voters = [n for n in voters if n != self.cluster.leader()]
         return voters[fault.pick % len(voters)]
 
     def inject(self, fault: Fault) -> None:

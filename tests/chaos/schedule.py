@@ -18,7 +18,7 @@ KINDS = (  # the default schedule's
     "membership",  # a fourth node joins under load, then leaves
     "disk_low",  # one node's data disk under min_free_space: its MAILs get 452 (a reload)
 )
-# On request only (--kinds): a follower's wall clock 6 days or 2 hours ahead, or 2 hours
+# On request only (--kinds): a node's wall clock 6 days or 2 hours ahead, or 2 hours
 # behind, by libfaketime, under which every node then runs. Out of the default so that
 # the default schedule, CI's seeds and every recorded seed stay as they were.
 OPT_IN = ("clock_jump",)

@@ -53,31 +53,28 @@ def test_it_never_goes_back_when_the_wall_clock_steps_back() -> None:
     assert c.now() == before + 1000
 
 
-DAY_MS = 86_400_000
+T = 1_800_000_000_000
 
 
 def test_the_agreed_wall_is_bounded_by_right_clocks_when_one_is_wrong() -> None:
-    t = 1_800_000_000_000
-    # three voters, each one in turn six days ahead: the time agreed on stays t
-    assert agreed_wall(t + 6 * DAY_MS, {"b": -6 * 86400.0, "c": -6 * 86400.0}, 3) == t
-    assert agreed_wall(t, {"b": 6 * 86400.0, "c": 0.0}, 3) == t
-    assert agreed_wall(t, {"b": 0.0, "c": 6 * 86400.0}, 3) == t
+    # three voters, each one in turn six days ahead: the time agreed on stays T
+    assert agreed_wall(T + 6 * DAY_MS, {"b": T, "c": T}, 3) == T
+    assert agreed_wall(T, {"b": T + 6 * DAY_MS, "c": T}, 3) == T
+    assert agreed_wall(T, {"b": T, "c": T + 6 * DAY_MS}, 3) == T
     # two of three clocks read: the lower of the two
-    assert agreed_wall(t + 6 * DAY_MS, {"b": -6 * 86400.0}, 3) == t
-    assert agreed_wall(t, {"c": 6 * 86400.0}, 3) == t
+    assert agreed_wall(T + 6 * DAY_MS, {"b": T}, 3) == T
+    assert agreed_wall(T, {"c": T + 6 * DAY_MS}, 3) == T
 
 
 def test_the_agreed_wall_is_never_ahead_of_this_clock() -> None:
-    t = 1_800_000_000_000
     # the others agree among themselves an hour ahead: this clock lags, and bounces late
-    assert agreed_wall(t, {"b": 3600.0, "c": 3600.0}, 3) == t
-    assert agreed_wall(t, {"b": -1.5, "c": -2.0}, 3) == t - 1500  # two clocks behind
-    assert agreed_wall(t, {"b": -1.5, "c": 2.0}, 3) == t
+    assert agreed_wall(T, {"b": T + 3_600_000, "c": T + 3_600_000}, 3) == T
+    assert agreed_wall(T, {"b": T - 1500, "c": T - 2000}, 3) == T - 1500  # two clocks behind
+    assert agreed_wall(T, {"b": T - 1500, "c": T + 2000}, 3) == T
 
 
 def test_no_time_is_agreed_until_a_majority_of_clocks_is_known() -> None:
-    t = 1_800_000_000_000
-    assert agreed_wall(t, {}, 3) is None
-    assert agreed_wall(t, {"b": 0.0}, 5) is None
-    assert agreed_wall(t, {"b": 0.0, "c": 0.0}, 5) == t
-    assert agreed_wall(t, {}, 1) == t  # a cluster of one has only its own
+    assert agreed_wall(T, {}, 3) is None
+    assert agreed_wall(T, {"b": T}, 5) is None
+    assert agreed_wall(T, {"b": T, "c": T}, 5) == T
+    assert agreed_wall(T, {}, 1) == T  # a cluster of one has only its own

@@ -26,6 +26,20 @@ def test_the_peers_clock_is_read_halfway_through_the_round_trip() -> None:
     reading = mine.read("b", ping, 1_000.1 + 60)
     assert reading is not None and reading.rtt == pytest.approx(0.2)
     assert mine.offsets() == {"b": pytest.approx(60.0)}
+    assert mine.walls() == {"b": pytest.approx(1_060.2)}
+
+
+def test_a_step_of_this_nodes_clock_does_not_move_its_readings_of_the_others() -> None:
+    """The leader's clock jumps six days ahead between two readings: its peers' clocks
+    have not moved, and a leader that took them for as far ahead as itself would judge
+    the queue's age by the wrong clock alone."""
+    mono, wall = Clock(100.0), Clock(1_000.0)
+    mine = PeerClocks(wall, mono)
+    mine.read("b", mine.ping()["ping"], 1_000.0)
+    wall.t += 6 * 86400.0
+    mono.t += 0.5
+    assert mine.walls() == {"b": pytest.approx(1_000.5)}
+    assert mine.offsets() == {"b": pytest.approx(-6 * 86400.0)}
 
 
 def test_a_slow_or_foreign_answer_is_not_read() -> None:

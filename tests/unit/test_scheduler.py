@@ -92,7 +92,8 @@ def tick(spool: Spool, offsets: dict[str, float] | None = None) -> list[Command]
         return encode_result(Applied(True))
 
     members = SimpleNamespace(members=lambda: ("a", "b"), voters=("a", "b"))
-    clocks = SimpleNamespace(offsets=lambda: {"b": 0.0} if offsets is None else offsets)
+    read = {"b": 0.0} if offsets is None else offsets
+    clocks = SimpleNamespace(walls=lambda: {n: time.time() + o for n, o in read.items()})
     leader = SimpleNamespace(
         machine=SimpleNamespace(spool=spool), policy=Policy(),
         clock=ClusterClock(lambda: spool.now),
