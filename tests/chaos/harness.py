@@ -196,7 +196,9 @@ class Harness:
             self._disk_low(nid, fault.hold_s)
         elif kind == "clock_jump":
             clock = self.opts.root / f"{nid}.clock"
-            offset = CLOCK_OFFSETS[fault.pick % len(CLOCK_OFFSETS)]
+            # Other bits of the pick than the target's: with three voters, the same bits
+            # tied each offset to one node (+6d was always n1's).
+            offset = CLOCK_OFFSETS[(fault.pick >> 8) % len(CLOCK_OFFSETS)]
             self.say(f"{nid}'s clock {offset}")
             clock.write_text(offset + "\n")
             time.sleep(fault.hold_s)
