@@ -1,7 +1,8 @@
 """The spool's commands: what the leader proposes and every node applies, in order.
 
-Each command carries `at`, the leader's clock when it was proposed (milliseconds since
-the epoch): the only time the state machine ever sees. Every command is idempotent:
+Each command carries `at`, the proposing node's clock when it was proposed
+(milliseconds since the epoch; an Accept's, the clock of the node that took the
+message): the only time the state machine ever sees. Every command is idempotent:
 applying it twice leaves the spool as applying it once (see docs/spool.md).
 """
 

@@ -129,9 +129,10 @@ def _choose(msg: Message, load: dict[NodeId, int]) -> NodeId:
     return least
 
 
-# How many messages stamped ahead of the leader's clock one expiry walk steps over. Past
-# them, expiry waits until the clock reaches their stamps (a delay no longer than the
-# other clock was ahead), so the walk costs at most this many per tick.
+# How many messages stamped ahead of `now` (the time the clocks agree on, see the
+# scheduler) one expiry walk steps over. Past them, expiry waits until that time reaches
+# their stamps (a delay no longer than the other clock was ahead), so the walk costs at
+# most this many per tick.
 EXPIRY_SKIP_AHEAD = 1000
 
 
