@@ -31,7 +31,6 @@ from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
 from smtpcluster.sdnotify import Notifier
-from smtpcluster.testhooks import TestHooks
 from smtpcluster.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -53,9 +52,7 @@ class Node:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         data = cfg.node.data_dir
-        self.hooks = TestHooks.from_env()
-        readable = self.hooks.format or FORMAT
-        self.machine = SpoolMachine(DiskBodies(os.path.join(data, "bodies")), readable)
+        self.machine = SpoolMachine(DiskBodies(os.path.join(data, "bodies")), FORMAT)
         ticks = max(2, round(cfg.cluster.election_ms / TICK_MS))
         heartbeat = max(1, min(ticks - 1, round(cfg.cluster.heartbeat_ms / TICK_MS)))
         self.raft = RaftNode(
@@ -69,7 +66,7 @@ class Node:
                 election_ticks=ticks,
                 heartbeat_ticks=heartbeat,
                 join=cfg.cluster.join,
-                format=readable,
+                format=FORMAT,
             ),
             self.machine,
         )
@@ -94,11 +91,6 @@ class Node:
         self.collections = heap.FullCollections()
         self.metrics = Metrics(self)  # last: its registry reads the node's state at once
         self.raft.on_fsync = self.metrics.fsync_seconds.observe
-        if self.hooks.bugs:
-            log.critical("PLANTED TEST BUGS %s: this node breaks its own guarantees; for "
-                         "the chaos harness only", sorted(self.hooks.bugs))  # fmt: skip
-        self._planted: set[asyncio.Future[bytes]] = set()  # early_250's proposals
-        self.raft.persist = self.hooks.slow_disk(self.raft.persist)
 
     @property
     def spool(self) -> Spool:
@@ -121,11 +113,6 @@ class Node:
         at = self.spool.stamp(cmd.accepted_by, cmd.at)
         # A copy only when the clock stepped back: this runs for every message.
         data = codec.encode(cmd if at == cmd.at else dataclasses.replace(cmd, at=at))
-        if self.hooks.early_250:  # a planted bug: see smtpcluster/testhooks.py
-            task = asyncio.get_running_loop().create_task(self.raft.propose(data, timeout))
-            self._planted.add(task)
-            task.add_done_callback(_forget(self._planted))
-            return True
         unsettled = False  # an attempt reached a leader and its fate is not known
         while True:
             waited = time.monotonic() - began
@@ -318,15 +305,6 @@ async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
     finally:
         for t in tasks:
             t.cancel()
-
-
-def _forget(tasks: set[asyncio.Future[bytes]]) -> Callable[[asyncio.Future[bytes]], None]:
-    def done(task: asyncio.Future[bytes]) -> None:
-        tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: an early_250 proposal may fail, unnoticed
-
-    return done
 
 
 def _status(node: Node, joined: bool) -> str:

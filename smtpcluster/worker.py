@@ -196,8 +196,6 @@ class Worker:
         refused: list[bool] = []  # the spool itself said no: the attempt is not ours
 
         async def fence(accepted: list[int]) -> bool:
-            if self.node.hooks.skip_fence:  # a planted bug: see smtpcluster/testhooks.py
-                return True
             ok, definite = await self._begin_dot(mid, accepted, attempt)
             if not ok and definite:
                 refused.append(True)

@@ -42,7 +42,7 @@ class Options:
     sessions: int = 16
     rate: float = 100.0  # messages/s offered, all clients together
     kinds: tuple[str, ...] = KINDS
-    bugs: tuple[str, ...] = ()  # planted bugs (smtpcluster/testhooks.py)
+    bugs: tuple[str, ...] = ()  # planted bugs (tests/hooked.py)
     hold_s: float | None = None  # every fault held this long, instead of the plan's
     faults: int | None = None  # exactly this many faults, however long they take
     heal_limit_s: float = 30.0

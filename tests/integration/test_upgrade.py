@@ -3,7 +3,7 @@ once every node runs a release that reads it, and a node taken back to an older 
 afterwards stops rather than apply what it cannot read.
 
 "The newer release" is this code told by SMTPCLUSTER_TEST_FORMAT that it reads format 2
-(smtpcluster/testhooks.py): to the cluster it looks the same as a release that does."""
+(tests/hooked.py): to the cluster it looks the same as a release that does."""
 
 from __future__ import annotations
 
