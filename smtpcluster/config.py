@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from raft.transport import Address
+from raft.transport import MAX_FRAME, Address
 from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.logs import FORMATS, LEVELS
 
@@ -27,6 +27,12 @@ class ConfigError(Exception):
         self.path, self.key, self.problem = path, key, problem
 
 
+# A message goes between the nodes whole, in one Raft frame (at most MAX_FRAME, 64 MiB),
+# with its envelope: past that, every follower refused the frame, the leader could never
+# commit the Accept, elections followed, and its client waited with no reply.
+# tests/unit/test_config.py checks that the largest message and envelope allowed fit.
+MAX_MESSAGE_SIZE = MAX_FRAME * 3 // 4  # 48 MiB
+MAX_RECIPIENTS = 10_000  # of up to 256 bytes each: 2.5 MiB (Postfix's default is 1000)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
@@ -65,7 +71,7 @@ class SmtpSection:
     relay_domains: tuple[str, ...] = ()
     max_message_size: int = 26_214_400
     # New mail is refused (452 4.3.1) while data_dir's file system has less free; the
-    # default is the larger of 256 MiB and 4 x max_message_size. 0: no check.
+    # default, 256 MiB, is over 4 x the largest max_message_size. 0: no check.
     min_free_space: int = 256 << 20
     max_recipients: int = 1000
     tls_cert: str = ""
@@ -289,10 +295,15 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     size = r.take("max_message_size", int, 26_214_400)
     if size < 1024:
         raise r.fail("max_message_size", "must be at least 1024 bytes")
-    reserve = r.take("min_free_space", int, max(256 << 20, 4 * size))
+    if size > MAX_MESSAGE_SIZE:
+        raise r.fail("max_message_size", f"must be at most {MAX_MESSAGE_SIZE} bytes (48 MiB): "
+                     "a message goes between the nodes in one piece")  # fmt: skip
+    reserve = r.take("min_free_space", int, 256 << 20)
     if reserve < 0:
         raise r.fail("min_free_space", f"must be 0 (no check) or more bytes, not {reserve}")
     rcpts = _positive(r, "max_recipients", 1000)
+    if rcpts > MAX_RECIPIENTS:
+        raise r.fail("max_recipients", f"must be at most {MAX_RECIPIENTS}, not {rcpts}")
     hops = _positive(r, "max_hops", 100)
     add_headers = r.take("add_missing_headers", bool, True)
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import pathlib
 
+import cbor2
 import pytest
 
-from smtpcluster.config import ConfigError, load, parse_duration_ms
+from mailqueue import codec as mailqueue_codec
+from mailqueue.commands import Accept
+from raft import codec as raft_codec
+from raft.node import BATCH_MAX_BYTES
+from raft.transport import MAX_FRAME
+from raft.types import AppendEntries, Entry
+from smtpcluster.config import (
+    MAX_MESSAGE_SIZE,
+    MAX_RECIPIENTS,
+    ConfigError,
+    load,
+    parse_duration_ms,
+)
 
 GOOD = """
 [node]
@@ -75,8 +88,8 @@ def test_routes_are_read_with_their_domains_in_lower_case(tmp_path: pathlib.Path
 
 def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: pathlib.Path) -> None:
     assert load(write(tmp_path, GOOD)).smtp.min_free_space == 256 << 20
-    big = GOOD.replace("[smtp]", "[smtp]\nmax_message_size = 104857600")
-    assert load(write(tmp_path, big)).smtp.min_free_space == 4 * 104857600
+    big = GOOD.replace("[smtp]", f"[smtp]\nmax_message_size = {MAX_MESSAGE_SIZE}")
+    assert load(write(tmp_path, big)).smtp.min_free_space == 256 << 20 > 4 * MAX_MESSAGE_SIZE
     off = GOOD.replace("[smtp]", "[smtp]\nmin_free_space = 0")
     assert load(write(tmp_path, off)).smtp.min_free_space == 0
 
@@ -85,6 +98,12 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
     ("change", "key", "problem"),
     [
         (("[smtp]", "[smtp]\nrelay_network = []"), "smtp.relay_network", "unknown key"),
+        (
+            ("[smtp]", "[smtp]\nmax_message_size = 104857600"),
+            "smtp.max_message_size",
+            "at most 50331648 bytes",
+        ),
+        (("[smtp]", "[smtp]\nmax_recipients = 100000"), "smtp.max_recipients", "at most 10000"),
         (('listen = "127.0.0.1:7400"', 'listen = "127.0.0.1"'), "cluster.listen", "host:port"),
         (('"10.0.0.0/8"', '"10.0.0/8x"'), "smtp.relay_networks[1]", "not a network"),
         (
@@ -202,3 +221,19 @@ def test_durations() -> None:
     ]  # fmt: skip
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration_ms("5 minutes")
+
+
+def test_the_largest_message_allowed_fits_in_one_raft_frame_with_room_to_spare() -> None:
+    """A message goes between the nodes whole, in one frame: a 70 MiB one (allowed
+    then) was refused by every follower, and the leader never committed it. The worst
+    case: the largest body, the most recipients at the longest an address may be, in an
+    AppendEntries that also carries a batch's other proposals and the next entry."""
+    address = "x" * 64 + "@" + "d" * 189  # 254 bytes: RFC 5321's longest path
+    accept = Accept(
+        1, "m" * 40, address, (address,) * MAX_RECIPIENTS,
+        b"x" * (MAX_MESSAGE_SIZE + 64 * 1024), "n1",  # and the headers the front end adds
+    )  # fmt: skip
+    batch = cbor2.dumps([2, [[0, mailqueue_codec.encode(accept)], [0, b"y" * BATCH_MAX_BYTES]]])
+    entries = (Entry(1, 5, data=batch), Entry(1, 6, data=b"z" * (1 << 20)))
+    frame = raft_codec.encode_message(AppendEntries("n1", "n2", 1, 4, 1, entries, 4))
+    assert len(frame) + 1024 < MAX_FRAME  # the frame kind, the MAC, the length
