@@ -38,6 +38,7 @@ from raft.types import (
     EntryKind,
     Heartbeat,
     InstallSnapshot,
+    Message,
     NodeId,
     Ready,
     RequestVote,
@@ -228,7 +229,7 @@ class RaftNode:
         for peer in self.addresses:
             # Not queued for a peer not connected: it would arrive too late to be read.
             if peer != self.cfg.id and self.transport.is_connected(peer):
-                self.transport.send(peer, ping)
+                self.transport.send(peer, ping, urgent=True)
 
     def _hello_frame(self, more: dict[str, float]) -> bytes:
         return _HELLO + cbor2.dumps({"format": self.cfg.format, **more})
@@ -531,7 +532,8 @@ class RaftNode:
         self.peer_formats[peer] = fmt
         ping, pong, wall = said.get("ping"), said.get("pong"), said.get("wall")
         if type(ping) is float:
-            self.transport.send(peer, self._hello_frame(self.clocks.pong(ping)))
+            pong = self._hello_frame(self.clocks.pong(ping))
+            self.transport.send(peer, pong, urgent=True)
         elif type(pong) is float and type(wall) is float:
             self.clocks.read(peer, pong, wall)
 
@@ -565,7 +567,7 @@ class RaftNode:
 
     def _send_answer(self, peer: NodeId, req: int, result: bytes, exc: RaftError | None) -> None:
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
-        self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
+        self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]), urgent=True)
 
     async def _serve_call(self, peer: NodeId, req: int, op: str, target: str, addr: str) -> None:
         result, error = b"", None
@@ -576,7 +578,7 @@ class RaftNode:
                 await self._membership_here(op, target, addr)
         except (RaftError, TimeoutError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]))
+        self.transport.send(peer, _ANSWER + cbor2.dumps([req, result, error]), urgent=True)
 
     def _answer(self, answer: list[Any]) -> None:
         req, result, error = answer
@@ -623,13 +625,21 @@ class RaftNode:
         for m in rd.messages:
             if not isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
                 break
-            self.transport.send(m.to, _RAFT + codec.encode_message(m))
+            self._send_raft(m)
             sent += 1
         return sent
 
+    def _send_raft(self, m: Message) -> None:
+        # Only entries and snapshot chunks must keep their order (and may be large);
+        # a heartbeat or a vote may pass them, so that a large entry on its way does
+        # not look like a dead leader (or, behind a follower's forwarded Accept of tens
+        # of MiB, a dead follower).
+        urgent = not isinstance(m, AppendEntries | InstallSnapshot)
+        self.transport.send(m.to, _RAFT + codec.encode_message(m), urgent=urgent)
+
     def _handle(self, rd: Ready, early: int) -> None:
         for m in rd.messages[early:]:
-            self.transport.send(m.to, _RAFT + codec.encode_message(m))
+            self._send_raft(m)
         if rd.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(rd.snapshot))
             self.sm_applied = rd.snapshot.index

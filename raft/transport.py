@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 MAGIC = b"SMTPCLUSTER-RAFT-1"
 _LEN = struct.Struct("<I")
 MAC_BYTES = 16
-MAX_FRAME = 64 << 20  # a snapshot chunk plus headroom; larger is an attack or a bug
+MAX_FRAME = 64 << 20  # the largest payload; larger is an attack or a bug
+# A payload over WHOLE_MAX goes in pieces of PIECE_BYTES, and urgent payloads queued
+# meanwhile (heartbeats, votes, answers) go between the pieces: behind a 40 MiB entry in
+# one piece, a heartbeat arrived after the election timeout, and elections followed.
+# Each piece's header says it is one (_MORE) or the last one (_LAST), under its MAC.
+WHOLE_MAX = 2 << 20
+PIECE_BYTES = 1 << 20
+_MORE, _LAST = 1 << 31, 1 << 30
+_FLAGS = _MORE | _LAST
 HANDSHAKE_TIMEOUT = 5.0
 READ_CHUNK = 256 << 10
 
@@ -65,11 +73,15 @@ class _Session:
         self._recv_key = hmac.new(k, b"s2c" if is_client else b"c2s", hashlib.sha256).digest()
         self._send_seq = 0
         self._recv_seq = 0
+        self._pieces = bytearray()  # a payload arriving in pieces, so far
 
-    def seal(self, payload: bytes) -> bytes:
-        mac = hmac.digest(self._send_key, _LEN.pack(self._send_seq) + payload, "sha256")
+    def seal(self, payload: bytes, piece: int = 0) -> bytes:
+        """A frame of `payload`, whole (`piece` 0) or one piece of a larger one (_MORE,
+        or _LAST for its last piece)."""
+        header = _LEN.pack(len(payload) | piece)
+        mac = _mac(self._send_key, self._send_seq, header if piece else b"", payload)
         self._send_seq += 1
-        return _LEN.pack(len(payload)) + payload + mac[:MAC_BYTES]
+        return header + payload + mac
 
     def unseal(self, buf: bytearray) -> Iterator[bytes]:
         """The payloads of the complete frames at the start of `buf`, in order; what
@@ -80,22 +92,39 @@ class _Session:
         pos = 0
         try:
             while len(buf) - pos >= _LEN.size:
-                (length,) = _LEN.unpack_from(buf, pos)
-                if length > MAX_FRAME:
+                (raw,) = _LEN.unpack_from(buf, pos)
+                piece, length = raw & _FLAGS, raw & ~_FLAGS
+                if length > MAX_FRAME or piece == _FLAGS:
                     raise AuthError(f"frame of {length} bytes refused")
                 end = pos + _LEN.size + length
                 if len(buf) < end + MAC_BYTES:
                     return
+                header = bytes(buf[pos : pos + _LEN.size]) if piece else b""
                 payload = bytes(buf[pos + _LEN.size : end])
                 mac = bytes(buf[end : end + MAC_BYTES])
-                want = hmac.digest(self._recv_key, _LEN.pack(self._recv_seq) + payload, "sha256")
-                if not hmac.compare_digest(mac, want[:MAC_BYTES]):
+                if not hmac.compare_digest(
+                    mac, _mac(self._recv_key, self._recv_seq, header, payload)
+                ):
                     raise AuthError("frame MAC mismatch")
                 self._recv_seq += 1
                 pos = end + MAC_BYTES
-                yield payload
+                if not piece:
+                    yield payload
+                    continue
+                self._pieces += payload
+                if len(self._pieces) > MAX_FRAME:
+                    raise AuthError(f"frame of over {MAX_FRAME} bytes in pieces refused")
+                if piece == _LAST:
+                    whole, self._pieces = bytes(self._pieces), bytearray()
+                    yield whole
         finally:
             del buf[:pos]
+
+
+def _mac(key: bytes, seq: int, header: bytes, payload: bytes) -> bytes:
+    # A whole frame's header stays out of its MAC, as before pieces existed; a piece's is
+    # in it, so that nobody can make a piece of a whole frame or the reverse.
+    return hmac.digest(key, _LEN.pack(seq) + header + payload, "sha256")[:MAC_BYTES]
 
 
 def _proof(key: bytes, role: bytes, *parts: bytes) -> bytes:
@@ -143,10 +172,15 @@ async def server_handshake(
     return peer, _Session(key, nonce_s, nonce_c, is_client=False)
 
 
+def _sealed(queue: collections.deque[bytes], session: _Session) -> list[bytes]:
+    return [session.seal(queue.popleft()) for _ in range(len(queue))]
+
+
 class _Peer:
     def __init__(self, addr: Address, limit: int) -> None:
         self.addr = addr
         self.queue: collections.deque[bytes] = collections.deque(maxlen=limit)
+        self.urgent: collections.deque[bytes] = collections.deque(maxlen=limit)
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.dropped = 0
@@ -201,14 +235,17 @@ class Transport:
     def peers(self) -> dict[NodeId, Address]:
         return {n: p.addr for n, p in self._peers.items()}
 
-    def send(self, to: NodeId, payload: bytes) -> None:
-        """Queue a payload. A full queue drops the oldest: Raft resends what matters."""
+    def send(self, to: NodeId, payload: bytes, *, urgent: bool = False) -> None:
+        """Queue a payload. A full queue drops the oldest: Raft resends what matters.
+        Payloads go in the order they were sent, except that an urgent one (no larger
+        than WHOLE_MAX) may pass the others, and go between the pieces of a large one."""
         peer = self._peers.get(to)
         if peer is None:
             return
-        if len(peer.queue) == peer.queue.maxlen:
+        queue = peer.urgent if urgent and len(payload) <= WHOLE_MAX else peer.queue
+        if len(queue) == queue.maxlen:
             peer.dropped += 1
-        peer.queue.append(payload)
+        queue.append(payload)
         peer.ready.set()
 
     def is_connected(self, node: NodeId) -> bool:
@@ -267,7 +304,7 @@ class Transport:
         if self._hello:
             writer.write(session.seal(self._hello))
         while True:
-            if not peer.queue:
+            if not peer.queue and not peer.urgent:
                 peer.ready.clear()
                 await peer.ready.wait()
             # One write for everything queued: a system call per frame cost more than
@@ -276,9 +313,31 @@ class Transport:
                 # The peer reset the connection while there was nothing to send (a
                 # killed node): uvloop would refuse the write with a RuntimeError.
                 raise ConnectionResetError("connection closed by the peer")
-            frames = [session.seal(peer.queue.popleft()) for _ in range(len(peer.queue))]
+            frames = _sealed(peer.urgent, session)
+            while peer.queue:
+                payload = peer.queue.popleft()
+                if len(payload) <= WHOLE_MAX:
+                    frames.append(session.seal(payload))
+                    continue
+                writer.write(b"".join(frames))
+                frames = []
+                await self._in_pieces(peer, session, writer, payload)
             writer.write(b"".join(frames))
             await writer.drain()
+
+    async def _in_pieces(
+        self, peer: _Peer, session: _Session, writer: asyncio.StreamWriter, payload: bytes
+    ) -> None:
+        """A large payload a piece at a time, each written once the peer has read most
+        of the one before, with the urgent payloads queued meanwhile in between."""
+        view = memoryview(payload)
+        for start in range(0, len(payload), PIECE_BYTES):
+            last = start + PIECE_BYTES >= len(payload)
+            piece = bytes(view[start : start + PIECE_BYTES])
+            writer.write(session.seal(piece, _LAST if last else _MORE))
+            await writer.drain()
+            if peer.urgent:
+                writer.write(b"".join(_sealed(peer.urgent, session)))
 
     # ---- inbound
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -11,11 +12,17 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
+from raft import transport
 from raft.transport import (
+    _LAST,
+    _MORE,
     MAC_BYTES,
     MAGIC,
+    PIECE_BYTES,
     Address,
+    AuthError,
     Transport,
+    _Session,
     client_handshake,
     server_handshake,
 )
@@ -185,3 +192,60 @@ def test_a_peer_that_dies_is_unreachable_not_an_error(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.DEBUG, logger="raft.transport"):
         uvloop.run(run())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_large_payload_goes_in_pieces_and_urgent_ones_pass_it() -> None:
+    """Behind a 40 MiB entry sent in one piece, a heartbeat arrived after the election
+    timeout. A large payload now goes in pieces; an urgent payload passes it, and the
+    others keep their order behind it."""
+
+    async def run() -> None:
+        a, b, got = await _pair(b"k" * 32, b"k" * 32)
+        await _eventually(lambda: a.is_connected("b"))
+        big = os.urandom(5 * PIECE_BYTES + 12345)
+        a.send("b", big)
+        a.send("b", b"after")
+        a.send("b", b"heartbeat", urgent=True)
+        await _eventually(lambda: len(got) == 3)
+        assert [f for _, f in got] == [b"heartbeat", big, b"after"]
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+def _sessions() -> tuple[_Session, _Session]:
+    nonce_s, nonce_c = os.urandom(32), os.urandom(32)
+    key = b"k" * 32
+    return _Session(key, nonce_s, nonce_c, True), _Session(key, nonce_s, nonce_c, False)
+
+
+def test_a_whole_frame_cannot_pass_for_a_piece_nor_a_piece_for_a_whole_frame() -> None:
+    # The flags are the length's top bits (its last byte): whole -> first piece, first
+    # piece -> last piece, last piece -> whole.
+    for piece, flip in ((0, 0x80), (_MORE, 0xC0), (_LAST, 0x40)):
+        sender, receiver = _sessions()
+        frame = bytearray(sender.seal(b"payload", piece))
+        frame[3] ^= flip
+        with pytest.raises(AuthError, match="MAC"):
+            list(receiver.unseal(frame))
+
+
+def test_pieces_are_put_together_between_whole_frames() -> None:
+    sender, receiver = _sessions()
+    buf = bytearray(
+        sender.seal(b"one ", _MORE) + sender.seal(b"urgent") + sender.seal(b"two", _LAST)
+        + sender.seal(b"next")
+    )  # fmt: skip
+    assert list(receiver.unseal(buf)) == [b"urgent", b"one two", b"next"]
+    assert buf == b""
+
+
+def test_pieces_adding_up_past_the_largest_frame_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport, "MAX_FRAME", 10)
+    sender, receiver = _sessions()
+    buf = bytearray(sender.seal(b"x" * 8, _MORE) + sender.seal(b"x" * 8, _LAST))
+    with pytest.raises(AuthError, match="in pieces refused"):
+        list(receiver.unseal(buf))
