@@ -25,7 +25,7 @@ from aiosmtpd.controller import Controller
 
 from smtpcluster.admin_client import AdminClient, AdminError
 from tests.chaos.checker import Report, check_deliveries, check_destinations, check_leaders
-from tests.chaos.load import ROUTED, CountingSink, Load
+from tests.chaos.load import LARGE_BYTES, ROUTED, CountingSink, Load
 from tests.chaos.nft import Partitions, PartitionsUnavailable
 from tests.chaos.schedule import CLOCK_OFFSETS, KINDS, OPT_IN, Fault, plan
 from tests.integration import fakeclock
@@ -43,6 +43,7 @@ class Options:
     rate: float = 100.0  # messages/s offered, all clients together
     kinds: tuple[str, ...] = KINDS
     bugs: tuple[str, ...] = ()  # planted bugs (tests/hooked.py)
+    large_every: int = 0  # every so many messages is 3 MiB (load.LARGE_BYTES); 0: none
     hold_s: float | None = None  # every fault held this long, instead of the plan's
     faults: int | None = None  # exactly this many faults, however long they take
     heal_limit_s: float = 30.0
@@ -62,7 +63,7 @@ class Harness:
         ]
         self.cluster = SmtpCluster(
             opts.root, smarthost=f"127.0.0.1:{sink_port}",
-            routes={ROUTED: f"127.0.0.1:{routed_port}"},
+            routes={ROUTED: f"127.0.0.1:{routed_port}"}, max_size=2 * LARGE_BYTES,
         )  # fmt: skip
         self.report = Report(opts.seed)
         self.probes: set[str] = set()  # answered 250
@@ -75,7 +76,9 @@ class Harness:
         except PartitionsUnavailable as exc:
             self.partitions = None
             self.say(f"partitions skipped: {exc}")
-        self.load = Load(self._smtp_addresses, opts.seed, opts.sessions, opts.rate)
+        self.load = Load(
+            self._smtp_addresses, opts.seed, opts.sessions, opts.rate, opts.large_every
+        )
         lib = fakeclock.library()
         self.faketime = lib if "clock_jump" in opts.kinds else ""
         if "clock_jump" in opts.kinds and not lib:
@@ -331,13 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds", default=",".join(KINDS),
         help=f"fault kinds, comma-separated (default: all but {', '.join(OPT_IN)})",
     )  # fmt: skip
+    p.add_argument(
+        "--large-every", type=int, default=0,
+        help="every Nth message is 3 MiB: it goes between the nodes in pieces (default: none)",
+    )  # fmt: skip
     p.add_argument("--bug", action="append", default=[], help="plant a bug (teeth check)")
     p.add_argument("--keep", action="store_true", help="keep the nodes' logs and data")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix=f"chaos-{args.seed}-"))
     opts = Options(
         args.seed, args.duration, root, fault_every_s=args.fault_every, rate=args.rate,
-        kinds=tuple(args.kinds.split(",")), bugs=tuple(args.bug),
+        kinds=tuple(args.kinds.split(",")), bugs=tuple(args.bug), large_every=args.large_every,
     )  # fmt: skip
     report = Harness(opts).run()
     print(report.table())

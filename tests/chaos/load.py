@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 ROUTED = "routed.example"
 GREETING_S = 2.0
 TRANSACTION_S = 60.0
+LARGE_BYTES = 3 << 20  # --large-every: over the 2 MiB a frame carries whole
 
 
 class CountingSink:
@@ -52,10 +53,12 @@ class CountingSink:
 
 class Load:
     def __init__(
-        self, nodes: Callable[[], list[tuple[str, int]]], seed: int, sessions: int, rate: float
-    ) -> None:
+        self, nodes: Callable[[], list[tuple[str, int]]], seed: int, sessions: int, rate: float,
+        large_every: int = 0,
+    ) -> None:  # fmt: skip
         self.nodes = nodes  # the SMTP addresses of the nodes a client may try, now
         self.seed, self.sessions, self.rate = seed, sessions, rate
+        self.large_every = large_every  # every so many messages is LARGE_BYTES; 0: none
         self.accepted: dict[str, float] = {}  # rcpt -> when the 250 came
         self.refused: dict[str, int] = {}  # rcpt -> the reply code
         self.unknown: set[str] = set()
@@ -88,11 +91,12 @@ class Load:
                 n = next(self._next)
                 self.sent += 1
             rcpts = [f"m{n}@dest.example", f"m{n}@{ROUTED}"]
-            while not self.stop.is_set() and not self._offer(rng, rcpts):
+            large = bool(self.large_every) and n % self.large_every == 0
+            while not self.stop.is_set() and not self._offer(rng, rcpts, large):
                 self.stop.wait(0.2)  # no node answered: offer it again, like a queued MTA
             self.stop.wait(pause * rng.uniform(0.5, 1.5))  # the offered rate; ends at stop
 
-    def _offer(self, rng: random.Random, rcpts: list[str]) -> bool:
+    def _offer(self, rng: random.Random, rcpts: list[str], large: bool) -> bool:
         """True once a node took the transaction (whatever its outcome)."""
         nodes = self.nodes()
         rng.shuffle(nodes)
@@ -108,13 +112,15 @@ class Load:
             s.timeout = TRANSACTION_S
             if s.sock is not None:
                 s.sock.settimeout(TRANSACTION_S)
-            self._transact(s, rcpts)
+            self._transact(s, rcpts, large)
             return True
         return False
 
-    def _transact(self, s: smtplib.SMTP, rcpts: list[str]) -> None:
+    def _transact(self, s: smtplib.SMTP, rcpts: list[str], large: bool) -> None:
         began = time.monotonic()
         body = b"Subject: chaos\r\n\r\n" + rcpts[0].encode()
+        if large:  # goes between the nodes in pieces (raft.transport.WHOLE_MAX)
+            body += b"\r\n" + (b"x" * 1022 + b"\r\n") * (LARGE_BYTES // 1024)
         try:
             with s:
                 refused = s.sendmail("load@example.org", rcpts, body)
