@@ -52,16 +52,22 @@ def destination(policy: Policy, address: str) -> str:
 
 
 def route(routes: Mapping[str, str], domain: str) -> str:
-    """The next hop `routes` names for `domain`: by the domain itself, else by the
-    nearest ".parent" key (Postfix's transport_maps); "" for none."""
+    """The next hop `routes` names for `domain` (see route_key); "" for none."""
+    key = route_key(routes, domain)
+    return routes[key] if key else ""
+
+
+def route_key(routes: Mapping[str, str], domain: str) -> str:
+    """The key of `routes` that covers `domain`: the domain itself, else the nearest
+    ".parent" (Postfix's transport_maps); "" for none."""
     if not routes:
         return ""
-    if hop := routes.get(domain):
-        return hop
+    if domain in routes:
+        return domain
     labels = domain.split(".")
     for k in range(1, len(labels)):
-        if hop := routes.get("." + ".".join(labels[k:])):
-            return hop
+        if (parent := "." + ".".join(labels[k:])) in routes:
+            return parent
     return ""
 
 

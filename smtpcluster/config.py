@@ -128,6 +128,11 @@ class DeliverySection:
     # Recipients in one outbound transaction (Postfix's default_destination_recipient_limit):
     # more make several, in parallel; many servers take at most 100 (RFC 5321's minimum).
     destination_recipient_limit: int = 50
+    # Per route (a key of `routes`): "may" (the default), "encrypt" or "verify", as
+    # smarthost_tls; Postfix's smtp_tls_policy_maps. "verify" chains to route_ca_file,
+    # or to the system's CAs.
+    route_tls: dict[str, str] = field(default_factory=dict)
+    route_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -381,11 +386,13 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     if wrapper and tls == "may":
         raise r.fail("smarthost_tls_wrapper", 'needs smarthost_tls = "encrypt" or "verify"')
     routes = _routes(r)
+    route_tls, route_ca = _route_tls(r, routes)
     rcpt_limit = _positive(r, "destination_recipient_limit", 50)
     r.done()
     return DeliverySection(
         smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down,
         tls, ca_file, login, wrapper, routes, destination_recipient_limit=rcpt_limit,
+        route_tls=route_tls, route_ca_file=route_ca,
     )  # fmt: skip
 
 
@@ -404,18 +411,38 @@ def _routes(r: _Reader) -> dict[str, str]:
 TLS_LEVELS = ("may", "encrypt", "verify")
 
 
-def _smarthost_security(r: _Reader, smarthost: str) -> tuple[str, str, tuple[str, str] | None]:
-    tls = r.take("smarthost_tls", str, "may")
-    if tls not in TLS_LEVELS:
-        raise r.fail("smarthost_tls", f"{tls!r}: use one of {', '.join(TLS_LEVELS)}")
-    ca_file = r.file("smarthost_ca_file", required=False)
+def _route_tls(r: _Reader, routes: dict[str, str]) -> tuple[dict[str, str], str]:
+    levels: dict[str, str] = {}
+    for domain, level in r.take("route_tls", dict, {}).items():
+        key = f"route_tls.{domain}"
+        name = domain.lower().rstrip(".")
+        if name not in routes:
+            raise r.fail(key, "names no route: add it to routes")
+        if (text := _str(r, key, level)) not in TLS_LEVELS:
+            raise r.fail(key, f"{text!r}: use one of {', '.join(TLS_LEVELS)}")
+        levels[name] = text
+    ca_file = _ca_file(r, "route_ca_file")
+    if ca_file and "verify" not in levels.values():
+        raise r.fail("route_ca_file", 'applies to routes whose route_tls is "verify"')
+    return levels, ca_file
+
+
+def _ca_file(r: _Reader, name: str) -> str:
+    """A CA file's path, once it proved to hold certificates; "" when not set."""
+    ca_file = r.file(name, required=False)
     if ca_file:
         try:
             ssl.create_default_context(cafile=ca_file)
         except (ssl.SSLError, ValueError) as exc:
-            raise r.fail(
-                "smarthost_ca_file", f"{ca_file} holds no usable certificate: {exc}"
-            ) from None
+            raise r.fail(name, f"{ca_file} holds no usable certificate: {exc}") from None
+    return ca_file
+
+
+def _smarthost_security(r: _Reader, smarthost: str) -> tuple[str, str, tuple[str, str] | None]:
+    tls = r.take("smarthost_tls", str, "may")
+    if tls not in TLS_LEVELS:
+        raise r.fail("smarthost_tls", f"{tls!r}: use one of {', '.join(TLS_LEVELS)}")
+    ca_file = _ca_file(r, "smarthost_ca_file")
     auth_file = r.file("smarthost_auth_file", required=False)
     for name, given in (("smarthost_tls", tls != "may"), ("smarthost_ca_file", ca_file),
                         ("smarthost_auth_file", auth_file)):  # fmt: skip

@@ -28,6 +28,10 @@ from smtpcluster.smtp_client import (
 )
 
 Destination = tuple[str, int]
+# A cached connection is reused only for the same security: one opened for a route with
+# opportunistic TLS and no login must not carry a job that wants the host verified, or a
+# login, to the same host:port.
+_Cached = tuple[str, int, smtp_client.Security]
 
 
 @dataclass
@@ -46,30 +50,30 @@ class ConnectionPool:
         self.max_uses = max_uses
         self.idle_s = idle_s
         self.timeouts = timeouts
-        self._idle: dict[Destination, list[_Idle]] = {}
+        self._idle: dict[_Cached, list[_Idle]] = {}
         self._limits: dict[Destination, asyncio.Semaphore] = {}
         self.opened = 0  # connections opened, for metrics and tests
 
     async def deliver(self, job: Outbound, fence: Fence) -> Transaction:
         """One transaction to job.host:job.port, on a cached connection when one is
         ready. Raises like smtp_client.transact."""
-        dest = (job.host, job.port)
+        dest, key = (job.host, job.port), (job.host, job.port, job.security)
         limit = self._limits.setdefault(dest, asyncio.Semaphore(self.per_destination))
         async with limit:
-            cached = self._take(dest)
+            cached = self._take(key)
             if cached is not None:
                 try:
-                    return await self._run(dest, cached, job, fence)
+                    return await self._run(key, cached, job, fence)
                 except StaleConnection:
                     pass  # closed while idle: nothing was sent, open a fresh one
             smtp = await smtp_client.connect(
                 job.host, job.port, job.helo, self.timeouts, job.security
             )
             self.opened += 1
-            return await self._run(dest, _Idle(smtp, 0, 0.0), job, fence)
+            return await self._run(key, _Idle(smtp, 0, 0.0), job, fence)
 
     async def _run(
-        self, dest: Destination, conn: _Idle, job: Outbound,
+        self, key: _Cached, conn: _Idle, job: Outbound,
         fence: Fence,
     ) -> Transaction:  # fmt: skip
         reused = conn.uses > 0
@@ -83,13 +87,13 @@ class ConnectionPool:
         conn.uses += 1
         if t.clean and conn.uses < self.max_uses:
             conn.since = time.monotonic()
-            self._idle.setdefault(dest, []).append(conn)
+            self._idle.setdefault(key, []).append(conn)
         else:
             await self._close(conn.smtp, polite=t.clean)
         return t
 
-    def _take(self, dest: Destination) -> _Idle | None:
-        idle = self._idle.get(dest, [])
+    def _take(self, key: _Cached) -> _Idle | None:
+        idle = self._idle.get(key, [])
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be closed
             if conn.smtp.is_connected and time.monotonic() - conn.since < self.idle_s:
@@ -100,9 +104,9 @@ class ConnectionPool:
     async def prune(self) -> None:
         """Say QUIT on connections idle for longer than idle_s."""
         now = time.monotonic()
-        for dest, idle in list(self._idle.items()):
+        for key, idle in list(self._idle.items()):
             keep = [c for c in idle if c.smtp.is_connected and now - c.since < self.idle_s]
-            self._idle[dest] = keep
+            self._idle[key] = keep
             for conn in idle:
                 if conn not in keep:
                     await self._close(conn.smtp, polite=conn.smtp.is_connected)

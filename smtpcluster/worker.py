@@ -73,6 +73,10 @@ class Worker:
             delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
             delivery.smarthost_tls_wrapper,
         ).verified()  # fmt: skip
+        self.route_security = {
+            key: smtp_client.Security(level, delivery.route_ca_file).verified()
+            for key, level in delivery.route_tls.items()
+        }
 
     async def run(self) -> None:
         # A previous run of this node may have died between BeginDot and Outcome, and if
@@ -229,11 +233,13 @@ class Worker:
 
     async def _targets(self, address: str) -> tuple[list[Address], smtp_client.Security]:
         """The hosts to try, in order, and how to secure the connections: a route's
-        host and MX hosts get opportunistic TLS, the smarthost its own settings."""
+        host as its route_tls says, the smarthost as its own settings say, MX hosts with
+        opportunistic TLS."""
         delivery = self.node.cfg.delivery
         domain = address.rpartition("@")[2].lower()
-        if hop := policy.route(delivery.routes, domain):
-            return [Address.parse(hop)], smtp_client.OPPORTUNISTIC
+        if key := policy.route_key(delivery.routes, domain):
+            security = self.route_security.get(key, smtp_client.OPPORTUNISTIC)
+            return [Address.parse(delivery.routes[key])], security
         if delivery.smarthost:
             return [Address.parse(delivery.smarthost)], self.smarthost_security
         return await self.node.router.exchanges(domain), smtp_client.OPPORTUNISTIC

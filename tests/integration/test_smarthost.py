@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtpcluster import pki
 from tests.integration.kvcluster import free_port, wait_for
@@ -137,3 +137,47 @@ def test_a_port_465_smarthost_gets_tls_from_the_first_byte(tmp_path: Path) -> No
         assert logins == [(b"relay", b"pw")]
     finally:
         provider.stop()
+
+
+class TlsSink(Sink):
+    """A sink that offers STARTTLS, and notes whether each message came over TLS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.over_tls: list[bool] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.over_tls.append(session.ssl is not None)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.parametrize("with_ca", [True, False], ids=["our CA", "system CAs"])
+def test_a_route_gets_the_tls_its_route_tls_says(tmp_path: Path, with_ca: bool) -> None:
+    """Postfix's smtp_tls_policy_maps: an internal server behind a route, whose
+    certificate comes from the company's own CA. With route_tls "verify" and that CA
+    the mail goes over verified TLS; against the system's CAs it waits, and nothing is
+    sent in the clear."""
+    pki.init(tmp_path / "pki", [pki.NodeName("internal", "127.0.0.1")], "internal.test")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(
+        tmp_path / "pki" / "internal" / "tls.crt", tmp_path / "pki" / "internal" / "tls.key"
+    )
+    handler, port = TlsSink(), free_port("127.0.0.1")
+    internal = Controller(handler, hostname="127.0.0.1", port=port, tls_context=tls)
+    internal.start()
+    try:
+        ca = f'route_ca_file = "{tmp_path / "pki" / "ca.crt"}"\n' if with_ca else ""
+        route = (f'routes = {{ ".corp.example" = "127.0.0.1:{port}" }}\n'
+                 f'route_tls = {{ ".corp.example" = "verify" }}\n{ca}')  # fmt: skip
+        ours = relay(tmp_path / "ours", "127.0.0.1:9", route)
+        with running(ours):
+            send(ours, "someone@hq.corp.example")
+            if with_ca:
+                wait_for("the internal server to have it", lambda: len(handler.received) == 1)
+                assert handler.over_tls == [True]
+            else:
+                wait_for("a deferral", lambda: last_error(ours, "someone@hq.corp.example"))
+                assert "CERTIFICATE_VERIFY_FAILED" in last_error(ours, "someone@hq.corp.example")
+                assert handler.received == []
+    finally:
+        internal.stop()

@@ -13,6 +13,7 @@ from raft import codec as raft_codec
 from raft.node import BATCH_MAX_BYTES
 from raft.transport import MAX_FRAME
 from raft.types import AppendEntries, Entry
+from smtpcluster import pki
 from smtpcluster.config import (
     MAX_MESSAGE_SIZE,
     MAX_RECIPIENTS,
@@ -84,6 +85,12 @@ def test_routes_are_read_with_their_domains_in_lower_case(tmp_path: pathlib.Path
     )
     routes = load(write(tmp_path, text)).delivery.routes
     assert routes == {"inbound.example": "10.0.0.5:25", ".corp": "mx:2525"}
+    tls = text.replace("[delivery]", '[delivery]\nroute_tls = {{ ".CORP." = "encrypt" }}')
+    assert load(write(tmp_path, tls)).delivery.route_tls == {".corp": "encrypt"}
+    unused = tls.replace("[delivery]", '[delivery]\nroute_ca_file = "{d}/ca.crt"')
+    pki.self_signed(tmp_path / "ca.crt", tmp_path / "ca.key", "ca.test", days=2)
+    with pytest.raises(ConfigError, match=r'route_ca_file.*route_tls is "verify"'):
+        load(write(tmp_path, unused))
 
 
 def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: pathlib.Path) -> None:
@@ -104,6 +111,32 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
             "at most 50331648 bytes",
         ),
         (("[smtp]", "[smtp]\nmax_recipients = 100000"), "smtp.max_recipients", "at most 10000"),
+        (
+            (
+                'on_uncertain = "hold"',
+                'on_uncertain = "hold"\nroute_tls = {{ "x.example" = "verify" }}',
+            ),
+            "delivery.route_tls.x.example",
+            "names no route",
+        ),
+        (
+            (
+                'on_uncertain = "hold"',
+                'on_uncertain = "hold"\nroutes = {{ "x.example" = "h:25" }}\n'
+                'route_tls = {{ "x.example" = "always" }}',
+            ),
+            "delivery.route_tls.x.example",
+            "use one of may, encrypt, verify",
+        ),
+        (
+            (
+                'on_uncertain = "hold"',
+                'on_uncertain = "hold"\nroutes = {{ "x.example" = "h:25" }}\n'
+                'route_ca_file = "{d}/cluster.key"',
+            ),
+            "delivery.route_ca_file",
+            "holds no usable certificate",
+        ),
         (('listen = "127.0.0.1:7400"', 'listen = "127.0.0.1"'), "cluster.listen", "host:port"),
         (('"10.0.0.0/8"', '"10.0.0/8x"'), "smtp.relay_networks[1]", "not a network"),
         (

@@ -15,7 +15,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpcluster.connections import ConnectionPool
-from smtpcluster.smtp_client import Outbound, Transaction
+from smtpcluster.smtp_client import OPPORTUNISTIC, Outbound, Security, Transaction
 from tests.integration.kvcluster import free_port
 
 
@@ -101,6 +101,26 @@ def test_sequential_messages_share_one_connection(sink: tuple[Recorder, int]) ->
     assert all(t.final and t.final[0] == 250 for t in results)
     assert len(rec.delivered) == 10
     assert pool.opened == 1 and len(rec.sessions) == 1
+
+
+def test_a_connection_is_reused_only_for_the_security_it_was_opened_with(
+    sink: tuple[Recorder, int],
+) -> None:
+    """One host:port can be a route with opportunistic TLS and the smarthost that wants
+    a login, or two routes with different TLS levels: a connection opened for the one
+    must not carry the other's mail."""
+    rec, port = sink
+    pool = ConnectionPool()
+    other = Security("may", ca_file="/etc/ssl/certs/ca-certificates.crt")
+
+    async def one_by_one() -> None:
+        for n, security in enumerate((OPPORTUNISTIC, other, OPPORTUNISTIC, other)):
+            await pool.deliver(job(port, n, security=security), dot_ok)
+        await pool.close()
+
+    asyncio.run(one_by_one())
+    assert len(rec.delivered) == 4
+    assert pool.opened == 2 and len(rec.sessions) == 2
 
 
 def test_a_connection_is_retired_after_max_uses(sink: tuple[Recorder, int]) -> None:

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     from smtpcluster.node import Node
 
 
-SMARTHOST = {"smarthost_tls": "may", "smarthost_ca_file": "", "smarthost_login": None,
-             "smarthost_tls_wrapper": False}  # fmt: skip
+SMARTHOST: dict[str, object] = {
+    "smarthost_tls": "may", "smarthost_ca_file": "", "smarthost_login": None,
+    "smarthost_tls_wrapper": False, "route_tls": {}, "route_ca_file": "",
+}  # fmt: skip
 
 
 def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
