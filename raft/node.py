@@ -532,8 +532,7 @@ class RaftNode:
         self.peer_formats[peer] = fmt
         ping, pong, wall = said.get("ping"), said.get("pong"), said.get("wall")
         if type(ping) is float:
-            pong = self._hello_frame(self.clocks.pong(ping))
-            self.transport.send(peer, pong, urgent=True)
+            self.transport.send(peer, self._hello_frame(self.clocks.pong(ping)), urgent=True)
         elif type(pong) is float and type(wall) is float:
             self.clocks.read(peer, pong, wall)
 
