@@ -20,6 +20,7 @@ class Report:
     refused: int = 0
     unknown: int = 0
     delivered: int = 0
+    bounces: int = 0  # DSNs delivered to the load's sender
     duplicates: int = 0
     uncertain: int = 0
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -36,6 +37,7 @@ class Report:
             ("recipients refused (4xx/5xx)", self.refused),
             ("recipients without a reply", self.unknown),
             ("recipients delivered", self.delivered),
+            ("bounces (DSNs to the load's sender)", self.bounces),
             ("duplicates (recipients)", self.duplicates),
             ("uncertain (cluster's count)", self.uncertain),
             ("leaderships", self.elections),
@@ -56,7 +58,16 @@ def check_deliveries(
     refused: set[str],
     offered: set[str],
     counts: collections.Counter[str],
+    *,
+    sender: str = "",
 ) -> None:
+    """`counts`: deliveries per recipient. DSNs to `sender` (the load's) are counted
+    apart: no fault the harness injects should bounce a message, and counted as
+    deliveries they showed up as duplicates and as mail never sent, which said less."""
+    counts = collections.Counter(counts)
+    report.bounces = counts.pop(sender, 0)
+    if report.bounces:
+        report.violations.append(f"{report.bounces} DSNs to {sender}: messages bounced")
     delivered = set(counts)
     report.delivered = len(delivered)
     report.duplicates = sum(c - 1 for c in counts.values())

@@ -25,7 +25,7 @@ from aiosmtpd.controller import Controller
 
 from smtpcluster.admin_client import AdminClient, AdminError
 from tests.chaos.checker import Report, check_deliveries, check_destinations, check_leaders
-from tests.chaos.load import LARGE_BYTES, ROUTED, CountingSink, Load
+from tests.chaos.load import LARGE_BYTES, ROUTED, SENDER, CountingSink, Load
 from tests.chaos.nft import Partitions, PartitionsUnavailable
 from tests.chaos.schedule import CLOCK_OFFSETS, KINDS, OPT_IN, Fault, plan
 from tests.integration import fakeclock
@@ -316,7 +316,7 @@ class Harness:
         report.unknown = len(load.unknown) + len(self.probes_unsure)
         offered = accepted | refused | load.unknown | self.probes_unsure
         smarthost, routed = self.sink.seen(), self.routed.seen()
-        check_deliveries(report, accepted, refused, offered, smarthost + routed)
+        check_deliveries(report, accepted, refused, offered, smarthost + routed, sender=SENDER)
         check_destinations(report, smarthost, routed, ROUTED)
 
     def _stats(self, nid: str) -> dict[str, int]:

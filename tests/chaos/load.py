@@ -23,6 +23,7 @@ from collections.abc import Callable
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 ROUTED = "routed.example"
+SENDER = "load@example.org"
 GREETING_S = 2.0
 TRANSACTION_S = 60.0
 LARGE_BYTES = 3 << 20  # --large-every: over the 2 MiB a frame carries whole
@@ -123,7 +124,7 @@ class Load:
             body += b"\r\n" + (b"x" * 1022 + b"\r\n") * (LARGE_BYTES // 1024)
         try:
             with s:
-                refused = s.sendmail("load@example.org", rcpts, body)
+                refused = s.sendmail(SENDER, rcpts, body)
         except smtplib.SMTPRecipientsRefused as exc:
             for rcpt, (code, _) in exc.recipients.items():
                 self._record(self.refused, [rcpt], code)

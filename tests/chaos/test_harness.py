@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.checker import Report, check_destinations
+from tests.chaos.checker import Report, check_deliveries, check_destinations
 from tests.chaos.harness import Harness, Options
 from tests.chaos.nft import Partitions, PartitionsUnavailable
 
@@ -70,3 +70,17 @@ def test_the_checker_sees_a_recipient_at_another_domains_host() -> None:
     check_destinations(right, Counter({"m1@dest.example": 1}), Counter({"m1@routed.example": 1}),
                        "routed.example")  # fmt: skip
     assert right.violations == []
+
+
+def test_the_checker_counts_dsns_to_the_load_apart() -> None:
+    """A bounced message's DSN to the load's sender read as a duplicate and as mail
+    never sent; it is a bounce, which no injected fault should cause."""
+    sent = {"m1@dest.example", "m2@dest.example"}
+    counts = Counter({"m1@dest.example": 1, "load@example.org": 2})
+    report = Report(0)
+    check_deliveries(report, sent, set(), sent, counts, sender="load@example.org")
+    assert (report.bounces, report.duplicates, report.delivered) == (2, 0, 1)
+    assert report.violations == [
+        "2 DSNs to load@example.org: messages bounced",
+        "1 answered 250 never delivered, e.g. m2@dest.example",
+    ]
