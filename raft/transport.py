@@ -332,6 +332,8 @@ class Transport:
         of the one before, with the urgent payloads queued meanwhile in between."""
         view = memoryview(payload)
         for start in range(0, len(payload), PIECE_BYTES):
+            if writer.is_closing():  # reset between pieces: as in _pump, not a bug
+                raise ConnectionResetError("connection closed by the peer")
             last = start + PIECE_BYTES >= len(payload)
             piece = bytes(view[start : start + PIECE_BYTES])
             writer.write(session.seal(piece, _LAST if last else _MORE))
