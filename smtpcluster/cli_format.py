@@ -9,9 +9,11 @@ from typing import Any
 from raft import clocks
 from smtpcluster.upgrade import holding_back
 
+_UNITS = (("d", 86_400), ("h", 3_600), ("m", 60))  # the largest that fits, then seconds
+
 
 def age(seconds: int) -> str:
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+    for unit, size in _UNITS:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
@@ -99,7 +101,7 @@ def _offset(seconds: float | None) -> str:
     """A clock offset as the leader read it, in the largest unit that fits."""
     if seconds is None:
         return "?"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in _UNITS:
         if abs(seconds) >= size:
             return f"{seconds / size:+.1f}{unit}"
     return f"{seconds:+.1f}s"
