@@ -423,8 +423,17 @@ def test_each_node_reads_its_peers_clocks_and_the_leader_shows_them(
                 return node.clocks.offsets().get(peer)
 
             def all_read() -> bool:
+                # Pings answered before the skew was set leave readings of the right
+                # clock: wait for the first ones taken since, on both sides.
                 pairs = [(a, b) for a in nodes for b in nodes if a is not b]
-                return all(read(a, b.cfg.id) is not None for a, b in pairs)
+                if any(read(a, b.cfg.id) is None for a, b in pairs):
+                    return False
+                return all(
+                    (read(a, fast.cfg.id) or 0) > ahead / 2
+                    and (read(fast, a.cfg.id) or 0) < -ahead / 2
+                    for a in nodes
+                    if a is not fast
+                )
 
             await _until(all_read)
             slow = [n for n in nodes if n is not fast]
