@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +36,7 @@ from raft.types import (
     InstallSnapshotResponse,
     Message,
     NodeId,
+    Persisted,
     ReadIndexRequest,
     ReadIndexResponse,
     ReadState,
@@ -167,6 +169,14 @@ class Raft:
         self._need_bcast = False
         self._applied_bytes = 0
         self._prev_hs = init.hard_state
+        # Early commit notices (Persisted). A leader: for each follower that asked, the
+        # newest of its proposals not yet durable here. A follower: how far its log is
+        # known to be the leader's in this term, and how far the leader said its own is
+        # durable.
+        self._notify: dict[NodeId, int] = {}
+        self._told = 0  # the newest index a Persisted sent in this term named
+        self._leader_match = 0
+        self._leader_persisted = 0
         self._become_follower(self.term, None)
 
     # ================================================================ queries
@@ -212,10 +222,17 @@ class Raft:
             self._become_candidate()
             self._request_votes(self.term, pre_vote=False, transfer=transfer)
 
-    def propose(self, data: bytes) -> tuple[int, int]:
+    def propose(self, data: bytes, notify: Iterable[NodeId] = ()) -> tuple[int, int]:
         """Append `data` to the log. Returns (index, term): it is committed when the entry
-        applied at `index` has `term`. Raises NotLeader or TransferInProgress."""
-        return self._propose_entry(EntryKind.NORMAL, data)
+        applied at `index` has `term`. Raises NotLeader or TransferInProgress.
+
+        `notify`: followers (those that forwarded the proposal) to send a Persisted once
+        this node's log holds it durably, so that they count its commit themselves."""
+        index, term = self._propose_entry(EntryKind.NORMAL, data)
+        for node in notify:
+            if node != self.id and node in self.prs:
+                self._notify[node] = index
+        return index, term
 
     def propose_conf_change(self, change: ConfChange) -> tuple[int, int]:
         """Propose a single-server membership change; it takes effect when appended."""
@@ -325,8 +342,39 @@ class Raft:
             last = rd.entries[-1]
             if self.log.term(last.index) == last.term:
                 self.log.persisted = max(self.log.persisted, last.index)
-        if self.role is Role.LEADER and self._maybe_commit():
-            self._need_bcast = True
+        if self.role is Role.LEADER:
+            if self._maybe_commit():
+                self._need_bcast = True
+            self._send_persisted()
+        else:
+            self._count_commit()
+
+    def _send_persisted(self) -> None:
+        durable = self.log.persisted
+        for node, index in list(self._notify.items()):
+            if index <= durable:
+                del self._notify[node]
+                self._send(Persisted(self.id, node, self.term, durable))
+                self._told = durable
+
+    def _count_commit(self) -> None:
+        """A follower counts the commit itself once the leader said its log is durable
+        (Persisted): the leader's copy and its own are a majority of three, and the
+        leader's word of the commit would take another round trip. The same rule as the
+        leader's (§5.4.2: an entry of this term, durable on a majority), counted only
+        over the part of this log known to be the leader's, in the configuration of that
+        part. A leader's newer configuration, not here yet, is at most one
+        single-server change away: any majority of it meets this one."""
+        if self.role is not Role.FOLLOWER or self.lead is None or not self._leader_persisted:
+            return
+        known = self._leader_match
+        durable = {
+            self.id: min(self.log.persisted, known),
+            self.lead: min(self._leader_persisted, known),
+        }
+        index = quorum.committed_index(self.log.conf_at(known).voters, lambda v: durable.get(v, 0))
+        if index > self.log.committed and self._can_commit(index):
+            self.log.commit_to(index)
 
     # Overridable seams. Tests subclass these to inject the bugs the simulator must
     # catch; production code never overrides them.
@@ -365,6 +413,8 @@ class Raft:
         self._pending_reads = []
         self._deferred_reads = []
         self._need_bcast = False
+        self._notify = {}
+        self._told = self._leader_match = self._leader_persisted = 0
 
     def _become_follower(self, term: int, lead: NodeId | None) -> None:
         self._reset(term)
@@ -516,6 +566,9 @@ class Raft:
             self.campaign(transfer=True)
         elif isinstance(m, ReadIndexResponse):
             self._read_states.append(ReadState(m.context, m.index))
+        elif isinstance(m, Persisted) and m.frm == self.lead:
+            self._leader_persisted = max(self._leader_persisted, m.index)
+            self._count_commit()
 
     def _heard_from_leader(self, leader: NodeId) -> None:
         self.election_elapsed = 0
@@ -527,6 +580,7 @@ class Raft:
             return
         last = self.log.maybe_append(m.prev_index, m.prev_term, m.entries)
         if last is not None:
+            self._leader_match = max(self._leader_match, last)
             self.log.commit_to(min(m.commit, last))
             self._send(AppendEntriesResponse(self.id, m.frm, self.term, last))
             return
@@ -778,7 +832,10 @@ class Raft:
             # Until an entry of this term commits, our commit index may lag the cluster's.
             self._deferred_reads.append((context, requester))
             return
-        read = _PendingRead(context, self.log.committed, requester, {self.id: True})
+        # A follower may have counted a commit this leader has not heard of yet, up to
+        # what it was told is durable here (Persisted): a read waits for that too.
+        index = max(self.log.committed, self._told)
+        read = _PendingRead(context, index, requester, {self.id: True})
         if quorum.has_quorum(self.conf().voters, read.acks.__contains__):
             self._answer_read(read)
             return

@@ -40,6 +40,7 @@ from raft.types import (
     InstallSnapshot,
     Message,
     NodeId,
+    Persisted,
     Ready,
     RequestVote,
     SnapshotMeta,
@@ -156,7 +157,9 @@ class RaftNode:
         self.peer_formats: dict[NodeId, int] = {}  # what each peer said at its last connect
         self.clocks = clocks.PeerClocks()  # each peer's wall clock; a test may skew ours
         self._waiters: dict[int, list[_Waiter]] = {}
-        self._pending: list[tuple[bytes, asyncio.Future[bytes]]] = []  # not yet in the log
+        # Not yet in the log: each with the follower that forwarded it, if any.
+        self._pending: list[tuple[bytes, asyncio.Future[bytes], NodeId | None]] = []
+        self._counters: set[NodeId] = set()  # peers that count commits (raft.types.Persisted)
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._read_points: list[tuple[int, asyncio.Future[int]]] = []
         self._forwards: dict[int, asyncio.Future[bytes]] = {}
@@ -232,7 +235,9 @@ class RaftNode:
                 self.transport.send(peer, ping, urgent=True)
 
     def _hello_frame(self, more: dict[str, float]) -> bytes:
-        return _HELLO + cbor2.dumps({"format": self.cfg.format, **more})
+        # "counts": this node reads Persisted notices; a node of an older release is
+        # never sent one (it would log each as undecodable).
+        return _HELLO + cbor2.dumps({"format": self.cfg.format, "counts": True, **more})
 
     # ================================================================ API
 
@@ -273,14 +278,14 @@ class RaftNode:
             await asyncio.sleep(delay)  # an election is under way
             delay = min(delay * 2, 0.5)
 
-    def _enqueue(self, envelope: bytes) -> asyncio.Future[bytes]:
+    def _enqueue(self, envelope: bytes, origin: NodeId | None = None) -> asyncio.Future[bytes]:
         """Queue `envelope` for the Ready loop, which appends everything queued since
         its last pass as one entry: group commit, one fsync and one log entry for the
         proposals that arrived while the previous ones were being persisted."""
         if self.core.role is not Role.LEADER:
             raise NotLeader(self.core.lead)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending.append((envelope, fut))
+        self._pending.append((envelope, fut, origin))
         self._wake.set()
         return fut
 
@@ -295,18 +300,21 @@ class RaftNode:
             self._propose_batch(pending[start:end])
             start = end
 
-    def _propose_batch(self, batch: list[tuple[bytes, asyncio.Future[bytes]]]) -> None:
+    def _propose_batch(
+        self, batch: list[tuple[bytes, asyncio.Future[bytes], NodeId | None]]
+    ) -> None:
         single = len(batch) == 1
-        data = batch[0][0] if single else cbor2.dumps([_BATCH, [env for env, _ in batch]])
+        data = batch[0][0] if single else cbor2.dumps([_BATCH, [env for env, _, _ in batch]])
+        notify = {origin for _, _, origin in batch if origin in self._counters}
         try:
-            index, term = self.core.propose(data)
+            index, term = self.core.propose(data, notify)
         except RaftError as exc:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(type(exc)(*exc.args))
             return
         waiters = self._waiters.setdefault(index, [])
-        for slot, (_, fut) in enumerate(batch):
+        for slot, (_, fut, _) in enumerate(batch):
             waiters.append(_Waiter(index, term, fut, -1 if single else slot))
 
     async def _wait_applied(self, index: int, term: int) -> bytes:
@@ -530,6 +538,10 @@ class RaftNode:
         if self.peer_formats.get(peer) != fmt:
             log.info("peer %s reads entry formats up to %d", peer, fmt)
         self.peer_formats[peer] = fmt
+        if said.get("counts") is True:
+            self._counters.add(peer)
+        else:
+            self._counters.discard(peer)
         ping, pong, wall = said.get("ping"), said.get("pong"), said.get("wall")
         if type(ping) is float:
             self.transport.send(peer, self._hello_frame(self.clocks.pong(ping)), urgent=True)
@@ -541,7 +553,7 @@ class RaftNode:
         than a task per proposal (the leader serves one for every forwarded Accept,
         BeginDot and Outcome)."""
         try:
-            fut = self._enqueue(envelope)
+            fut = self._enqueue(envelope, peer)
         except RaftError as exc:
             self._send_answer(peer, req, b"", exc)
             return
@@ -601,17 +613,21 @@ class RaftNode:
             self._wake.clear()
             self._flush_proposals()
             while self.core.has_ready():
+                durable = self.core.log.persisted  # by the Readies before this one
                 rd = self.core.ready()
                 if rd.snapshot is not None and self._snap_task is not None:
                     await self._snap_task  # never install over a snapshot being cut
                 early = self._send_early(rd)
+                applied = 0
                 if rd.must_sync():
                     began = time.monotonic()
-                    await loop.run_in_executor(None, self.persist, rd)
+                    saving = loop.run_in_executor(None, self.persist, rd)
+                    applied = self._apply_durable(rd, durable)  # while the thread writes
+                    await saving
                     self.on_fsync(time.monotonic() - began)
                 elif rd.hard_state is not None:
                     self.persist(rd)  # a commit index only: written, not fsynced
-                self._handle(rd, early)
+                self._handle(rd, early, applied)
                 self._flush_proposals()  # what arrived during the fsync: the next batch
 
     def _send_early(self, rd: Ready) -> int:
@@ -622,7 +638,8 @@ class RaftNode:
             return 0
         sent = 0
         for m in rd.messages:
-            if not isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
+            # A Persisted speaks of writes done before this Ready: it need not wait either.
+            if not isinstance(m, AppendEntries | Heartbeat | InstallSnapshot | Persisted):
                 break
             self._send_raft(m)
             sent += 1
@@ -636,13 +653,28 @@ class RaftNode:
         urgent = not isinstance(m, AppendEntries | InstallSnapshot)
         self.transport.send(m.to, _RAFT + codec.encode_message(m), urgent=urgent)
 
-    def _handle(self, rd: Ready, early: int) -> None:
+    def _apply_durable(self, rd: Ready, durable: int) -> int:
+        """Apply the committed entries this node had already made durable, before the
+        fsync of this Ready's new ones: a 250 waiting on one does not wait for a write
+        it has nothing to do with (often the next message's, or a delivery's). Returns
+        how many were applied."""
+        if rd.snapshot is not None:
+            return 0
+        done = 0
+        for e in rd.committed_entries:
+            if e.index > durable:
+                break
+            self._apply(e)
+            done += 1
+        return done
+
+    def _handle(self, rd: Ready, early: int, applied: int = 0) -> None:
         for m in rd.messages[early:]:
             self._send_raft(m)
         if rd.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(rd.snapshot))
             self.sm_applied = rd.snapshot.index
-        for e in rd.committed_entries:
+        for e in rd.committed_entries[applied:]:
             self._apply(e)
         for rs in rd.read_states:
             fut = self._reads.get(rs.context)

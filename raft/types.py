@@ -180,6 +180,14 @@ class ReadIndexResponse(Message):
     index: int
 
 
+@dataclass(slots=True, frozen=True)
+class Persisted(Message):
+    """The leader's log is durable up to `index`: sent to a follower whose proposals the
+    leader appended, which can then count their commit itself (Raft.count_commit)."""
+
+    index: int
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     RequestVote,
     RequestVoteResponse,
@@ -192,6 +200,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     TimeoutNow,
     ReadIndexRequest,
     ReadIndexResponse,
+    Persisted,  # new types go last: a type's code is its place here
 )
 
 

@@ -363,14 +363,17 @@ class World:
         node = self.client_rng.choice(up)
         core = node.core
         assert core is not None
+        notify: tuple[NodeId, ...] = ()
         if core.lead is not None and self.client_rng.random() < 0.5:
             leader = self.nodes[core.lead]  # a client that follows the redirect
             if leader.core is not None:
+                # As a node's runtime forwards it: the follower asked is told (Persisted).
+                notify = (node.id,)
                 node, core = leader, leader.core
         self._counter += 1
         try:
             if self.client_rng.random() < 0.75:
-                index, term = core.propose(b"v%d" % self._counter)
+                index, term = core.propose(b"v%d" % self._counter, notify)
                 self.note("propose", node.id, index, term)
                 self.count("proposed")
                 if not self.faulting and self.heal_proposal is None:

@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 import cbor2
 import pytest
 
+from raft import codec
 from raft.core import RaftError, Role
 from raft.kv import KV, put
 from raft.node import NodeConfig, RaftNode
 from raft.transport import Address
+from raft.types import AppendEntriesResponse
 from tests.integration.kvcluster import free_port, free_ports
 
 
@@ -262,6 +264,36 @@ async def _three(
         for node in nodes:
             if not node.stopped:
                 await node.stop()
+
+
+def test_a_follower_applies_its_proposal_though_the_leader_never_hears_its_ack(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The leader tells a follower that forwarded a proposal when its own copy is
+    durable (raft.types.Persisted): with the follower's copy that is a majority of
+    three, so the follower counts the commit itself, a round trip before the leader's
+    word would come. Here that word never comes: the third node is down and the leader
+    never hears the follower's acknowledgements, yet the proposal is applied."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            taker, third = (n for n in nodes if n is not leader)
+            await _until(lambda: taker.cfg.id in leader._counters)  # its hello arrived
+            await third.stop()
+            send = taker.transport.send
+
+            def deaf(to: str, payload: bytes, *, urgent: bool = False) -> None:
+                if payload[:1] != b"R" or not isinstance(
+                    codec.decode_message(payload[1:]), AppendEntriesResponse
+                ):
+                    send(to, payload, urgent=urgent)
+
+            taker.transport.send = deaf  # type: ignore[method-assign]
+            assert await taker.propose(put("k", b"v"), timeout=5) == b"k"
+            assert leader.core.log.committed < taker.core.log.committed == taker.applied
+
+    asyncio.run(run())
 
 
 async def _ready_for_a_change(nodes: list[RaftNode]) -> tuple[RaftNode, RaftNode, RaftNode]:

@@ -24,6 +24,7 @@ from raft.types import (
     Entry,
     HardState,
     InstallSnapshot,
+    Persisted,
     RequestVote,
     RequestVoteResponse,
 )
@@ -189,6 +190,96 @@ def test_figure_7_leader_brings_every_follower_log_in_line(follower: list[int]) 
     assert log_terms(net.core("f")) == [*leader, 8]
     for i in range(1, 12):
         assert net.core("f").log.entry(i) == lead.log.entry(i)
+
+
+# ---------------------------------------------------------------- a follower counts (Persisted)
+
+
+def _leader_never_hears_from(net: Net, follower: str, leader: str = "a") -> None:
+    """The follower's acknowledgements are lost: only its own count can commit."""
+    net.cut.add((follower, leader))
+
+
+def test_a_forwarding_follower_commits_on_the_leaders_word_and_its_own_copy() -> None:
+    """Leader and follower both hold the entry durably: a majority of three. The
+    follower counts that itself, before the leader has heard its acknowledgement."""
+    net = Net(["a", "b", "c"], **PAPER)
+    a = net.elect("a")
+    net.isolate("c")
+    _leader_never_hears_from(net, "b")
+    index, _ = a.propose(b"x", notify=["b"])
+    net.persist("a")
+    net.stabilize()
+    assert a.log.committed < index
+    assert net.core("b").log.committed == index and net.nodes["b"].values() == [b"x"]
+    # A proposal nobody asked to be told of waits for the leader's word, as always.
+    later, _ = a.propose(b"y")
+    net.persist("a")
+    net.stabilize()
+    assert net.core("b").log.committed == index < later
+
+
+def test_a_follower_counts_its_own_copy_only_once_it_is_durable() -> None:
+    net = Net(["a", "b", "c"], **PAPER)
+    a = net.elect("a")
+    net.isolate("c")
+    _leader_never_hears_from(net, "b")
+    index, _ = a.propose(b"x", notify=["b"])
+    net.persist("a")
+    b = net.core("b")
+    for m in [m for m in net.queue if m.to == "b"]:
+        b.step(m)  # the entry and the leader's word, before b's own write
+    assert b.log.last_index() == index and b.log.persisted < index
+    assert b.log.committed < index
+    net.persist("b")  # the write, then the count
+    assert b.log.committed == index and net.nodes["b"].values() == [b"x"]
+
+
+def test_a_follower_counts_no_entry_of_an_earlier_term() -> None:
+    """§5.4.2 holds for the follower's count too: index 2 (term 2) is on the leader and
+    on this follower, but only the leader's no-op of term 3 may be committed by counting."""
+    net = net_with_logs({"a": [1, 2], "b": [1, 2], "c": [1]}, term=2, **PAPER)
+    a = net.campaign("a")
+    while a.role is not Role.LEADER:
+        assert net.deliver_one()
+    _leader_never_hears_from(net, "b")
+    net.isolate("c")
+    net.stabilize()  # b appends the no-op; the leader commits nothing
+    b = net.core("b")
+    assert b.lead == "a" and b.log.last_index() == 3 and b.log.committed == 0
+    b.step(Persisted("a", "b", a.term, 2))
+    net.persist("b")
+    assert b.log.committed == 0
+    b.step(Persisted("c", "b", a.term, 3))  # not the leader: not believed
+    net.persist("b")
+    assert b.log.committed == 0
+    b.step(Persisted("a", "b", a.term, 3))
+    net.persist("b")
+    assert b.log.committed == 3 and a.log.committed == 0
+
+
+def test_two_copies_are_not_a_majority_of_five() -> None:
+    net = Net(["a", "b", "c", "d", "e"], **PAPER)
+    a = net.elect("a")
+    for nid in "cde":
+        net.isolate(nid)
+    _leader_never_hears_from(net, "b")
+    index, _ = a.propose(b"x", notify=["b"])
+    net.persist("a")
+    net.stabilize()
+    assert net.core("b").log.last_index() == index
+    assert net.core("b").log.committed < index and a.log.committed < index
+
+
+def test_a_learner_does_not_count_itself() -> None:
+    net = Net(["a", "c"], learners=("b",), **PAPER)
+    a = net.elect("a")
+    net.isolate("c")
+    _leader_never_hears_from(net, "b")
+    index, _ = a.propose(b"x", notify=["b"])
+    net.persist("a")
+    net.stabilize()
+    assert net.core("b").log.last_index() == index and net.core("b").log.committed < index
 
 
 # ---------------------------------------------------------------- §5.4.2 figure 8
