@@ -337,7 +337,8 @@ class Raft:
         return rd
 
     def advance(self, rd: Ready) -> None:
-        """The runtime has persisted, sent and applied everything in `rd`."""
+        """The runtime has persisted and sent everything in `rd` (it may apply the
+        committed entries after)."""
         if rd.entries:
             last = rd.entries[-1]
             if self.log.term(last.index) == last.term:
@@ -348,6 +349,14 @@ class Raft:
             self._send_persisted()
         else:
             self._count_commit()
+
+    def take_notices(self) -> list[Persisted]:
+        """The Persisted messages waiting for the next Ready, for a runtime that sends
+        them at once: they speak of writes already done. Every other message stays."""
+        notices = [m for m in self._msgs if isinstance(m, Persisted)]
+        if notices:
+            self._msgs = [m for m in self._msgs if not isinstance(m, Persisted)]
+        return notices
 
     def _send_persisted(self) -> None:
         durable = self.log.persisted

@@ -674,13 +674,16 @@ class RaftNode:
         if rd.snapshot is not None:
             self._restore(self.storage.snapshot_chunks(rd.snapshot))
             self.sm_applied = rd.snapshot.index
+        self.core.advance(rd)
+        # Before applying, which on a leader may take a while: a follower waits on it.
+        for m in self.core.take_notices():
+            self._send_raft(m)
         for e in rd.committed_entries[applied:]:
             self._apply(e)
         for rs in rd.read_states:
             fut = self._reads.get(rs.context)
             if fut is not None and not fut.done():
                 self._read_points.append((rs.index, fut))
-        self.core.advance(rd)
         self._release_reads()
         if rd.snapshot_due:
             self._take_snapshot()
