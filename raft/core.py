@@ -378,7 +378,7 @@ class Raft:
             return
         known = self._leader_match
         durable = {
-            self.id: min(self.log.persisted, known),
+            self.id: min(self._own_durable(), known),
             self.lead: min(self._leader_persisted, known),
         }
         index = quorum.committed_index(self.log.conf_at(known).voters, lambda v: durable.get(v, 0))
@@ -398,6 +398,10 @@ class Raft:
     def _can_commit(self, index: int) -> bool:
         """Raft §5.4.2: only an entry of the leader's own term is committed by counting."""
         return self.log.term(index) == self.term
+
+    def _own_durable(self) -> int:
+        """How far this node's log is on disk, for a follower counting a commit."""
+        return self.log.persisted
 
     def _vote_log_ok(self, m: RequestVote) -> bool:
         return self.log.is_up_to_date(m.last_index, m.last_term)

@@ -10,7 +10,9 @@ The oracle records every entry as soon as any node's commit index covers it. Fro
 - Committed entries are safe: no node lacking a committed entry has a log at least as
   up to date as a majority of voters, so none could be elected and lose it. This is the
   inductive invariant behind Leader Completeness; checking it when an entry commits
-  catches a premature commit (Raft figure 8) before the unlucky election happens.
+  catches a premature commit (Raft figure 8) before the unlucky election happens. It is
+  checked twice: over the logs as they are, and over the disks alone (every node
+  crashed at once), which catches a commit counted on a copy not yet written.
 - Linearizable reads: a ReadIndex answer is at least the highest commit index any node
   knew when the read was invoked.
 """
@@ -64,8 +66,13 @@ class LogView:
 
 
 class Checker:
-    def __init__(self, views: Callable[[], Mapping[NodeId, LogView]]) -> None:
+    def __init__(
+        self,
+        views: Callable[[], Mapping[NodeId, LogView]],
+        disk_views: Callable[[], Mapping[NodeId, LogView]] | None = None,
+    ) -> None:
         self.views = views
+        self.disk_views = disk_views
         self.leaders: dict[int, NodeId] = {}
         self.committed: list[tuple[int, int, bytes]] = []  # index-1 -> (term, kind, data)
         self.chains: list[int] = [0]  # chains[i]: fingerprint of entries 1..i
@@ -95,8 +102,20 @@ class Checker:
 
     def check_durable(self, node: NodeId, voters: tuple[NodeId, ...], index: int) -> None:
         """No voter lacking committed entry `index` could win an election."""
+        self._check_durable(node, voters, index, self.views())
+        if self.disk_views is not None:
+            self._check_durable(node, voters, index, self.disk_views(), where=" on disk")
+
+    def _check_durable(
+        self,
+        node: NodeId,
+        voters: tuple[NodeId, ...],
+        index: int,
+        views: Mapping[NodeId, LogView],
+        *,
+        where: str = "",
+    ) -> None:
         term = self.committed[index - 1][0]
-        views = self.views()
         lasts = {v: (views[v].last_term, views[v].last_index) for v in voters if v in views}
         for x in voters:
             if x not in views or views[x].holds(index, term):
@@ -105,8 +124,8 @@ class Checker:
             if supporters > len(voters) // 2:
                 raise Violation(
                     "committed entry at risk",
-                    f"{node} committed {index} (term {term}) but {x}, lacking it, has a log "
-                    f"as up to date as {supporters} of {len(voters)} voters",
+                    f"{node} committed {index} (term {term}) but {x}, lacking it{where}, has "
+                    f"a log{where} as up to date as {supporters} of {len(voters)} voters",
                 )
 
     # ---- per-event checks

@@ -153,7 +153,7 @@ class World:
         self.nodes = {nid: SimNode(nid, Disk()) for nid in self.ids}
         self.blocked: set[tuple[NodeId, NodeId]] = set()
         self.drop, self.duplicate = opts.drop, opts.duplicate
-        self.checker = Checker(self.log_views)
+        self.checker = Checker(self.log_views, self.disk_views)
         self.faulting = True
         self.stats: dict[str, int] = {}
         self.trace: list[tuple[Any, ...]] = []
@@ -184,6 +184,9 @@ class World:
             else:
                 views[n.id] = n.disk.view()
         return views
+
+    def disk_views(self) -> dict[NodeId, LogView]:
+        return {n.id: n.disk.view() for n in self.nodes.values()}
 
     def cores(self) -> dict[NodeId, Raft]:
         return {n.id: n.core for n in self.nodes.values() if n.core is not None}

@@ -37,9 +37,17 @@ class AppliesBeforeCommit(Raft):
         return self.log.handed
 
 
+class CountsItsCopyBeforeItIsDurable(Raft):
+    """(e) A follower counts its own copy towards a commit (Persisted) before writing it."""
+
+    def _own_durable(self) -> int:
+        return self.log.last_index()
+
+
 MUTANTS: dict[str, type[Raft]] = {
     "commit-old-term": CommitsOldTermByCounting,
     "vote-without-log-check": VotesWithoutLogCheck,
     "vote-not-persisted": ForgetsToPersistVote,
     "apply-before-commit": AppliesBeforeCommit,
+    "count-copy-not-durable": CountsItsCopyBeforeItIsDurable,
 }
