@@ -296,6 +296,43 @@ def test_a_follower_applies_its_proposal_though_the_leader_never_hears_its_ack(
     asyncio.run(run())
 
 
+def test_a_peer_whose_hello_does_not_say_counts_is_never_sent_persisted(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A node of an older release cannot decode a Persisted (it would log each one as
+    undecodable): its hello lacks "counts", and its proposals commit the old way."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            old = next(n for n in nodes if n is not leader)
+            hello = old._hello_frame
+
+            def older_hello(more: dict[str, float]) -> bytes:
+                said = cbor2.loads(hello(more)[1:])
+                del said["counts"]
+                return b"V" + cbor2.dumps(said)
+
+            old._hello_frame = older_hello  # type: ignore[method-assign]
+            leader._hello(old.cfg.id, cbor2.loads(older_hello({})[1:]))
+            assert old.cfg.id not in leader._counters
+            sent: list[bytes] = []
+            send = leader.transport.send
+
+            def watched(to: str, payload: bytes, *, urgent: bool = False) -> None:
+                if to == old.cfg.id and payload[:1] == b"R":
+                    sent.append(payload)
+                send(to, payload, urgent=urgent)
+
+            leader.transport.send = watched  # type: ignore[method-assign]
+            for k in range(5):
+                assert await old.propose(put(f"k{k}", b"v"), timeout=5) == f"k{k}".encode()
+            kinds = {type(codec.decode_message(p[1:])).__name__ for p in sent}
+            assert "AppendEntries" in kinds and "Persisted" not in kinds
+
+    asyncio.run(run())
+
+
 async def _ready_for_a_change(nodes: list[RaftNode]) -> tuple[RaftNode, RaftNode, RaftNode]:
     """The leader and the two others, once the leader has committed an entry of its own
     term: a membership change needs one first."""
