@@ -195,20 +195,24 @@ def test_figure_7_leader_brings_every_follower_log_in_line(follower: list[int]) 
 # ---------------------------------------------------------------- a follower counts (Persisted)
 
 
-def _leader_never_hears_from(net: Net, follower: str, leader: str = "a") -> None:
-    """The follower's acknowledgements are lost: only its own count can commit."""
-    net.cut.add((follower, leader))
+def _b_forwards_x(voters: list[str], learners: tuple[str, ...] = ()) -> tuple[Net, Raft, int]:
+    """`a` leads and durably appends x, which b forwarded. b's acknowledgements are lost
+    and every other node is cut off: only b's own count can commit x on b."""
+    net = Net(voters, learners=learners, **PAPER)
+    a = net.elect("a")
+    for nid in net.nodes:
+        if nid not in ("a", "b"):
+            net.isolate(nid)
+    net.cut.add(("b", "a"))
+    index, _ = a.propose(b"x", notify=["b"])
+    net.persist("a")
+    return net, a, index
 
 
 def test_a_forwarding_follower_commits_on_the_leaders_word_and_its_own_copy() -> None:
     """Leader and follower both hold the entry durably: a majority of three. The
     follower counts that itself, before the leader has heard its acknowledgement."""
-    net = Net(["a", "b", "c"], **PAPER)
-    a = net.elect("a")
-    net.isolate("c")
-    _leader_never_hears_from(net, "b")
-    index, _ = a.propose(b"x", notify=["b"])
-    net.persist("a")
+    net, a, index = _b_forwards_x(["a", "b", "c"])
     net.stabilize()
     assert a.log.committed < index
     assert net.core("b").log.committed == index and net.nodes["b"].values() == [b"x"]
@@ -220,12 +224,7 @@ def test_a_forwarding_follower_commits_on_the_leaders_word_and_its_own_copy() ->
 
 
 def test_a_follower_counts_its_own_copy_only_once_it_is_durable() -> None:
-    net = Net(["a", "b", "c"], **PAPER)
-    a = net.elect("a")
-    net.isolate("c")
-    _leader_never_hears_from(net, "b")
-    index, _ = a.propose(b"x", notify=["b"])
-    net.persist("a")
+    net, _, index = _b_forwards_x(["a", "b", "c"])
     b = net.core("b")
     for m in [m for m in net.queue if m.to == "b"]:
         b.step(m)  # the entry and the leader's word, before b's own write
@@ -242,7 +241,7 @@ def test_a_follower_counts_no_entry_of_an_earlier_term() -> None:
     a = net.campaign("a")
     while a.role is not Role.LEADER:
         assert net.deliver_one()
-    _leader_never_hears_from(net, "b")
+    net.cut.add(("b", "a"))  # b's acknowledgements are lost
     net.isolate("c")
     net.stabilize()  # b appends the no-op; the leader commits nothing
     b = net.core("b")
@@ -259,25 +258,14 @@ def test_a_follower_counts_no_entry_of_an_earlier_term() -> None:
 
 
 def test_two_copies_are_not_a_majority_of_five() -> None:
-    net = Net(["a", "b", "c", "d", "e"], **PAPER)
-    a = net.elect("a")
-    for nid in "cde":
-        net.isolate(nid)
-    _leader_never_hears_from(net, "b")
-    index, _ = a.propose(b"x", notify=["b"])
-    net.persist("a")
+    net, a, index = _b_forwards_x(["a", "b", "c", "d", "e"])
     net.stabilize()
     assert net.core("b").log.last_index() == index
     assert net.core("b").log.committed < index and a.log.committed < index
 
 
 def test_a_learner_does_not_count_itself() -> None:
-    net = Net(["a", "c"], learners=("b",), **PAPER)
-    a = net.elect("a")
-    net.isolate("c")
-    _leader_never_hears_from(net, "b")
-    index, _ = a.propose(b"x", notify=["b"])
-    net.persist("a")
+    net, _, index = _b_forwards_x(["a", "c"], learners=("b",))
     net.stabilize()
     assert net.core("b").log.last_index() == index and net.core("b").log.committed < index
 
