@@ -654,10 +654,10 @@ class RaftNode:
         self.transport.send(m.to, _RAFT + codec.encode_message(m), urgent=urgent)
 
     def _apply_durable(self, rd: Ready, durable: int) -> int:
-        """Apply the committed entries this node had already made durable, before the
-        fsync of this Ready's new ones: a 250 waiting on one does not wait for a write
-        it has nothing to do with (often the next message's, or a delivery's). Returns
-        how many were applied."""
+        """Apply the committed entries this node had already made durable while the
+        thread writes this Ready's new ones, not after: a 250 waiting on one does not
+        wait for a write it has nothing to do with (often the next message's, or a
+        delivery's). Returns how many were applied."""
         if rd.snapshot is not None:
             return 0
         done = 0
