@@ -235,9 +235,12 @@ class RaftNode:
                 self.transport.send(peer, ping, urgent=True)
 
     def _hello_frame(self, more: dict[str, float]) -> bytes:
-        # "counts": this node reads Persisted notices; a node of an older release is
-        # never sent one (it would log each as undecodable).
-        return _HELLO + cbor2.dumps({"format": self.cfg.format, "counts": True, **more})
+        # What this node reads that a node of an older release does not: Persisted
+        # notices ("counts"; it would log each as undecodable) and payloads in pieces
+        # ("pieces"; it would refuse the connection). Each is sent only to a peer that
+        # said so.
+        mine = {"format": self.cfg.format, "counts": True, "pieces": True}
+        return _HELLO + cbor2.dumps({**mine, **more})
 
     # ================================================================ API
 
@@ -542,6 +545,7 @@ class RaftNode:
             self._counters.add(peer)
         else:
             self._counters.discard(peer)
+        self.transport.set_reads_pieces(peer, said.get("pieces") is True)
         ping, pong, wall = said.get("ping"), said.get("pong"), said.get("wall")
         if type(ping) is float:
             self.transport.send(peer, self._hello_frame(self.clocks.pong(ping)), urgent=True)

@@ -32,7 +32,8 @@ MAGIC = b"SMTPCLUSTER-RAFT-1"
 _LEN = struct.Struct("<I")
 MAC_BYTES = 16
 MAX_FRAME = 64 << 20  # the largest payload; larger is an attack or a bug
-# A payload over WHOLE_MAX goes in pieces of PIECE_BYTES, and urgent payloads queued
+# A payload over WHOLE_MAX goes in pieces of PIECE_BYTES (to a peer that said it reads
+# them: Transport.set_reads_pieces), and urgent payloads queued
 # meanwhile (heartbeats, votes, answers) go between the pieces: behind a 40 MiB entry in
 # one piece, a heartbeat arrived after the election timeout, and elections followed.
 # Each piece's header says it is one (_MORE) or the last one (_LAST), under its MAC.
@@ -185,6 +186,9 @@ class _Peer:
         self.task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.connected = False
+        # Whether the peer said it reads pieces: a release before them refuses a piece's
+        # header as an oversized frame, so until then a large payload goes whole.
+        self.pieces = False
 
 
 class Transport:
@@ -247,6 +251,12 @@ class Transport:
             peer.dropped += 1
         queue.append(payload)
         peer.ready.set()
+
+    def set_reads_pieces(self, node: NodeId, reads: bool) -> None:
+        """What the peer said (in its hello): whether it reads payloads in pieces."""
+        peer = self._peers.get(node)
+        if peer is not None:
+            peer.pieces = reads
 
     def is_connected(self, node: NodeId) -> bool:
         peer = self._peers.get(node)
@@ -316,7 +326,7 @@ class Transport:
             frames = _sealed(peer.urgent, session)
             while peer.queue:
                 payload = peer.queue.popleft()
-                if len(payload) <= WHOLE_MAX:
+                if len(payload) <= WHOLE_MAX or not peer.pieces:
                     frames.append(session.seal(payload))
                     continue
                 writer.write(b"".join(frames))

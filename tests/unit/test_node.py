@@ -296,11 +296,12 @@ def test_a_follower_applies_its_proposal_though_the_leader_never_hears_its_ack(
     asyncio.run(run())
 
 
-def test_a_peer_whose_hello_does_not_say_counts_is_never_sent_persisted(
+def test_a_peer_whose_hello_is_an_older_releases_gets_neither_persisted_nor_pieces(
     tmp_path: pathlib.Path,
 ) -> None:
     """A node of an older release cannot decode a Persisted (it would log each one as
-    undecodable): its hello lacks "counts", and its proposals commit the old way."""
+    undecodable) nor read a payload in pieces (it would refuse the connection): its
+    hello lacks "counts" and "pieces", and its proposals commit the old way."""
 
     async def run() -> None:
         async with _three(tmp_path) as (nodes, _):
@@ -310,12 +311,14 @@ def test_a_peer_whose_hello_does_not_say_counts_is_never_sent_persisted(
 
             def older_hello(more: dict[str, float]) -> bytes:
                 said = cbor2.loads(hello(more)[1:])
-                del said["counts"]
+                del said["counts"], said["pieces"]
                 return b"V" + cbor2.dumps(said)
 
             old._hello_frame = older_hello  # type: ignore[method-assign]
             leader._hello(old.cfg.id, cbor2.loads(older_hello({})[1:]))
             assert old.cfg.id not in leader._counters
+            reads_pieces = {n: p.pieces for n, p in leader.transport._peers.items()}
+            assert reads_pieces == {n.cfg.id: n is not old for n in nodes if n is not leader}
             sent: list[bytes] = []
             send = leader.transport.send
 

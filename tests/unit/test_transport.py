@@ -202,12 +202,44 @@ def test_a_large_payload_goes_in_pieces_and_urgent_ones_pass_it() -> None:
     async def run() -> None:
         a, b, got = await _pair(b"k" * 32, b"k" * 32)
         await _eventually(lambda: a.is_connected("b"))
+        a.set_reads_pieces("b", True)
         big = os.urandom(5 * PIECE_BYTES + 12345)
         a.send("b", big)
         a.send("b", b"after")
         a.send("b", b"heartbeat", urgent=True)
         await _eventually(lambda: len(got) == 3)
         assert [f for _, f in got] == [b"heartbeat", big, b"after"]
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+def test_a_peer_that_has_not_said_it_reads_pieces_gets_a_large_payload_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release before pieces refuses a piece's header as an oversized frame, and
+    with it the connection: until the peer's hello says "pieces", it gets whole frames."""
+    pieces: list[int] = []
+    seal = _Session.seal
+
+    def counted(self: _Session, payload: bytes, piece: int = 0) -> bytes:
+        pieces.append(piece)
+        return seal(self, payload, piece)
+
+    monkeypatch.setattr(_Session, "seal", counted)
+
+    async def run() -> None:
+        a, b, got = await _pair(b"k" * 32, b"k" * 32)
+        await _eventually(lambda: a.is_connected("b"))
+        big = os.urandom(3 * PIECE_BYTES)
+        a.send("b", big)
+        await _eventually(lambda: len(got) == 1)
+        assert got == [("a", big)] and not any(pieces)
+        a.set_reads_pieces("b", True)
+        a.send("b", big)
+        await _eventually(lambda: len(got) == 2)
+        assert got[1] == ("a", big) and sum(1 for p in pieces if p) == 3
         await a.close()
         await b.close()
 
