@@ -40,7 +40,6 @@ from raft.types import (
     InstallSnapshot,
     Message,
     NodeId,
-    Persisted,
     Ready,
     RequestVote,
     SnapshotMeta,
@@ -642,8 +641,7 @@ class RaftNode:
             return 0
         sent = 0
         for m in rd.messages:
-            # A Persisted speaks of writes done before this Ready: it need not wait either.
-            if not isinstance(m, AppendEntries | Heartbeat | InstallSnapshot | Persisted):
+            if not isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
                 break
             self._send_raft(m)
             sent += 1

@@ -33,9 +33,9 @@ _LEN = struct.Struct("<I")
 MAC_BYTES = 16
 MAX_FRAME = 64 << 20  # the largest payload; larger is an attack or a bug
 # A payload over WHOLE_MAX goes in pieces of PIECE_BYTES (to a peer that said it reads
-# them: Transport.set_reads_pieces), and urgent payloads queued
-# meanwhile (heartbeats, votes, answers) go between the pieces: behind a 40 MiB entry in
-# one piece, a heartbeat arrived after the election timeout, and elections followed.
+# them: Transport.set_reads_pieces), and urgent payloads queued meanwhile (heartbeats,
+# votes, answers) go between the pieces: behind a 40 MiB entry in one piece, a heartbeat
+# arrived after the election timeout, and elections followed.
 # Each piece's header says it is one (_MORE) or the last one (_LAST), under its MAC.
 WHOLE_MAX = 2 << 20
 PIECE_BYTES = 1 << 20

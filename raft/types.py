@@ -183,7 +183,7 @@ class ReadIndexResponse(Message):
 @dataclass(slots=True, frozen=True)
 class Persisted(Message):
     """The leader's log is durable up to `index`: sent to a follower whose proposals the
-    leader appended, which can then count their commit itself (Raft.count_commit)."""
+    leader appended, which can then count their commit itself (Raft._count_commit)."""
 
     index: int
 
