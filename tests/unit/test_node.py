@@ -20,6 +20,7 @@ from raft import codec
 from raft.core import RaftError, Role
 from raft.kv import KV, put
 from raft.node import NodeConfig, RaftNode
+from raft.progress import ProgressState
 from raft.transport import Address
 from raft.types import AppendEntriesResponse
 from tests.integration.kvcluster import free_port, free_ports
@@ -280,6 +281,18 @@ def test_a_follower_applies_its_proposal_though_the_leader_never_hears_its_ack(
             leader = next(n for n in nodes if n.core.role is Role.LEADER)
             taker, third = (n for n in nodes if n is not leader)
             await _until(lambda: taker.cfg.id in leader._counters)  # its hello arrived
+
+            # Caught up first: a leader still probing it would resend from below what it
+            # counted committed, which it answers only with an ack the leader never hears.
+            def caught_up() -> bool:
+                pr = leader.core.prs.get(taker.cfg.id)
+                return (
+                    pr is not None
+                    and pr.state is ProgressState.REPLICATE
+                    and pr.match == leader.core.log.last_index()
+                )
+
+            await _until(caught_up)
             await third.stop()
             send = taker.transport.send
 
