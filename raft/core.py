@@ -174,6 +174,8 @@ class Raft:
         # known to be the leader's in this term, and how far the leader said its own is
         # durable.
         self._notify: dict[NodeId, int] = {}
+        # A leader: followers waiting on a proposal they forwarded, and its index.
+        self._await_commit: dict[NodeId, int] = {}
         self._told = 0  # the newest index a Persisted sent in this term named
         self._leader_match = 0
         self._leader_persisted = 0
@@ -222,16 +224,26 @@ class Raft:
             self._become_candidate()
             self._request_votes(self.term, pre_vote=False, transfer=transfer)
 
-    def propose(self, data: bytes, notify: Iterable[NodeId] = ()) -> tuple[int, int]:
+    def propose(
+        self, data: bytes, notify: Iterable[NodeId] = (), waiting: Iterable[NodeId] = ()
+    ) -> tuple[int, int]:
         """Append `data` to the log. Returns (index, term): it is committed when the entry
         applied at `index` has `term`. Raises NotLeader or TransferInProgress.
 
         `notify`: followers (those that forwarded the proposal) to send a Persisted once
-        this node's log holds it durably, so that they count its commit themselves."""
+        this node's log holds it durably, so that they count its commit themselves.
+        `waiting`: every follower that forwarded it. One that cannot count its commit
+        itself is told of the commit at once, not up to a tick later (_announce_commit)."""
         index, term = self._propose_entry(EntryKind.NORMAL, data)
+        notify = set(notify)
         for node in notify:
             if node != self.id and node in self.prs:
                 self._notify[node] = index
+        # {leader, follower} is a majority only of two or three voters.
+        counts = len(self.conf().voters) <= 3
+        for node in waiting:
+            if node != self.id and node in self.prs and not (counts and node in notify):
+                self._await_commit[node] = index
         return index, term
 
     def propose_conf_change(self, change: ConfChange) -> tuple[int, int]:
@@ -345,7 +357,7 @@ class Raft:
                 self.log.persisted = max(self.log.persisted, last.index)
         if self.role is Role.LEADER:
             if self._maybe_commit():
-                self._need_bcast = True
+                self._announce_commit()
             self._send_persisted()
         else:
             self._count_commit()
@@ -427,6 +439,7 @@ class Raft:
         self._deferred_reads = []
         self._need_bcast = False
         self._notify = {}
+        self._await_commit = {}
         self._told = self._leader_match = self._leader_persisted = 0
 
     def _become_follower(self, term: int, lead: NodeId | None) -> None:
@@ -647,6 +660,7 @@ class Raft:
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat(b"")
+        self._tell_commit()
         if self.election_elapsed < self.cfg.election_ticks:
             return
         self.election_elapsed = 0
@@ -702,7 +716,7 @@ class Raft:
         elif pr.state is ProgressState.SNAPSHOT and pr.snapshot and pr.match >= pr.snapshot.index:
             pr.become_probe()
         if self._maybe_commit():
-            self._bcast_append()
+            self._announce_commit()
         else:
             while self._send_append(m.frm, send_empty=False):
                 pass
@@ -793,10 +807,31 @@ class Raft:
         for node in self.prs:
             self._send_append(node)
 
+    def _announce_commit(self) -> None:
+        """A new commit index reaches followers with the next entries sent to them. An
+        AppendEntries for the commit alone, and the answer to it, cost each node a frame
+        each way per commit: about a sixth of the CPU per accepted message. It goes at
+        once only to a follower waiting on a proposal it forwarded and cannot count;
+        the others get it within a tick (_tell_commit) if no entries came first."""
+        for node in self.prs:
+            want = self._await_commit.get(node)
+            due = want is not None and want <= self.log.committed
+            if due:
+                del self._await_commit[node]
+            self._send_append(node, send_empty=due)
+
+    def _tell_commit(self) -> None:
+        """Each tick: a follower that has entries it does not know are committed hears
+        of it now (its apply, its reads and its deliveries wait on it)."""
+        for node, pr in self.prs.items():
+            if pr.told_commit < min(pr.match, self.log.committed):
+                self._send_append(node)
+
     def _bcast_heartbeat(self, context: bytes) -> None:
         for node, pr in self.prs.items():
             commit = min(pr.match, self.log.committed)
             self._send(Heartbeat(self.id, node, self.term, commit, context))
+            pr.told_commit = max(pr.told_commit, commit)
 
     def _send_append(self, to: NodeId, send_empty: bool = True) -> bool:
         """Send what `to` needs next. Returns True if entries (or a chunk) were sent."""
@@ -823,6 +858,7 @@ class Raft:
             self.id, to, self.term, pr.next - 1, prev_term, tuple(entries), self.log.committed
         )
         self._send(msg)
+        pr.told_commit = self.log.committed
         if entries:
             pr.sent_entries(entries[-1].index)
         elif pr.state is ProgressState.PROBE:

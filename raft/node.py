@@ -307,9 +307,9 @@ class RaftNode:
     ) -> None:
         single = len(batch) == 1
         data = batch[0][0] if single else cbor2.dumps([_BATCH, [env for env, _, _ in batch]])
-        notify = {origin for _, _, origin in batch if origin in self._counters}
+        origins = {origin for _, _, origin in batch if origin is not None}
         try:
-            index, term = self.core.propose(data, notify)
+            index, term = self.core.propose(data, origins & self._counters, origins)
         except RaftError as exc:
             for _, fut, _ in batch:
                 if not fut.done():

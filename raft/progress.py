@@ -30,6 +30,7 @@ class Progress:
     probe_sent: bool = False  # PROBE: an append is in flight, wait for its answer
     inflight: list[int] = field(default_factory=list)  # REPLICATE: last index of each message
     recent_active: bool = True
+    told_commit: int = 0  # the highest commit index sent to it (entries or heartbeat)
     snapshot: SnapshotMeta | None = None
     snapshot_offset: int = 0
 

@@ -376,7 +376,7 @@ class World:
         self._counter += 1
         try:
             if self.client_rng.random() < 0.75:
-                index, term = core.propose(b"v%d" % self._counter, notify)
+                index, term = core.propose(b"v%d" % self._counter, notify, notify)
                 self.note("propose", node.id, index, term)
                 self.count("proposed")
                 if not self.faulting and self.heal_proposal is None:

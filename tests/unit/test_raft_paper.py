@@ -270,6 +270,67 @@ def test_a_learner_does_not_count_itself() -> None:
     assert net.core("b").log.last_index() == index and net.core("b").log.committed < index
 
 
+# ------------------------------------------------------- the commit index reaches followers
+
+QUIET = {**PAPER, "heartbeat_ticks": 5}  # a tick that is not also a heartbeat
+
+
+def _commit_only_appends(net: Net, to: str) -> int:
+    return sum(
+        1 for m in net.queue if isinstance(m, AppendEntries) and m.to == to and not m.entries
+    )
+
+
+def test_a_commit_rides_on_the_next_entries_or_goes_within_a_tick() -> None:
+    """No AppendEntries (and no answer to it) for a commit alone: followers hear of it
+    with the next entries, or at the leader's next tick if none came."""
+    net = Net(["a", "b", "c"], **QUIET)
+    a = net.elect("a")
+    net.tick("a", 5)  # the heartbeat that tells them the no-op committed
+    net.stabilize()
+    x, _ = net.propose("a", b"x")
+    net.stabilize()
+    assert a.log.committed == x
+    assert net.core("b").log.committed < x and net.core("c").log.committed < x
+    y, _ = net.propose("a", b"y")
+    assert all(m.commit == x for m in net.queue if isinstance(m, AppendEntries))
+    net.stabilize()
+    assert net.core("b").log.committed == x and net.nodes["b"].values() == [b"x"]
+    net.tick("a")
+    assert _commit_only_appends(net, "b") == 1 and _commit_only_appends(net, "c") == 1
+    net.stabilize()
+    assert net.core("b").log.committed == net.core("c").log.committed == y
+    net.tick("a")
+    assert not net.queue  # told once: nothing more until something new commits
+
+
+def test_a_follower_that_cannot_count_hears_of_its_proposals_commit_at_once() -> None:
+    """b forwarded x and waits on it. An older release (no Persisted) cannot count the
+    commit itself, nor can any follower of five voters: the leader tells b at once,
+    and only b."""
+    for voters, notify in ((["a", "b", "c"], ()), (["a", "b", "c", "d", "e"], ("b",))):
+        net = Net(voters, **QUIET)
+        a = net.elect("a")
+        index, _ = a.propose(b"x", notify=notify, waiting=["b"])
+        net.persist("a")
+        net.stabilize()
+        assert a.log.committed == index
+        assert net.core("b").log.committed == index and net.nodes["b"].values() == [b"x"]
+        assert net.core("c").log.committed < index
+
+
+def test_a_follower_that_counts_is_not_sent_the_commit() -> None:
+    net = Net(["a", "b", "c"], **QUIET)
+    a = net.elect("a")
+    net.tick("a", 5)
+    net.stabilize()
+    index, _ = a.propose(b"x", notify=["b"], waiting=["b"])
+    net.persist("a")
+    net.stabilize()
+    assert net.core("b").log.committed == index  # by its own count (Persisted)
+    assert net.core("c").log.committed < index
+
+
 # ---------------------------------------------------------------- §5.4.2 figure 8
 
 
