@@ -33,6 +33,7 @@ from smtpcluster.diskspace import NO_ROOM, DiskReserve, declared_size
 from smtpcluster.ratelimit import RateLimiter
 from smtpcluster.sessions import Sessions
 from smtpcluster.smtpdata import Data, DataState, read_data
+from smtpcluster.status_codes import with_status_code
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,21 @@ def _junk_command(name: str) -> Any:  # Any: it replaces methods of differing st
     return command
 
 
+def _greeting_command(name: str) -> Any:  # Any: as _junk_command's
+    """aiosmtpd's HELO or EHLO, its replies left without enhanced status codes."""
+    parent = getattr(SMTP, name)
+
+    @functools.wraps(parent)
+    async def command(self: FrontendSMTP, hostname: str) -> None:
+        self._in_helo = True
+        try:
+            await parent(self, hostname)
+        finally:
+            self._in_helo = False
+
+    return command
+
+
 class FrontendSMTP(SMTP):
     """aiosmtpd's SMTP with the RFC 5321 syntax it lets through refused, AUTH slowed
     down for addresses that keep failing, and Postfix's two session limits: too many
@@ -365,6 +381,8 @@ class FrontendSMTP(SMTP):
         self.settled.set()
         self._flush_due = False
         self.refusal: str | None = None  # over a session limit: the 421 to close with
+        self._greeted = False  # see _coded
+        self._in_helo = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         fresh = self.transport is None  # STARTTLS makes it again for the same session
@@ -418,7 +436,8 @@ class FrontendSMTP(SMTP):
         line, seven for an EHLO. A greeting (also STARTTLS's), 221 or 421 goes out at
         once: the connection changes or closes right after it."""
         if isinstance(status, str):
-            text, data = status, status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            text = self._coded(status)
+            data = text.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             text, data = status.decode("ascii", "replace"), status
         self._replies.append(data + b"\r\n")
@@ -434,6 +453,15 @@ class FrontendSMTP(SMTP):
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 await self._hang_up(TOO_MANY_ERRORS)
+
+    def _coded(self, status: str) -> str:
+        """`status` with an enhanced status code (smtpcluster.status_codes), but for the
+        greeting (a session's first reply) and the replies to HELO and EHLO: RFC 2034
+        exempts them."""
+        if not self._greeted:
+            self._greeted = True
+            return status
+        return status if self._in_helo else with_status_code(status)
 
     def _backlogged(self) -> bool:
         unsent = self._writer.transport.get_write_buffer_size()
@@ -460,6 +488,8 @@ class FrontendSMTP(SMTP):
         await self._hang_up(TOO_MANY_JUNK)
         return True
 
+    smtp_HELO = _greeting_command("smtp_HELO")
+    smtp_EHLO = _greeting_command("smtp_EHLO")
     smtp_NOOP = _junk_command("smtp_NOOP")
     smtp_RSET = _junk_command("smtp_RSET")
     smtp_VRFY = _junk_command("smtp_VRFY")

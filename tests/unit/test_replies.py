@@ -6,6 +6,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -98,10 +99,32 @@ def test_a_multiline_ehlo_reply_is_one_write() -> None:
 
 
 def test_pipelined_commands_get_their_replies_in_order_in_one_write() -> None:
-    writes = asyncio.run(converse(b"EHLO c.test\r\nNOOP\r\nBOGUS\r\nNOOP\r\n", b"250 OK"))
+    writes = asyncio.run(converse(b"EHLO c.test\r\nNOOP\r\nBOGUS\r\nNOOP\r\n", b"250 2.0.0 OK"))
     assert len(writes) == 2, writes
     replies = [line[:3] for line in writes[1].split(b"\r\n") if line[3:4] == b" "]
     assert replies == [b"250", b"250", b"500", b"250"]  # EHLO, NOOP, unknown command, NOOP
+
+
+def test_every_reply_but_the_greeting_and_ehlo_s_has_an_enhanced_status_code() -> None:
+    """RFC 2034, for the replies aiosmtpd writes itself, which lack one."""
+    session = (
+        b"EHLO c.test\r\nNOOP\r\nRSET\r\nVRFY a\r\nEXPN b\r\nHELP\r\nBOGUS\r\n"
+        b"RCPT TO:<c@d.test>\r\nMAIL FROM:<a@b.test> NOTIFY=NEVER\r\nHELO c.test\r\n"
+        b"QUIT\r\n"
+    )
+    writes = asyncio.run(converse(session, b"221"))
+    lines = [line.decode() for w in writes[1:] for line in w.split(b"\r\n") if line]
+    assert lines[0] == "250-reply.test", lines  # EHLO's lines: exempt
+    ehlo_end = lines.index("250 HELP")
+    helo = [k for k, line in enumerate(lines) if line == "250 reply.test"]
+    assert len(helo) == 1, lines  # HELO's one line: exempt
+    rest = [line for k, line in enumerate(lines) if k > ehlo_end and k != helo[0]]
+    assert [line[:3] for line in rest] == [
+        "250", "250", "252", "502", "250", "500", "503", "555", "221",
+    ], rest  # fmt: skip
+    for line in rest:
+        assert re.match(r"\d{3} [245]\.\d{1,3}\.\d{1,3} ", line), line
+    assert writes[0] == b"220 reply.test ESMTP smtpcluster\r\n"  # the greeting: exempt
 
 
 def test_quit_is_answered_at_once() -> None:
