@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import getpass
 import json
+import os
 import sys
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -212,10 +213,14 @@ def _queue(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
         return []
     if result["missing"]:
         raise AdminError(
-            f"{args.action}: {result['changed']} recipients changed; "
+            f"{args.action}: {_recipients(result['changed'])} changed; "
             f"not in the queue: {' '.join(result['missing'])}"
         )
-    return [f"{args.action}: {result['changed']} recipients changed"]
+    return [f"{args.action}: {_recipients(result['changed'])} changed"]
+
+
+def _recipients(n: int) -> str:
+    return "1 recipient" if n == 1 else f"{n} recipients"
 
 
 def _cluster(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
@@ -236,8 +241,20 @@ def _json_array(items: Iterable[dict[str, Any]]) -> Iterator[str]:
     yield "[]" if first else "]"
 
 
+# What a shell sees of a command killed by SIGPIPE, as `mailq | head` leaves mailq.
+READER_GONE = 128 + 13
+
+
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped (`queue list | head`): end quietly, not with a traceback
+        # and a second one when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = READER_GONE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

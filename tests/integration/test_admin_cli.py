@@ -4,6 +4,7 @@ queue and cluster commands from any node, --json that matches the spool, exit co
 from __future__ import annotations
 
 import json
+import os
 import signal
 import smtplib
 import subprocess
@@ -198,3 +199,24 @@ def test_usage_errors_exit_2(cluster: SmtpCluster) -> None:
     assert cli("queue", "hold", "--config", conf(cluster, "n1")).returncode == 2  # no ids
     assert cli("queue", "list").returncode == 2  # neither --config nor --admin
     assert cli("queue", "frobnicate").returncode == 2
+
+
+def test_a_reader_that_stops_early_ends_queue_list_quietly(cluster: SmtpCluster) -> None:
+    """`queue list | head`: no traceback when head has read enough and gone."""
+    send(cluster, "n1", ["early@reader.example"])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        out = subprocess.run(
+            [sys.executable, "-P", "-m", "smtpcluster.cli", "queue", "list", "--config",
+             conf(cluster, "n1")],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141, out.stderr  # as a command killed by SIGPIPE
+    assert out.stderr == ""
+    # A `queue hold` of one recipient says so in the singular.
+    ids = ok_json("queue", "list", "--domain", "reader.example", "--config", conf(cluster, "n2"))
+    held = cli("queue", "hold", ids[0]["id"], "--config", conf(cluster, "n2"))
+    assert held.returncode == 0 and held.stdout.strip() == "hold: 1 recipient changed", held
