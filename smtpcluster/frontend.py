@@ -63,6 +63,7 @@ BANNER = "ESMTP smtpcluster"
 MAX_HELD_REPLIES = 100  # a client pipelining more than this gets them written, drained
 MAX_UNSENT_BYTES = 64 << 10  # replies the client has not read: stop until it does
 BAD_ADDRESS_CHARS = frozenset('%!:"\\ ')
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def new_message_id(node: str) -> str:
@@ -289,7 +290,9 @@ class Handler:
             proto += "A"
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
         date = email.utils.formatdate(localtime=False, usegmt=True)
-        helo = session.host_name or "unknown"
+        # As Postfix prints it: a bare CR in the client's HELO name would end our header's
+        # line at a receiver and let the client write a trace field of its own above it.
+        helo = CONTROL_CHARS.sub("?", session.host_name or "unknown")
         return (
             f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
             f"with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
@@ -421,6 +424,10 @@ class FrontendSMTP(SMTP):
             if not (self.local_part_limit and len(local) > self.local_part_limit):
                 return m.group(1), m.group(2).lstrip()
         addr, rest = super()._getaddr(arg)
+        if addr and CONTROL_CHARS.search(addr):
+            # The email parser lets them through. aiosmtplib will not send one, so such
+            # a recipient would never leave; and a CR in it would end a line: 553.
+            return None, None
         return addr, rest
 
     def __dir__(self) -> list[str]:

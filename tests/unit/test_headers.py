@@ -16,7 +16,9 @@ from smtpcluster.frontend import FrontendSMTP, Handler, smtp_factory
 from tests.unit.test_replies import Wire, replied, until
 
 
-def submitted_body(message: bytes, trusted: bool, add: bool = True) -> bytes:
+def submitted_body(
+    message: bytes, trusted: bool, add: bool = True, helo: bytes = b"c.test"
+) -> bytes:
     """The body proposed for `message`, sent from 127.0.0.1 to an inbound domain."""
     networks = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
     cfg = SmtpSection(
@@ -35,8 +37,8 @@ def submitted_body(message: bytes, trusted: bool, add: bool = True) -> bytes:
         wire = Wire()
         proto.connection_made(wire)
         await until(lambda: len(wire.writes) == 1)
-        proto.data_received(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@inbound.test>\r\n"
-                            b"DATA\r\n")  # fmt: skip
+        proto.data_received(b"EHLO " + helo + b"\r\nMAIL FROM:<a@b.test>\r\n"
+                            b"RCPT TO:<u@inbound.test>\r\nDATA\r\n")  # fmt: skip
         await until(functools.partial(replied, wire, b"354"))
         proto.data_received(message + b".\r\n")
         await until(functools.partial(replied, wire, b"250 2.0.0"))
@@ -70,3 +72,13 @@ def test_nothing_is_added_from_elsewhere_or_when_present(trusted: bool) -> None:
 
 def test_the_operator_can_turn_it_off() -> None:
     assert b"Message-ID" not in submitted_body(BARE, trusted=True, add=False)
+
+
+def test_a_control_character_in_the_helo_name_is_not_written_into_received() -> None:
+    """A bare CR would end our Received line at a receiver (aiosmtplib itself turns it
+    into a CRLF when it relays), and the client's own trace field would stand above it."""
+    body = submitted_body(BARE, trusted=True, helo=b"evil\rX-Injected: yes\x00")
+    received = body.split(b"\r\n", 1)[0]
+    assert received == b"Received: from evil?X-Injected: yes? ([127.0.0.1])", received
+    head = body[: body.index(b"\r\n\r\n")]
+    assert head.count(b"\r") == head.count(b"\r\n") and b"\x00" not in head
