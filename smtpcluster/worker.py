@@ -155,17 +155,32 @@ class Worker:
 
     async def deliver(self, job: Job, ks: list[int]) -> None:
         mid, attempt, _, _ = job
+        fenced: list[bool] = []  # the fence passed: the final dot may have gone out
         try:
             async with self.slots:
                 began = time.monotonic()
-                results, remote = await self._attempt(mid, attempt, ks)
+                results, remote = await self._attempt(mid, attempt, ks, fenced)
             if results:
                 self._record(mid, attempt, results, remote, time.monotonic() - began)
                 await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))
-        except Exception:
+        except Exception as exc:
             log.exception("delivery of %s attempt %d failed unexpectedly", mid, attempt)
+            await self._failed(mid, attempt, ks, exc, dot_may_have_gone=bool(fenced))
         finally:
             self.inflight.discard(job)
+
+    async def _failed(
+        self, mid: str, attempt: int, ks: list[int], exc: Exception, *, dot_may_have_gone: bool
+    ) -> None:
+        """Settle an attempt that failed unexpectedly (a bug, or a recipient the client
+        library will not send): left assigned, it was tried again at every poll, 20
+        times a second, a traceback each, for as long as the message lived. Deferred, it
+        waits its turn in the retry schedule and expires as any other would."""
+        if dot_may_have_gone:
+            results = [self._crossed_dot(mid, k) for k in ks]
+        else:
+            results = self._defer(mid, ks, f"4.3.0 internal error: {type(exc).__name__}")
+        await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))
 
     def _record(
         self, mid: str, attempt: int, results: list[RcptResult], remote: str, took: float
@@ -182,8 +197,11 @@ class Worker:
                 took=f"{took:.3f}s",
             )  # fmt: skip
 
-    async def _attempt(self, mid: str, attempt: int, ks: list[int]) -> tuple[list[RcptResult], str]:
-        """The recipients' results, and the last host:port tried ("" for none)."""
+    async def _attempt(
+        self, mid: str, attempt: int, ks: list[int], fenced: list[bool]
+    ) -> tuple[list[RcptResult], str]:
+        """The recipients' results, and the last host:port tried ("" for none). Appends
+        to `fenced` once the fence has passed, before the final dot is sent."""
         spool = self.node.machine.spool
         msg = spool.messages.get(mid)
         if msg is None:
@@ -201,7 +219,9 @@ class Worker:
 
         async def fence(accepted: list[int]) -> bool:
             ok, definite = await self._begin_dot(mid, accepted, attempt)
-            if not ok and definite:
+            if ok:
+                fenced.append(True)
+            elif definite:
                 refused.append(True)
             return ok
 

@@ -3,13 +3,18 @@ servers in tests/integration/test_delivery.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
+import pytest
+
 from mailqueue.commands import Accept, Assign, Assignment, BeginDot
+from mailqueue.machine import SpoolMachine
 from mailqueue.policy import Policy
-from mailqueue.spool import Spool
+from mailqueue.spool import RcptState, Spool
 from smtpcluster.clock import ClusterClock
 from smtpcluster.worker import Worker
 
@@ -72,3 +77,60 @@ def test_transactions_split_by_destination_and_limit_and_never_regroup() -> None
     after = worker._transactions(spool.messages["m1"])
     for job, ks in after.items():
         assert set(ks) <= set(before[job])  # the rest stay where they were
+
+
+class Failing:
+    """A connection pool whose transaction raises what no SMTP failure raises (as
+    aiosmtplib's ValueError for a control character in an address), after passing the
+    fence or before it."""
+
+    def __init__(self, fence_first: bool) -> None:
+        self.fence_first = fence_first
+        self.calls = 0
+
+    async def deliver(self, job: object, fence: Callable[[list[int]], Awaitable[bool]]) -> None:
+        self.calls += 1
+        if self.fence_first:
+            assert await fence([0])
+        raise ValueError("Command arg contains a prohibited control character")
+
+
+@pytest.mark.parametrize("fence_first", [False, True])
+def test_an_attempt_that_fails_unexpectedly_is_settled_not_retried_at_once(
+    fence_first: bool,
+) -> None:
+    """It used to stay assigned, and the next poll (50 ms) tried it again, forever.
+    Deferred by the retry schedule instead; uncertain once its dot may have gone out
+    (on_uncertain = redeliver queues it again, the attempt counted)."""
+    machine = SpoolMachine()
+    spool = machine.spool
+    now = int(time.time() * 1000)
+    spool.apply(Accept(now, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
+    spool.apply(Assign(now, (Assignment("m1", 0, "a", 1),)))
+    index = iter(range(1, 1000))
+
+    async def propose(data: bytes, timeout: float) -> bytes:
+        return machine.apply(next(index), data)
+
+    delivery = SimpleNamespace(
+        concurrency=2, destination_concurrency=1, destination_recipient_limit=50,
+        smarthost="127.0.0.1:2525", routes={}, on_uncertain="redeliver", **SMARTHOST)  # fmt: skip
+    node = SimpleNamespace(
+        machine=machine, policy=Policy(retry_schedule_ms=(60_000,)),
+        raft=SimpleNamespace(propose=propose), clock=ClusterClock(lambda: spool.now),
+        cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=delivery,
+                            smtp=SimpleNamespace(hostname="w.test")),
+        metrics=None,
+    )  # fmt: skip
+    worker = Worker(cast("Node", node))
+    pool = Failing(fence_first)
+    worker.pool = pool  # type: ignore[assignment]
+    [(job, ks)] = worker._transactions(spool.messages["m1"]).items()
+    asyncio.run(worker.deliver(job, ks))
+    rcpt = spool.messages["m1"].rcpts[0]
+    assert rcpt.state is RcptState.QUEUED and rcpt.attempts == 1
+    want = "4.4.2 connection lost after the final dot" if fence_first else "4.3.0 internal error"
+    assert rcpt.last_error.startswith(want), rcpt.last_error
+    assert rcpt.next_attempt >= now + 60_000  # waits for the schedule, not the next poll
+    assert spool.uncertain_total == (1 if fence_first else 0)
+    assert pool.calls == 1 and not worker.inflight
