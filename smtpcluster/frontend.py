@@ -48,6 +48,9 @@ class AcceptRefused(Exception):
 
 
 RELAY_DENIED = "554 5.7.1 Relaying denied"
+# RFC 6531 3.4: a UTF-8 address only in a transaction whose MAIL said SMTPUTF8 (Postfix's
+# reply): a receiver that lacks SMTPUTF8 must then be told, not guessed at.
+UNDECLARED_UTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
 QUEUED = "250 2.0.0 Ok: queued as "
 _ATOM = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+"
 PLAIN_ADDRESS = re.compile(
@@ -177,6 +180,8 @@ class Handler:
             return NO_ROOM
         if too_much := self._message_rate_refusal(session):
             return too_much
+        if not (address.isascii() or envelope.smtp_utf8):
+            return UNDECLARED_UTF8
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -190,6 +195,8 @@ class Handler:
     ) -> str:  # fmt: skip
         if len(envelope.rcpt_tos) >= self.cfg.max_recipients:
             return "452 4.5.3 Too many recipients"
+        if not (address.isascii() or envelope.smtp_utf8):
+            return UNDECLARED_UTF8
         peer = _peer(session)
         if not self.policy.may_relay(peer, bool(session.authenticated), address):
             self.refused += 1

@@ -137,6 +137,20 @@ def test_mail_and_rcpt_with_a_control_character_get_553_and_the_session_goes_on(
     assert replies[1:] == [b"553 5.1.3", b"250 2.1.0", b"553 5.1.3", b"250 2.0.0"], writes
 
 
+def test_a_unicode_address_needs_smtputf8_declared_in_mail() -> None:
+    session = (
+        "EHLO c.test\r\nMAIL FROM:<é@b.test>\r\nMAIL FROM:<a@b.test>\r\n"
+        "RCPT TO:<é@d.test>\r\nRSET\r\nMAIL FROM:<é@b.test> SMTPUTF8\r\n"
+        "RCPT TO:<é@d.test>\r\nNOOP\r\n"
+    ).encode()
+    writes = asyncio.run(converse(session, b"250 2.0.0 OK"))
+    replies = [line[:9] for line in writes[-1].split(b"\r\n") if line[3:4] == b" "]
+    assert replies[1:] == [
+        b"553 5.6.7", b"250 2.1.0", b"553 5.6.7", b"250 2.0.0", b"250 2.1.0",
+        b"554 5.7.1", b"250 2.0.0",  # declared: past the check, to the relay policy
+    ], writes  # fmt: skip
+
+
 def test_quit_is_answered_at_once() -> None:
     writes = asyncio.run(converse(b"QUIT\r\n", b"221"))
     assert writes[-1].startswith(b"221")
