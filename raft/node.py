@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import cbor2
 
 from raft import clocks, codec
-from raft.core import Config, NotLeader, Raft, RaftError, Role
+from raft.core import ConfChangeRefused, Config, NotLeader, Raft, RaftError, Role
 from raft.storage import Storage
 from raft.transport import Address, Transport
 from raft.types import (
@@ -603,6 +603,13 @@ class RaftNode:
             fut.set_result(result)
         elif error.startswith("ProposalLost"):
             fut.set_exception(ProposalLost(error))
+        elif error.startswith(("ConfChangeRefused: ", "ValueError: ")):
+            # The leader said no to the request itself: the caller's answer is the same
+            # as if it had asked the leader directly, not "unavailable".
+            kind, _, why = error.partition(": ")
+            fut.set_exception(
+                ConfChangeRefused(why) if kind == "ConfChangeRefused" else ValueError(why)
+            )
         else:
             # "Unavailable: Unavailable: ..." said the leader's own type twice over.
             fut.set_exception(Unavailable(error.removeprefix("Unavailable: ")))

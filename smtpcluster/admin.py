@@ -21,7 +21,8 @@ from mailqueue import codec, queries
 from mailqueue.commands import Command, Delete, Hold, MessageId, Retry, Unhold
 from mailqueue.machine import decode_result
 from mailqueue.spool import Message, RcptState, Spool
-from raft.core import RaftError
+from raft.core import ConfChangeRefused, RaftError
+from raft.transport import Address
 from smtpcluster import VERSION, metrics
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ async def require_token(request: web.Request, handler: Any) -> web.StreamRespons
             return _error(401, "missing or wrong bearer token")
     try:
         response: web.StreamResponse = await handler(request)
+    except ConfChangeRefused as exc:  # the cluster is there and said no: not a 503
+        return _error(409, f"refused: {exc}")
     except (RaftError, TimeoutError) as exc:
         return _error(503, f"cluster unavailable: {type(exc).__name__}: {exc}".strip(": "))
     except (ValueError, KeyError) as exc:
@@ -162,16 +165,14 @@ async def queue_action(request: web.Request) -> web.Response:
     action = request.match_info["action"]
     if action not in ACTIONS:
         return _error(404, f"no queue action {action!r}: use one of {sorted(ACTIONS)}")
-    args = await request.json()
+    args = await _json_object(request)
+    every, listed = args.get("all") is True, args.get("ids")
+    if every == (isinstance(listed, list) and bool(listed)) or (every and "ids" in args):
+        return _error(400, 'give "ids": [...] or "all": true, not both')
     node = _node(request)
     await node.raft.read_index()
     spool = node.spool
-    if args.get("all") is True:
-        ids = list(spool.messages)
-    elif isinstance(args.get("ids"), list) and args["ids"]:
-        ids = [str(i) for i in args["ids"]]
-    else:
-        return _error(400, 'give "ids": [...] or "all": true')
+    ids = list(spool.messages) if every else [str(i) for i in listed or ()]
     missing = [i for i in ids if i not in spool.messages]
     present = [i for i in ids if i in spool.messages]
     changed = 0
@@ -179,6 +180,13 @@ async def queue_action(request: web.Request) -> web.Response:
         cmd = ACTIONS[action](_now(), tuple(present[k : k + IDS_PER_COMMAND]))
         changed += decode_result(await node.raft.propose(codec.encode(cmd), timeout=20)).changed
     return web.json_response({"action": action, "changed": changed, "missing": missing})
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    args = await request.json()
+    if not isinstance(args, dict):
+        raise ValueError(f"a JSON object expected, not {type(args).__name__}")
+    return args
 
 
 async def cluster_status(request: web.Request) -> web.Response:
@@ -204,9 +212,13 @@ async def cluster_change(request: web.Request) -> web.Response:
     )
     if op is None:
         return _error(404, "use join, leave or transfer-leader")
-    args = await request.json()
-    target = str(args["id"])
-    await _node(request).raft.membership(op, target, str(args.get("address", "")))
+    args = await _json_object(request)
+    target, address = args.get("id"), args.get("address", "")
+    if not isinstance(target, str) or not target or not isinstance(address, str):
+        return _error(400, 'give "id" (and for join "address") as strings')
+    if op == "join":
+        Address.parse(address)  # a typo is a 400 here, not the leader's refusal
+    await _node(request).raft.membership(op, target, address)
     return web.json_response({"ok": True, "op": request.match_info["op"], "id": target})
 
 

@@ -9,6 +9,8 @@ import signal
 import smtplib
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -220,3 +222,35 @@ def test_a_reader_that_stops_early_ends_queue_list_quietly(cluster: SmtpCluster)
     ids = ok_json("queue", "list", "--domain", "reader.example", "--config", conf(cluster, "n2"))
     held = cli("queue", "hold", ids[0]["id"], "--config", conf(cluster, "n2"))
     assert held.returncode == 0 and held.stdout.strip() == "hold: 1 recipient changed", held
+
+
+def post(c: SmtpCluster, nid: str, path: str, body: bytes) -> tuple[int, str]:
+    """The status and error text of a raw POST to the admin API."""
+    node = c.nodes[nid]
+    req = urllib.request.Request(
+        f"http://{node.host}:{node.admin_port}{path}", data=body, method="POST",
+        headers={"Authorization": f"Bearer {c.token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]
+
+
+def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpCluster) -> None:
+    """A JSON array for a body was a 500; a typo in join's address, or a transfer to a
+    node that is not a voter, said 'cluster unavailable' (503) from a follower."""
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes if n != leader)
+    for nid in (leader, follower):
+        assert post(cluster, nid, "/v1/queue/hold", b"[]")[0] == 400
+        both = post(cluster, nid, "/v1/queue/hold", b'{"ids": ["x"], "all": true}')
+        assert both == (400, 'give "ids": [...] or "all": true, not both')
+        code, why = post(cluster, nid, "/v1/cluster/join", b'{"id": "n9", "address": "typo"}')
+        assert code == 400 and "host:port" in why, why
+        assert post(cluster, nid, "/v1/cluster/join", b'{"id": 5}')[0] == 400
+        code, why = post(cluster, nid, "/v1/cluster/transfer-leader", b'{"id": "nobody"}')
+        assert (code, why) == (409, "refused: nobody is not a voter"), (nid, why)
+    moved = cli("cluster", "transfer-leader", "nobody", "--config", conf(cluster, follower))
+    assert moved.returncode == 1 and "nobody is not a voter" in moved.stderr
