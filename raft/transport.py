@@ -59,6 +59,8 @@ class Address:
         host, _, port = text.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"expected host:port, got {text!r}")
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"port {port} is out of range (1-65535) in {text!r}")
         return Address(host.strip("[]"), int(port))
 
     def __str__(self) -> str:

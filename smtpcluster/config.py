@@ -37,6 +37,10 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
+HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # they take the port on every address
+
+
 def parse_duration_ms(text: str) -> int:
     m = _DURATION.match(text)
     if not m:
@@ -250,7 +254,22 @@ def load(path: str) -> Config:
     admin = _admin(path, top)
     log = _log(path, top)
     top.done()
+    _listeners_apart(path, [
+        ("cluster.listen", cluster.listen), ("admin.listen", admin.listen),
+        *((f"smtp.relay_listen[{k}]", a) for k, a in enumerate(smtp.relay_listen)),
+        *((f"smtp.submission_listen[{k}]", a) for k, a in enumerate(smtp.submission_listen)),
+        *((f"smtp.submissions_listen[{k}]", a) for k, a in enumerate(smtp.submissions_listen)),
+    ])  # fmt: skip
     return Config(path, node, cluster, smtp, delivery, admin, log)
+
+
+def _listeners_apart(path: str, listeners: list[tuple[str, Address]]) -> None:
+    """Refuse two keys that would bind one port: found here, the error names both keys,
+    where at start the second bind failed with 'address in use' after Raft had started."""
+    for k, (key, a) in enumerate(listeners):
+        for other, b in listeners[:k]:
+            if a.port == b.port and (a.host == b.host or {a.host, b.host} & WILDCARD_HOSTS):
+                raise ConfigError(path, key, f"{a} is also {other} ({b})")
 
 
 def _node(path: str, top: _Reader) -> NodeSection:
@@ -287,13 +306,20 @@ def _cluster(path: str, top: _Reader, node: NodeSection) -> ClusterSection:
 def _smtp(path: str, top: _Reader) -> SmtpSection:
     r = _Reader(path, "smtp", top.take("smtp", dict))
     hostname = r.take("hostname", str)
+    if not all(HOST_LABEL.fullmatch(label) for label in hostname.removesuffix(".").split(".")):
+        # It is our EHLO name to every server we deliver to, and our greeting's name.
+        raise r.fail("hostname", f"{hostname!r} is not a host name like relay.example.com")
     relay, submission = r.addresses("relay_listen"), r.addresses("submission_listen")
     networks = []
     for k, text in enumerate(r.take("relay_networks", list, [])):
         try:
-            networks.append(ipaddress.ip_network(_str(r, "relay_networks", text), strict=False))
+            net = ipaddress.ip_network(_str(r, "relay_networks", text), strict=False)
         except ValueError:
             raise r.fail(f"relay_networks[{k}]", f"{text!r} is not a network") from None
+        if net.prefixlen == 0:
+            raise r.fail(f"relay_networks[{k}]", f"{text!r} holds every address: it would "
+                         "make this node an open relay")  # fmt: skip
+        networks.append(net)
     domains = tuple(
         _str(r, "relay_domains", d).lower().rstrip(".") for d in r.take("relay_domains", list, [])
     )

@@ -138,6 +138,46 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
             "holds no usable certificate",
         ),
         (('listen = "127.0.0.1:7400"', 'listen = "127.0.0.1"'), "cluster.listen", "host:port"),
+        (
+            ('listen = "127.0.0.1:7400"', 'listen = "127.0.0.1:74000"'),
+            "cluster.listen",
+            "port 74000 is out of range",
+        ),
+        (
+            ("[delivery]", '[delivery]\nsmarthost = "10.0.0.9:0"'),
+            "delivery.smarthost",
+            "port 0 is out of range",
+        ),
+        (('"10.0.0.0/8"', '"0.0.0.0/0"'), "smtp.relay_networks[1]", "open relay"),
+        (('"10.0.0.0/8"', '"::/0"'), "smtp.relay_networks[1]", "open relay"),
+        (
+            ('hostname = "relay.example.com"', 'hostname = "relay example"'),
+            "smtp.hostname",
+            "not a host name",
+        ),
+        (
+            ('hostname = "relay.example.com"', 'hostname = "-relay.example.com"'),
+            "smtp.hostname",
+            "not a host name",
+        ),
+        (
+            ('listen = "127.0.0.1:8025"', 'listen = "127.0.0.1:7400"'),
+            "admin.listen",
+            "127.0.0.1:7400 is also cluster.listen",
+        ),
+        (
+            ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["0.0.0.0:8025"]'),
+            "smtp.relay_listen[0]",
+            "is also admin.listen (127.0.0.1:8025)",
+        ),
+        (
+            (
+                'relay_listen = ["127.0.0.1:2525"]',
+                'relay_listen = ["127.0.0.1:25", "127.0.0.1:25"]',
+            ),
+            "smtp.relay_listen[1]",
+            "127.0.0.1:25 is also smtp.relay_listen[0]",
+        ),
         (('"10.0.0.0/8"', '"10.0.0/8x"'), "smtp.relay_networks[1]", "not a network"),
         (
             ('max_queue_lifetime = "1h"', 'max_queue_lifetime = "1 hour"'),
