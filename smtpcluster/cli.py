@@ -26,6 +26,7 @@ except ImportError:  # optional: plain asyncio works, more slowly
 
 from mailqueue.commands import FormatTooNew
 from raft.node import NodeFailed
+from raft.storage import StorageError
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.auth import hash_password
@@ -130,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:  # at start: a damaged log or snapshot
+        print(f"smtpcluster: {exc}\nsmtpcluster: this node's data cannot be trusted, so it "
+              "does not start; the others carry on. Replace it: docs/operations.md, "
+              "'A node whose data is damaged'", file=sys.stderr)  # fmt: skip
+        return DATA_DAMAGED
     except NodeFailed as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return 70  # EX_SOFTWARE: a bug stopped the node; systemd restarts it
@@ -241,6 +247,7 @@ def _json_array(items: Iterable[dict[str, Any]]) -> Iterator[str]:
     yield "[]" if first else "]"
 
 
+DATA_DAMAGED = 65  # EX_DATAERR; the systemd unit does not restart on it: no restart mends it
 # What a shell sees of a command killed by SIGPIPE, as `mailq | head` leaves mailq.
 READER_GONE = 128 + 13
 

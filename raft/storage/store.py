@@ -18,6 +18,7 @@ One `save(ready)` writes all of a Ready's records and fsyncs once: group commit.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 import threading
@@ -33,6 +34,7 @@ from raft.storage.errors import CorruptLogError, StorageError
 from raft.storage.fs import AppendFile, FileSystem, OsFileSystem
 from raft.types import ConfState, Entry, EntryKind, HardState, Ready, SnapshotMeta
 
+log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")  # payload length, CRC32C of the payload
 _TRAILER = struct.Struct("<III4s")  # meta length, data CRC32C, reserved, magic
 _MAGIC = b"RSN1"
@@ -178,7 +180,10 @@ class Storage:
             last = k == len(names) - 1
             records, valid = scan_records(data, path, last)
             if valid < len(data):
-                self.fs.truncate(path, valid)  # drop the torn tail before appending
+                # A write a crash cut short: never acknowledged, so dropped; but said.
+                log.warning("%s: cut %d bytes of a write torn by a crash, at byte offset %d",
+                            path, len(data) - valid, valid)  # fmt: skip
+                self.fs.truncate(path, valid)  # before appending
             seg = _Segment(int(name[:-4]), path, valid)
             for offset, rec in records:
                 self._replay_one(replay, rec, seg, path, offset)

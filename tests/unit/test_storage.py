@@ -67,6 +67,18 @@ def test_truncation_at_every_byte_of_the_last_record_recovers_the_rest(
     assert recovered(Storage(str(tmp_path)))[1] == entries(1, 4, 1)
 
 
+def test_a_torn_tail_is_cut_and_said(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Never acknowledged, so dropped, but not silently: the operator sees the crash."""
+    path, data, last_start = _one_segment(tmp_path)
+    pathlib.Path(path).write_bytes(data[:-3])
+    Storage(str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    want = f"{path}: cut {len(data) - 3 - last_start} bytes of a write torn by a crash"
+    assert said == [f"{want}, at byte offset {last_start}"], said
+
+
 def test_zeros_after_the_last_record_are_a_torn_tail(tmp_path: pathlib.Path) -> None:
     path, data, _ = _one_segment(tmp_path)
     pathlib.Path(path).write_bytes(data + bytes(4096))
