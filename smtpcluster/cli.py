@@ -30,7 +30,7 @@ from raft.storage import StorageError
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.auth import hash_password
-from smtpcluster.node import serve
+from smtpcluster.node import CannotStart, serve
 
 QUEUE_ACTIONS = ("retry", "hold", "release", "delete")
 
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return 2
+    except CannotStart as exc:
+        print(f"smtpcluster: cannot start: {exc}", file=sys.stderr)
+        return 71  # EX_OSERR: restarted by systemd, as a port may come free
     except StorageError as exc:  # at start: a damaged log or snapshot
         print(f"smtpcluster: {exc}\nsmtpcluster: this node's data cannot be trusted, so it "
               "does not start; the others carry on. Replace it: docs/operations.md, "

@@ -21,6 +21,7 @@ from mailqueue.policy import Policy
 from mailqueue.spool import Spool
 from raft.core import RaftError, Role
 from raft.node import NodeConfig, RaftNode
+from raft.transport import Address
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.clock import ClusterClock
@@ -46,6 +47,16 @@ HEAP_TEND_S = 1.0  # how soon after a slow full collection its survivors are fro
 # after this long; until then it holds a descriptor and is counted by no session limit.
 TLS_HANDSHAKE_S = 10.0
 MEMBERSHIP_CHECK_S = 1.0  # how soon after its removal applies a node stops taking mail
+
+
+class CannotStart(Exception):
+    """The node cannot start here as configured: a port taken, a data_dir it may not
+    use. The message names the key."""
+
+
+def _cannot(key: str, where: object, exc: OSError) -> CannotStart:
+    why = os.strerror(exc.errno) if exc.errno else str(exc)
+    return CannotStart(f"{key}: {where}: {why}")
 
 
 class Node:
@@ -143,7 +154,10 @@ class Node:
             raise AcceptRefused(result.detail)
 
     async def start(self) -> None:
-        await self.raft.start()
+        try:
+            await self.raft.start()
+        except OSError as exc:
+            raise _cannot("cluster.listen", self.cfg.cluster.listen, exc) from None
         loop = asyncio.get_running_loop()
         smtp = self.cfg.smtp
         auth = {"authenticator": self.handler.authenticate, "auth_require_tls": True}
@@ -154,26 +168,37 @@ class Node:
             self.handler, tls_context=self.tls, require_starttls=True,
             auth_required=True, **auth,
         )  # fmt: skip
-        listeners = [(relay, a) for a in smtp.relay_listen]
-        listeners += [(submission, a) for a in smtp.submission_listen]
-        for factory, addr in listeners:
-            server = await loop.create_server(factory, addr.host, addr.port, reuse_address=True)
-            self._servers.append(server)
+        listeners = [(relay, "smtp.relay_listen", a) for a in smtp.relay_listen]
+        listeners += [(submission, "smtp.submission_listen", a) for a in smtp.submission_listen]
+        for factory, key, addr in listeners:
+            await self._listen(key, addr, factory)
         # Port 465: TLS from the first byte, then AUTH, then mail (RFC 8314).
         submissions = smtp_factory(
             self.handler, implicit_tls=True, auth_required=True, **auth
         )  # fmt: skip
         for addr in smtp.submissions_listen:
-            server = await loop.create_server(
-                submissions, addr.host, addr.port, reuse_address=True, ssl=self.tls,
-                ssl_handshake_timeout=TLS_HANDSHAKE_S,
-            )  # fmt: skip
-            self._servers.append(server)
+            await self._listen("smtp.submissions_listen", addr, submissions, ssl=self.tls,
+                               ssl_handshake_timeout=TLS_HANDSHAKE_S)  # fmt: skip
         self.frontends_up = True
-        await admin.start(self)
+        try:
+            await admin.start(self)
+        except OSError as exc:
+            raise _cannot("admin.listen", self.cfg.admin.listen, exc) from None
         self._tasks = [loop.create_task(self.scheduler.run()), loop.create_task(self.worker.run())]
         self._tasks.append(loop.create_task(self._tend_heap()))
         self._tasks.append(loop.create_task(self._stop_taking_mail_once_removed()))
+
+    async def _listen(
+        self, key: str, addr: Address, factory: Callable[[], asyncio.Protocol], **kw: Any
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                factory, addr.host, addr.port, reuse_address=True, **kw
+            )
+        except OSError as exc:
+            raise _cannot(key, addr, exc) from None
+        self._servers.append(server)
 
     async def _tend_heap(self) -> None:
         with self.collections:
@@ -339,7 +364,12 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 
 
 async def serve(cfg: Config) -> None:
-    node = Node(cfg)
+    try:
+        node = Node(cfg)
+    except OSError as exc:
+        if not str(exc.filename or "").startswith(cfg.node.data_dir):
+            raise
+        raise _cannot("node.data_dir", exc.filename, exc) from None
     heap.settle()  # what start-up loaded (code, config, the restored spool) lives for good
     notify = Notifier()
     loop = asyncio.get_running_loop()

@@ -241,11 +241,35 @@ def test_a_node_with_a_damaged_log_refuses_to_start_and_says_where(tmp_path: Pat
     data = bytearray(wal.read_bytes())
     data[10] ^= 0x40  # in the first record: valid ones follow, so not a torn tail
     wal.write_bytes(bytes(data))
-    out = subprocess.run(
-        [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config", str(node.config)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    out = serve_once(node.config)
     assert out.returncode == 65, out.stderr
     assert f"corrupt write-ahead log record in {wal} at byte offset" in out.stderr
     assert "A node whose data is damaged" in out.stderr and "Traceback" not in out.stderr
     assert wal.read_bytes() == bytes(data)  # nothing was "repaired"
+
+
+def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_a_taken_port_or_an_unusable_data_dir_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    """Exit 71 (systemd restarts it: a port may come free), no traceback."""
+    cluster = SmtpCluster(tmp_path, n=1)
+    node = cluster.nodes["n1"]
+    with socket.socket() as taken:
+        taken.bind((node.host, node.smtp_port))
+        taken.listen()
+        out = serve_once(node.config)
+    assert out.returncode == 71, out.stderr
+    where = f"{node.host}:{node.smtp_port}"
+    assert out.stderr == f"smtpcluster: cannot start: smtp.relay_listen: {where}: " \
+        "Address already in use\n", out.stderr  # fmt: skip
+    shutil.rmtree(tmp_path / "n1", ignore_errors=True)  # made by the first try
+    (tmp_path / "n1").write_text("a file where the data directory should be")
+    out = serve_once(node.config)
+    assert out.returncode == 71, out.stderr
+    assert out.stderr.startswith("smtpcluster: cannot start: node.data_dir: "), out.stderr
+    assert "Not a directory" in out.stderr and "Traceback" not in out.stderr
