@@ -95,8 +95,16 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
+def _state(name: str) -> RcptState:
+    try:
+        return RcptState[name.upper()]
+    except KeyError:
+        known = ", ".join(s.name.lower() for s in RcptState)
+        raise ValueError(f"no recipient state {name!r}: use one of {known}") from None
+
+
 def _filter(q: Any) -> queries.Filter:
-    state = RcptState[q["state"].upper()] if "state" in q else None
+    state = _state(q["state"]) if "state" in q else None
     sender = q.get("sender")  # "<>": the null sender, as Postfix writes it
     return queries.Filter(
         state, q.get("domain", ""), int(q.get("min_age_s", 0)) * 1000,

@@ -25,6 +25,7 @@ except ImportError:  # optional: plain asyncio works, more slowly
     uvloop = None  # type: ignore[assignment]
 
 from mailqueue.commands import FormatTooNew
+from mailqueue.spool import RcptState
 from raft.node import NodeFailed
 from raft.storage import StorageError
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
@@ -71,7 +72,10 @@ def _admin_options(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 def _queue_parsers(queue: argparse.ArgumentParser) -> None:
     sub = queue.add_subparsers(dest="action", required=True)
     lst = sub.add_parser("list", help="the queue, like mailq")
-    lst.add_argument("--state", help="messages with a recipient in this state")
+    lst.add_argument(
+        "--state", choices=[s.name.lower() for s in RcptState],
+        help="messages with a recipient in this state",
+    )  # fmt: skip
     lst.add_argument("--domain", help="messages with a recipient at this domain")
     lst.add_argument("--sender", help='messages from this envelope sender ("<>": bounces)')
     _admin_options(lst)

@@ -201,6 +201,8 @@ def test_usage_errors_exit_2(cluster: SmtpCluster) -> None:
     assert cli("queue", "hold", "--config", conf(cluster, "n1")).returncode == 2  # no ids
     assert cli("queue", "list").returncode == 2  # neither --config nor --admin
     assert cli("queue", "frobnicate").returncode == 2
+    bogus = cli("queue", "list", "--state", "bogus", "--config", conf(cluster, "n1"))
+    assert bogus.returncode == 2 and "queued" in bogus.stderr  # the states it knows
 
 
 def test_a_reader_that_stops_early_ends_queue_list_quietly(cluster: SmtpCluster) -> None:
@@ -252,5 +254,10 @@ def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpClust
         assert post(cluster, nid, "/v1/cluster/join", b'{"id": 5}')[0] == 400
         code, why = post(cluster, nid, "/v1/cluster/transfer-leader", b'{"id": "nobody"}')
         assert (code, why) == (409, "refused: nobody is not a voter"), (nid, why)
+    try:
+        cluster.admin(follower, "/v1/queue?state=bogus")
+        raise AssertionError("an unknown state was taken")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400 and "use one of queued, assigned" in exc.read().decode()
     moved = cli("cluster", "transfer-leader", "nobody", "--config", conf(cluster, follower))
     assert moved.returncode == 1 and "nobody is not a voter" in moved.stderr
