@@ -262,8 +262,13 @@ class Handler:
 
     def _refusal(self, session: Session, envelope: Envelope, raw: bytes, head: bytes) -> str:
         """The reply that refuses this message before it is proposed, or "" to go on."""
-        if raw.count(b"\n") != raw.count(b"\r\n"):  # a bare LF; counted, not copied
+        crlf = raw.count(b"\r\n")  # counted, not copied
+        if raw.count(b"\n") != crlf:
             return "550 5.6.11 Bare LF in message: lines must end with CRLF"
+        if raw.count(b"\r") != crlf:
+            # Passed on as it is, "<CR>.<CR><LF>" ends the data at a receiver that ends
+            # lines at a CR, and what follows is read as commands: SMTP smuggling.
+            return "550 5.6.11 Bare CR in message: lines must end with CRLF"
         if (hops := count_fields(head, b"received")) > self.cfg.max_hops:
             log.warning("mail loop? %d Received headers from %s, sender <%s>: refused",
                         hops, _peer(session), _unbracket(envelope.mail_from))  # fmt: skip

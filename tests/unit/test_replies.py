@@ -190,8 +190,11 @@ def test_the_end_of_data_reply_goes_out_before_the_transaction_is_logged(
     )
 
 
-def test_a_bare_lf_in_the_message_is_refused_and_the_session_goes_on() -> None:
-    """aiosmtpd takes a lone LF as a line end; RFC 5321 2.3.8 does not."""
+def test_a_bare_lf_or_cr_in_the_message_is_refused_and_the_session_goes_on() -> None:
+    """aiosmtpd takes a lone LF as a line end; RFC 5321 2.3.8 does not. A lone CR we
+    would pass on as it is, and a receiver that ends lines at a CR would read
+    "<CR>.<CR><LF>" as the end of the data and what follows as commands: SMTP
+    smuggling (SEC Consult, 2023), with our name on it."""
     wire = Wire()
     submitted: list[object] = []
 
@@ -203,7 +206,9 @@ def test_a_bare_lf_in_the_message_is_refused_and_the_session_goes_on() -> None:
         proto = await relaying_session(wire, accepted)
         proto.data_received(b"EHLO c.test\r\n")
         await until(functools.partial(replied, wire, b"250 HELP"))
-        for body, want in ((b"Subject: x\r\n\r\nbare\nLF\r\n", b"550 5.6.11"),
+        for body, want in ((b"Subject: x\r\n\r\nbare\nLF\r\n", b"550 5.6.11 Bare LF"),
+                           (b"Subject: z\r\n\r\nx\r.\r\nMAIL FROM:<s@a.test>\r\n",
+                            b"550 5.6.11 Bare CR"),
                            (b"Subject: y\r\n\r\nfine\r\n", b"250 2.0.0")):  # fmt: skip
             proto.data_received(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
             await until(functools.partial(replied, wire, b"354"))
