@@ -515,6 +515,15 @@ class FrontendSMTP(SMTP):
     smtp_EXPN = _junk_command("smtp_EXPN")
     smtp_HELP = _junk_command("smtp_HELP")
 
+    @functools.wraps(SMTP.smtp_STARTTLS)
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd said 220 to a second STARTTLS and began a handshake inside the TLS
+        # session, which dropped the client; RFC 3207 4.2 refuses it (Postfix's reply).
+        if self.session is not None and self.session.ssl is not None:
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_AUTH(self, arg: str) -> None:
         handler = self.event_handler
         peer = _peer(self.session) if self.session else ""

@@ -191,3 +191,17 @@ def test_a_users_messages_are_limited_wherever_it_connects_from(tmp_path: Path) 
     assert [code for code, _ in replies] == [250, 250, 450]
     assert b"4.7.1 Too much mail from user alice" in replies[2][1]
     assert counted == 1
+
+
+def test_starttls_inside_tls_is_refused_and_the_session_goes_on(cluster: SmtpCluster) -> None:
+    """RFC 3207 4.2: it was answered 220, and a handshake begun inside the session
+    dropped the client. On 465 too, where the session is TLS from the start."""
+    with client(cluster) as s:
+        s.starttls(context=insecure())
+        s.ehlo("laptop.test")
+        assert s.docmd("STARTTLS") == (554, b"5.5.1 Error: TLS already active")
+        s.user, s.password = "alice", "secret"
+        assert s.auth("PLAIN", s.auth_plain)[0] == 235  # the same session, still usable
+    with implicit_tls_client(cluster) as s:
+        assert s.docmd("STARTTLS") == (554, b"5.5.1 Error: TLS already active")
+        assert s.noop()[0] == 250
