@@ -178,6 +178,9 @@ def _hash_password(name: str) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
+    if not config.is_hostname(args.hostname):  # as check-config would refuse it later
+        raise UsageError(f"cluster init: --hostname {args.hostname!r} is not a host name "
+                         "like relay.example.com")  # fmt: skip
     nodes = [pki.NodeName.parse(text) for text in args.nodes]
     where = Path(args.dir)
     for path in pki.init(where, nodes, args.hostname):

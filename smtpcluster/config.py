@@ -41,6 +41,10 @@ HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # they take the port on every address
 
 
+def is_hostname(text: str) -> bool:
+    return all(HOST_LABEL.fullmatch(label) for label in text.removesuffix(".").split("."))
+
+
 def parse_duration_ms(text: str) -> int:
     m = _DURATION.match(text)
     if not m:
@@ -306,7 +310,7 @@ def _cluster(path: str, top: _Reader, node: NodeSection) -> ClusterSection:
 def _smtp(path: str, top: _Reader) -> SmtpSection:
     r = _Reader(path, "smtp", top.take("smtp", dict))
     hostname = r.take("hostname", str)
-    if not all(HOST_LABEL.fullmatch(label) for label in hostname.removesuffix(".").split(".")):
+    if not is_hostname(hostname):
         # It is our EHLO name to every server we deliver to, and our greeting's name.
         raise r.fail("hostname", f"{hostname!r} is not a host name like relay.example.com")
     relay, submission = r.addresses("relay_listen"), r.addresses("submission_listen")

@@ -78,6 +78,10 @@ def test_cluster_init_makes_a_verifying_ca_and_private_secrets(tmp_path: Path) -
     assert out.returncode == 0, out.stderr
     again = _cli("cluster", "init", "--dir", str(etc), "--hostname", "x", "node1=127.0.0.1")
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+    bad = _cli("cluster", "init", "--dir", str(tmp_path / "new"), "--hostname", "relay host",
+               "node1=127.0.0.1")  # fmt: skip
+    assert bad.returncode == 2 and "not a host name" in bad.stderr  # as check-config says
+    assert not (tmp_path / "new").exists()  # nothing written
 
 
 def test_hash_password_prints_a_users_file_line(tmp_path: Path) -> None:
