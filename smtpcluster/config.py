@@ -325,7 +325,8 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
                          "make this node an open relay")  # fmt: skip
         networks.append(net)
     domains = tuple(
-        _str(r, "relay_domains", d).lower().rstrip(".") for d in r.take("relay_domains", list, [])
+        _domain(r, f"relay_domains[{k}]", _str(r, "relay_domains", d))
+        for k, d in enumerate(r.take("relay_domains", list, []))
     )
     size = r.take("max_message_size", int, 26_214_400)
     if size < 1024:
@@ -366,6 +367,19 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         submissions_listen=submissions, client_connection_rate_limit=rates[0],
         client_message_rate_limit=rates[1], max_hops=hops, add_missing_headers=add_headers,
     )  # fmt: skip
+
+
+def _domain(r: _Reader, key: str, text: str) -> str:
+    """A relay domain, matched exactly: a pattern such as "*.example.com" or
+    ".example.com" would match no recipient at all, and mail for it be refused."""
+    try:
+        ascii_form = text.encode("idna").decode()  # a unicode domain is one too
+    except UnicodeError:
+        ascii_form = ""
+    if not is_hostname(ascii_form):
+        raise r.fail(key, f"{text!r} is not a domain: list each one, as example.com "
+                     "(subdomains are not matched)")  # fmt: skip
+    return text.lower().rstrip(".")
 
 
 def _rate(r: _Reader, name: str) -> int:

@@ -36,7 +36,7 @@ key_file = "{d}/cluster.key"
 hostname = "relay.example.com"
 relay_listen = ["127.0.0.1:2525"]
 relay_networks = ["127.0.0.0/8", "10.0.0.0/8"]
-relay_domains = ["Example.COM."]
+relay_domains = ["Example.COM.", "bücher.example"]
 
 [delivery]
 retry_schedule = ["1s", "5s"]
@@ -60,7 +60,7 @@ def write(tmp: pathlib.Path, text: str) -> str:
 def test_the_example_config_loads(tmp_path: pathlib.Path) -> None:
     cfg = load(write(tmp_path, GOOD))
     assert cfg.node.id == "node1" and len(cfg.cluster.peers) == 3
-    assert cfg.smtp.relay_domains == ("example.com",)
+    assert cfg.smtp.relay_domains == ("example.com", "bücher.example")
     assert cfg.delivery.retry_schedule_ms == (1000, 5000)
     assert cfg.delivery.max_queue_lifetime_ms == 3_600_000 and cfg.delivery.on_uncertain == "hold"
     assert cfg.admin.token == "t" * 32 and cfg.cluster.key == b"k" * 32
@@ -149,6 +149,11 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
             "port 0 is out of range",
         ),
         (('"10.0.0.0/8"', '"0.0.0.0/0"'), "smtp.relay_networks[1]", "open relay"),
+        (
+            ('"Example.COM."', '"Example.COM.", "*.example.org"'),
+            "smtp.relay_domains[1]",
+            "not a domain: list each one",
+        ),
         (('"10.0.0.0/8"', '"::/0"'), "smtp.relay_networks[1]", "open relay"),
         (
             ('hostname = "relay.example.com"', 'hostname = "relay example"'),
