@@ -208,14 +208,21 @@ class _Reader:
             self._parse_address(f"{name}[{k}]", _str(self, name, v)) for k, v in enumerate(items)
         )
 
-    def duration(self, name: str, default_ms: int) -> int:
+    def duration(
+        self, name: str, default_ms: int, at_least_ms: int = 0, at_most_ms: int | None = None
+    ) -> int:
         text = self.take(name, str, None)
         if text is None:
             return default_ms
         try:
-            return parse_duration_ms(text)
+            ms = parse_duration_ms(text)
         except ValueError as exc:
             raise self.fail(name, str(exc)) from None
+        if ms < at_least_ms:
+            raise self.fail(name, f"{text!r} is less than {at_least_ms / 1000:g}s")
+        if at_most_ms is not None and ms > at_most_ms:
+            raise self.fail(name, f"{text!r} is more than {at_most_ms / 1000:g}s")
+        return ms
 
     def file(self, name: str, required: bool = True) -> str:
         path = self.take(name, str, ... if required else "")
@@ -354,8 +361,11 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     submissions = r.addresses("submissions_listen")
     if submissions and not (tls_cert and tls_key and users):
         raise r.fail("submissions_listen", "needs tls_cert, tls_key and users_file")
-    accept = r.duration("accept_timeout", 120_000)
-    idle = r.duration("idle_timeout", 300_000)
+    # A client waits 10 minutes for the reply to its final dot (RFC 5321 4.5.3.2.6): a
+    # longer wait here would have it give up on a message we may then accept, and send
+    # it again.
+    accept = r.duration("accept_timeout", 120_000, at_least_ms=1000, at_most_ms=540_000)
+    idle = r.duration("idle_timeout", 300_000, at_least_ms=1000)
     errors, junk = _positive(r, "max_errors", 20), _positive(r, "max_junk_commands", 100)
     sessions = _positive(r, "max_sessions", 1000)
     per_client = _positive(r, "max_sessions_per_client", 50)
@@ -413,7 +423,10 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
             raise r.fail("retry_schedule", str(exc)) from None
         if not retry:
             raise r.fail("retry_schedule", "must not be empty")
-    lifetime = r.duration("max_queue_lifetime", 5 * 86_400_000)
+        if min(retry) < 1000:  # 0s: a failing destination tried at every poll
+            raise r.fail("retry_schedule", "each wait must be at least 1s")
+    # 0 bounced new mail before its first attempt (Postfix's 0 means "try once").
+    lifetime = r.duration("max_queue_lifetime", 5 * 86_400_000, at_least_ms=1000)
     policy = r.take("on_uncertain", str, "redeliver")
     if policy not in ("redeliver", "hold"):
         raise r.fail("on_uncertain", f"{policy!r}: use 'redeliver' or 'hold'")

@@ -150,6 +150,22 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
         ),
         (('"10.0.0.0/8"', '"0.0.0.0/0"'), "smtp.relay_networks[1]", "open relay"),
         (
+            ('max_queue_lifetime = "1h"', 'max_queue_lifetime = "0s"'),
+            "delivery.max_queue_lifetime",
+            "'0s' is less than 1s",
+        ),
+        (
+            ('retry_schedule = ["1s", "5s"]', 'retry_schedule = ["0s", "5s"]'),
+            "delivery.retry_schedule",
+            "at least 1s",
+        ),
+        (("[smtp]", '[smtp]\nidle_timeout = "0s"'), "smtp.idle_timeout", "less than 1s"),
+        (
+            ("[smtp]", '[smtp]\naccept_timeout = "20m"'),
+            "smtp.accept_timeout",
+            "'20m' is more than 540s",
+        ),
+        (
             ('"Example.COM."', '"Example.COM.", "*.example.org"'),
             "smtp.relay_domains[1]",
             "not a domain: list each one",
