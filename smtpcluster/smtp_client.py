@@ -54,6 +54,16 @@ class Transaction:
     clean: bool = False  # the connection may carry another transaction
 
 
+def clean_reply(text: str) -> str:
+    """A remote's reply text as we keep it: valid UTF-8, on one line. aiosmtplib decodes
+    with surrogateescape, so a Latin-1 byte in a reply (old servers say "é" so) became a
+    lone surrogate that no encoder takes: the Outcome carrying it could not be proposed,
+    and the batch it rode in never answered. It also joins a multiline reply's lines
+    with a bare LF, which a DSN must not carry."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " ".join(text.split())
+
+
 def stuff(body: bytes) -> bytes:
     """RFC 5321 4.5.2: a dot at the start of a line is doubled. By plain byte search:
     the multiline regex that did this was a sixth of a delivering node's CPU at 100

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import aiosmtplib
@@ -86,7 +87,10 @@ class Worker:
         await self._commit(NodeDown(_now(), self.me, on_uncertain))
         try:
             while True:
-                self.dispatch()
+                try:
+                    self.dispatch()
+                except Exception:  # a bug: said, and the next poll tries again
+                    log.exception("delivery dispatch failed")
                 await asyncio.sleep(POLL_S)
                 await self.pool.prune()
         finally:
@@ -160,6 +164,7 @@ class Worker:
             async with self.slots:
                 began = time.monotonic()
                 results, remote = await self._attempt(mid, attempt, ks, fenced)
+            results = [replace(r, reply=smtp_client.clean_reply(r.reply)) for r in results]
             if results:
                 self._record(mid, attempt, results, remote, time.monotonic() - began)
                 await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))

@@ -16,6 +16,7 @@ from mailqueue.machine import SpoolMachine
 from mailqueue.policy import Policy
 from mailqueue.spool import RcptState, Spool
 from smtpcluster.clock import ClusterClock
+from smtpcluster.smtp_client import Transaction
 from smtpcluster.worker import Worker
 
 if TYPE_CHECKING:
@@ -79,6 +80,32 @@ def test_transactions_split_by_destination_and_limit_and_never_regroup() -> None
         assert set(ks) <= set(before[job])  # the rest stay where they were
 
 
+def worker_node(
+    machine: SpoolMachine, propose: Callable[[bytes, float], Awaitable[bytes]]
+) -> object:
+    """A node for a worker of node a, delivering through a smarthost, Raft standing in
+    by `propose`."""
+    delivery = SimpleNamespace(
+        concurrency=2, destination_concurrency=1, destination_recipient_limit=50,
+        smarthost="127.0.0.1:2525", routes={}, on_uncertain="redeliver", **SMARTHOST)  # fmt: skip
+    return SimpleNamespace(
+        machine=machine, policy=Policy(retry_schedule_ms=(60_000,)),
+        raft=SimpleNamespace(propose=propose), clock=ClusterClock(lambda: machine.spool.now),
+        cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=delivery,
+                            smtp=SimpleNamespace(hostname="w.test")),
+        metrics=SimpleNamespace(delivery_seconds=Recorded(), outcomes=Recorded()),
+    )  # fmt: skip
+
+
+class Recorded:
+    """A metric that takes anything (metrics are tested in test_metrics)."""
+
+    def observe(self, value: float) -> None: ...
+    def inc(self) -> None: ...
+    def labels(self, *names: str) -> Recorded:
+        return self
+
+
 class Failing:
     """A connection pool whose transaction raises what no SMTP failure raises (as
     aiosmtplib's ValueError for a control character in an address), after passing the
@@ -112,17 +139,7 @@ def test_an_attempt_that_fails_unexpectedly_is_settled_not_retried_at_once(
     async def propose(data: bytes, timeout: float) -> bytes:
         return machine.apply(next(index), data)
 
-    delivery = SimpleNamespace(
-        concurrency=2, destination_concurrency=1, destination_recipient_limit=50,
-        smarthost="127.0.0.1:2525", routes={}, on_uncertain="redeliver", **SMARTHOST)  # fmt: skip
-    node = SimpleNamespace(
-        machine=machine, policy=Policy(retry_schedule_ms=(60_000,)),
-        raft=SimpleNamespace(propose=propose), clock=ClusterClock(lambda: spool.now),
-        cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=delivery,
-                            smtp=SimpleNamespace(hostname="w.test")),
-        metrics=None,
-    )  # fmt: skip
-    worker = Worker(cast("Node", node))
+    worker = Worker(cast("Node", worker_node(machine, propose)))
     pool = Failing(fence_first)
     worker.pool = pool  # type: ignore[assignment]
     [(job, ks)] = worker._transactions(spool.messages["m1"]).items()
@@ -134,3 +151,33 @@ def test_an_attempt_that_fails_unexpectedly_is_settled_not_retried_at_once(
     assert rcpt.next_attempt >= now + 60_000  # waits for the schedule, not the next poll
     assert spool.uncertain_total == (1 if fence_first else 0)
     assert pool.calls == 1 and not worker.inflight
+
+
+class Refusing:
+    """A connection pool whose remote refuses the recipient in a two-line reply holding
+    a Latin-1 byte, as aiosmtplib hands it over (surrogateescape, lines joined by LF)."""
+
+    async def deliver(self, job: object, fence: object) -> Transaction:
+        return Transaction(rcpt_replies={0: (550, "5.1.1 caf\udce9 unknown\n5.1.1 user")})
+
+
+def test_a_reply_with_a_latin1_byte_and_two_lines_is_kept_clean_and_settled() -> None:
+    """It could not be encoded: the Outcome never committed, and the recipient stayed
+    assigned. Kept as valid UTF-8 on one line, it bounces, and its DSN can be sent."""
+    machine = SpoolMachine()
+    spool = machine.spool
+    now = int(time.time() * 1000)
+    spool.apply(Accept(now, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
+    spool.apply(Assign(now, (Assignment("m1", 0, "a", 1),)))
+    index = iter(range(1, 1000))
+
+    async def propose(data: bytes, timeout: float) -> bytes:
+        return machine.apply(next(index), data)
+
+    worker = Worker(cast("Node", worker_node(machine, propose)))
+    worker.pool = Refusing()  # type: ignore[assignment]
+    [(job, ks)] = worker._transactions(spool.messages["m1"]).items()
+    asyncio.run(worker.deliver(job, ks))
+    rcpt = spool.messages["m1"].rcpts[0]
+    assert rcpt.state is RcptState.BOUNCED
+    assert rcpt.reply == "550 5.1.1 caf\ufffd unknown 5.1.1 user"
