@@ -54,7 +54,16 @@ class Batcher:
         single = len(cmds) == 1
         cmd = cmds[0] if single else Batch(max(c.at for c in cmds), cmds)
         try:
-            result = decode_result(await self._propose(codec.encode(cmd), self._timeout))
+            data = codec.encode(cmd)
+        except Exception as exc:  # a bug: this used to leave every caller in the batch
+            if not single:  # waiting for ever. Each alone: only the bad one fails.
+                for one in batch:
+                    await self._commit([one])
+            elif not batch[0][1].done():
+                batch[0][1].set_exception(exc)
+            return
+        try:
+            result = decode_result(await self._propose(data, self._timeout))
         except asyncio.CancelledError:  # the node is stopping: nobody waits forever,
             for _, fut in batch + self._queue:  # and nothing queued is proposed later
                 fut.cancel()

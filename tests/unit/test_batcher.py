@@ -8,7 +8,17 @@ import asyncio
 import pytest
 
 from mailqueue import codec
-from mailqueue.commands import Accept, Assign, Assignment, Batch, BeginDot, Command
+from mailqueue.commands import (
+    Accept,
+    Assign,
+    Assignment,
+    Batch,
+    BeginDot,
+    Command,
+    Outcome,
+    OutcomeKind,
+    RcptResult,
+)
 from mailqueue.machine import SpoolMachine
 from smtpcluster.batcher import Batcher
 
@@ -100,5 +110,27 @@ def test_a_stopping_node_leaves_nobody_waiting_and_nothing_queued() -> None:
         raft.gate.set()
         await batcher.submit(BeginDot(3, "m1", (0,), "a", 1))
         assert raft.proposed[1:] == [BeginDot(3, "m1", (0,), "a", 1)]  # not the forgotten m1
+
+    asyncio.run(run())
+
+
+def test_a_command_that_cannot_be_encoded_fails_alone_and_nobody_waits_for_ever() -> None:
+    """A reply text holding a lone surrogate (aiosmtplib's decoding of a Latin-1 byte)
+    cannot be encoded. Its batch used to stay unanswered, its callers waiting for
+    ever with their delivery slots; now it alone fails, and its batch mates commit."""
+    bad = Outcome(3, "m1", "a", 1, (RcptResult(0, OutcomeKind.FAILED, "550 caf\udce9"),))
+
+    async def run() -> None:
+        raft, batcher = started(3)
+        first = asyncio.create_task(batcher.submit(BeginDot(2, "m0", (0,), "a", 1)))
+        await asyncio.sleep(0)  # in flight: the next two wait and go together
+        good = asyncio.create_task(batcher.submit(BeginDot(3, "m2", (0,), "a", 1)))
+        poison = asyncio.create_task(batcher.submit(bad))
+        await asyncio.sleep(0)
+        raft.gate.set()
+        assert (await first).ok
+        with pytest.raises(UnicodeEncodeError):
+            await asyncio.wait_for(poison, 5)
+        assert (await asyncio.wait_for(good, 5)).ok
 
     asyncio.run(run())
