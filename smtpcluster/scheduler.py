@@ -49,6 +49,10 @@ class Scheduler:
                     await self.tick()
                 except (RaftError, TimeoutError) as exc:
                     log.info("scheduler paused: %s", exc)
+                except Exception:
+                    # A bug. Uncaught, it ended this task: nothing was assigned, expired
+                    # or bounced again for as long as this node led, and nothing said so.
+                    log.exception("scheduler tick failed")
 
     def busy(self) -> collections.Counter[str]:
         """Messages each node accepted in the last second, and for this node (the

@@ -8,11 +8,14 @@ import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
+import pytest
+
 from mailqueue import codec
 from mailqueue.commands import Accept, Assign, Command, Expire, Hold
 from mailqueue.machine import encode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Applied, Spool
+from raft.core import Role
 from smtpcluster.clock import ClusterClock
 from smtpcluster.scheduler import BUSY_WINDOW_TICKS, Scheduler
 
@@ -111,3 +114,29 @@ def tick(spool: Spool, offsets: dict[str, float] | None = None) -> list[Command]
     sched.lead_since = time.monotonic()
     asyncio.run(sched.tick())
     return proposed
+
+
+def test_a_tick_that_raises_does_not_end_the_scheduler(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in one tick (a DSN that cannot be rendered, say) ended the task: nothing was
+    assigned, expired or bounced again while this node led, and nothing said so."""
+    core = SimpleNamespace(role=Role.LEADER, term=1)
+    sched = Scheduler(cast("Node", SimpleNamespace(raft=SimpleNamespace(core=core))))
+    ticks: list[int] = []
+
+    async def tick() -> None:
+        ticks.append(1)
+        if len(ticks) == 1:
+            raise ValueError("a bug")
+
+    sched.tick = tick  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(sched.run())
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(ticks) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no tick after the bug"
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    assert "scheduler tick failed" in caplog.text and "ValueError: a bug" in caplog.text
