@@ -74,6 +74,21 @@ def new_message_id(node: str) -> str:
     return f"{time.time_ns() // 1000:x}-{os.urandom(5).hex()}-{node}"
 
 
+def printable(name: str) -> str:
+    """A client's word (its HELO name) as we write it in a header: control characters
+    and bytes that are not UTF-8 as '?', as Postfix prints them."""
+    return CONTROL_CHARS.sub("?", name).encode("utf-8", "replace").decode()
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether aiosmtpd's decoding of `text` kept no undecodable byte (as a surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def plain_domain(address: str) -> str | None:
     """The domain of a plain local@domain address, or None for anything a relay must not
     interpret: source routes, %-hacks, !-paths, quoted local parts holding '@'."""
@@ -304,7 +319,7 @@ class Handler:
         date = email.utils.formatdate(localtime=False, usegmt=True)
         # As Postfix prints it: a bare CR in the client's HELO name would end our header's
         # line at a receiver and let the client write a trace field of its own above it.
-        helo = CONTROL_CHARS.sub("?", session.host_name or "unknown")
+        helo = printable(session.host_name or "unknown")
         return (
             f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
             f"with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
@@ -436,9 +451,12 @@ class FrontendSMTP(SMTP):
             if not (self.local_part_limit and len(local) > self.local_part_limit):
                 return m.group(1), m.group(2).lstrip()
         addr, rest = super()._getaddr(arg)
-        if addr and CONTROL_CHARS.search(addr):
-            # The email parser lets them through. aiosmtplib will not send one, so such
-            # a recipient would never leave; and a CR in it would end a line: 553.
+        if addr and (CONTROL_CHARS.search(addr) or not _is_utf8(addr)):
+            # The email parser lets them through. aiosmtplib will not send a control
+            # character, so such a recipient would never leave; a CR in it would end a
+            # line; and bytes that are not UTF-8 (aiosmtpd keeps them as surrogates)
+            # cannot be encoded into the Accept: that message got 451 at its dot, for
+            # every retry. 553 at once.
             return None, None
         return addr, rest
 

@@ -76,9 +76,10 @@ def test_the_operator_can_turn_it_off() -> None:
 
 def test_a_control_character_in_the_helo_name_is_not_written_into_received() -> None:
     """A bare CR would end our Received line at a receiver (aiosmtplib itself turns it
-    into a CRLF when it relays), and the client's own trace field would stand above it."""
-    body = submitted_body(BARE, trusted=True, helo=b"evil\rX-Injected: yes\x00")
+    into a CRLF when it relays), and the client's own trace field would stand above it.
+    A byte that is not UTF-8 made the header unencodable: 451 at every final dot."""
+    body = submitted_body(BARE, trusted=True, helo=b"evil\rX-Injected: yes\x00\xe9")
     received = body.split(b"\r\n", 1)[0]
-    assert received == b"Received: from evil?X-Injected: yes? ([127.0.0.1])", received
+    assert received == b"Received: from evil?X-Injected: yes?? ([127.0.0.1])", received
     head = body[: body.index(b"\r\n\r\n")]
     assert head.count(b"\r") == head.count(b"\r\n") and b"\x00" not in head
