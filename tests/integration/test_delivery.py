@@ -154,6 +154,35 @@ def test_deferred_is_retried_and_refused_bounces_to_the_sender(tmp_path: Path) -
             not cluster.queued(n) for n in cluster.nodes), 30)  # fmt: skip
 
 
+class OldServerSink(Sink):
+    """Refuses `latin@` as some old servers do: a two-line reply with a Latin-1 byte."""
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str | bytes:  # fmt: skip
+        if address.startswith("latin@"):
+            return b"550-5.1.1 Destinataire inconnu: caf\xe9\r\n550 5.1.1 user unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+def test_a_refusal_in_latin1_on_two_lines_bounces_with_a_clean_dsn(tmp_path: Path) -> None:
+    """aiosmtplib hands that reply over with a lone surrogate and an LF in it: the
+    Outcome could not be encoded, and the recipient never bounced."""
+    handler = OldServerSink()
+    with sink_and_cluster(tmp_path, handler, n=1) as cluster:
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("sender@example.org", ["latin@dest.example"], b"Subject: x\r\n\r\nx\r\n")
+        wait_for("the DSN at the sender", lambda: handler.received, 60)
+    [(rcpt, dsn)] = handler.received
+    assert rcpt == "sender@example.org"
+    want = "550 5.1.1 Destinataire inconnu: caf\ufffd 5.1.1 user unknown".encode()
+    assert b"Diagnostic-Code: smtp; " + want + b"\r\n" in dsn, dsn
+    assert dsn.count(b"\n") == dsn.count(b"\r\n")  # no bare LF from the reply's lines
+
+
 class CountingGate(GatedSink):
     """A gated sink that counts the sessions waiting at RCPT."""
 
