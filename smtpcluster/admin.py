@@ -175,7 +175,8 @@ async def queue_action(request: web.Request) -> web.Response:
         return _error(404, f"no queue action {action!r}: use one of {sorted(ACTIONS)}")
     args = await _json_object(request)
     every, listed = args.get("all") is True, args.get("ids")
-    if every == (isinstance(listed, list) and bool(listed)) or (every and "ids" in args):
+    has_ids = isinstance(listed, list) and bool(listed)
+    if every == has_ids or (every and "ids" in args):  # neither, or both
         return _error(400, 'give "ids": [...] or "all": true, not both')
     node = _node(request)
     await node.raft.read_index()
