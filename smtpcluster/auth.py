@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-_LINE = re.compile(r"^([^:\s]+):scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
+_NAME = r"[^:\s]+"  # a users_file line is name:hash, so a name holds no colon nor space
+_LINE = re.compile(
+    rf"^({_NAME}):scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$"
+)
 N, R, P = 2**14, 8, 1
 
 
@@ -24,6 +27,10 @@ class UsersFileError(ValueError):
     def __init__(self, path: str, line: int, problem: str) -> None:
         super().__init__(f"{path}: line {line}: {problem}")
         self.path, self.line = path, line
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(_NAME, name) is not None
 
 
 def hash_password(name: str, password: str) -> str:

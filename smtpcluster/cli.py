@@ -30,7 +30,7 @@ from raft.node import NodeFailed
 from raft.storage import StorageError
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
-from smtpcluster.auth import hash_password
+from smtpcluster.auth import hash_password, valid_name
 from smtpcluster.node import CannotStart, serve
 
 QUEUE_ACTIONS = ("retry", "hold", "release", "delete")
@@ -167,6 +167,8 @@ def _serve_or_check(args: argparse.Namespace) -> int:
 
 
 def _hash_password(name: str) -> int:
+    if not valid_name(name):  # its line would be refused when users_file is loaded
+        raise UsageError(f"hash-password: {name!r}: a user name holds no ':' nor space")
     if sys.stdin.isatty():
         password = getpass.getpass(f"password for {name}: ")
     else:

@@ -95,3 +95,14 @@ def test_hash_password_prints_a_users_file_line(tmp_path: Path) -> None:
     users.write_text(out.stdout)
     loaded = Users.load(str(users))
     assert loaded.verify("app1", "s3cret-pass") and not loaded.verify("app1", "wrong")
+
+
+@pytest.mark.parametrize("name", ["app:1", "app 1", ""])
+def test_hash_password_refuses_a_name_its_users_file_could_not_hold(name: str) -> None:
+    """Its line used to be printed, and the node then refused the users_file."""
+    out = subprocess.run(
+        [*CLI, "hash-password", name], input="s3cret-pass\n", capture_output=True,
+        text=True, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stdout == "", out
+    assert "a user name holds no ':' nor space" in out.stderr
