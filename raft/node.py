@@ -374,6 +374,11 @@ class RaftNode:
                 self._reads.pop(ctx, None)
 
     async def add_learner(self, node: NodeId, addr: Address, timeout: float = 10.0) -> None:
+        if node in self.core.conf().members():
+            # Asked first: the address is committed before the change is, so a join of
+            # a member under a mistyped address moved that member there, in every log,
+            # and no leader reached it any more, though the change itself was refused.
+            raise ConfChangeRefused(f"{node} is already a member")
         await self.propose_peer(node, addr, timeout)
         await self.change(ConfChange(ConfChangeOp.ADD_LEARNER, node), timeout)
 

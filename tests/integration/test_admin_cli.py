@@ -261,3 +261,18 @@ def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpClust
         assert exc.code == 400 and "use one of queued, assigned" in exc.read().decode()
     moved = cli("cluster", "transfer-leader", "nobody", "--config", conf(cluster, follower))
     assert moved.returncode == 1 and "nobody is not a voter" in moved.stderr
+
+
+def test_joining_a_member_again_is_refused_and_leaves_its_address_alone(tmp_path: Path) -> None:
+    """A typo: `cluster join n2 <wrong address>`. The refusal came after the address had
+    been committed, so n2 was moved there in every log, and no leader reached it again."""
+    with running(SmtpCluster(tmp_path)) as c:
+        before = {m["id"]: m["address"] for m in ok_json("cluster", "status", "--config",
+                                                          conf(c, "n1"))["members"]}  # fmt: skip
+        wrong = f"127.0.0.2:{free_port('127.0.0.2')}"
+        out = cli("cluster", "join", "n2", wrong, "--config", conf(c, "n3"))
+        assert out.returncode == 1 and "n2 is already a member" in out.stderr, out.stderr
+        after = {m["id"]: m["address"] for m in ok_json("cluster", "status", "--config",
+                                                         conf(c, "n1"))["members"]}  # fmt: skip
+        assert after == before and wrong not in after.values()
+        assert takes_mail(c.nodes["n2"])
