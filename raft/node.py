@@ -379,6 +379,11 @@ class RaftNode:
             # a member under a mistyped address moved that member there, in every log,
             # and no leader reached it any more, though the change itself was refused.
             raise ConfChangeRefused(f"{node} is already a member")
+        holder = next(
+            (m for m in self.core.conf().members() if self.addresses.get(m) == addr), None
+        )
+        if holder is not None:  # the leader would replicate to `holder` as if to `node`
+            raise ConfChangeRefused(f"{addr} is the address of member {holder}")
         await self.propose_peer(node, addr, timeout)
         await self.change(ConfChange(ConfChangeOp.ADD_LEARNER, node), timeout)
 
@@ -516,6 +521,12 @@ class RaftNode:
         try:
             if kind == _RAFT:
                 msg = codec.decode_message(body)
+                if msg.to != self.cfg.id:
+                    # Two members at one address (a join that named another's): never
+                    # act on what was meant for another node.
+                    log.warning("a message for %s from %s reached %s: dropped; do two "
+                                "members share an address?", msg.to, peer, self.cfg.id)  # fmt: skip
+                    return
                 if isinstance(msg, RequestVote):
                     self._answer_outsider(peer)
                 self.core.step(msg)

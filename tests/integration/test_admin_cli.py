@@ -263,7 +263,9 @@ def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpClust
     assert moved.returncode == 1 and "nobody is not a voter" in moved.stderr
 
 
-def test_joining_a_member_again_is_refused_and_leaves_its_address_alone(tmp_path: Path) -> None:
+def test_a_join_of_a_member_or_at_a_members_address_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
     """A typo: `cluster join n2 <wrong address>`. The refusal came after the address had
     been committed, so n2 was moved there in every log, and no leader reached it again."""
     with running(SmtpCluster(tmp_path)) as c:
@@ -275,4 +277,10 @@ def test_joining_a_member_again_is_refused_and_leaves_its_address_alone(tmp_path
         after = {m["id"]: m["address"] for m in ok_json("cluster", "status", "--config",
                                                          conf(c, "n1"))["members"]}  # fmt: skip
         assert after == before and wrong not in after.values()
+        # A new node at a member's address: the leader would replicate to n2 as to it.
+        taken = after["n2"]
+        out = cli("cluster", "join", "n9", taken, "--config", conf(c, "n3"))
+        assert out.returncode == 1 and f"{taken} is the address of member n2" in out.stderr
+        status = ok_json("cluster", "status", "--config", conf(c, "n1"))
+        assert (status["voters"], status["learners"]) == (["n1", "n2", "n3"], [])
         assert takes_mail(c.nodes["n2"])

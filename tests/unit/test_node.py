@@ -19,10 +19,10 @@ import pytest
 from raft import codec
 from raft.core import RaftError, Role
 from raft.kv import KV, put
-from raft.node import NodeConfig, RaftNode
+from raft.node import _RAFT, NodeConfig, RaftNode
 from raft.progress import ProgressState
 from raft.transport import Address
-from raft.types import AppendEntriesResponse
+from raft.types import AppendEntriesResponse, Heartbeat
 from tests.integration.kvcluster import free_port, free_ports
 
 
@@ -425,6 +425,24 @@ def test_a_refusal_forwarded_back_names_its_kind_once(tmp_path: pathlib.Path) ->
             assert str(caught.value) == "leadership moved while j1 caught up"
 
     asyncio.run(run())
+
+
+def test_a_message_for_another_node_is_dropped_and_said(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two members at one address: what the leader sends the one reaches the other. It
+    must not act on it (a higher term here would have unseated it)."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            node = nodes[0]
+            term = node.core.term
+            stray = Heartbeat(frm=nodes[1].cfg.id, to="elsewhere", term=term + 5, commit=0)
+            node._on_frame(nodes[1].cfg.id, _RAFT + codec.encode_message(stray))
+            assert node.core.term == term
+
+    asyncio.run(run())
+    assert "a message for elsewhere from n2 reached n1: dropped" in caplog.text, caplog.text
 
 
 def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) -> None:
