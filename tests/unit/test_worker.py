@@ -106,6 +106,20 @@ class Recorded:
         return self
 
 
+def assigned_worker(now: int) -> tuple[Worker, Spool]:
+    """Node a's worker, over a spool where message m1's one recipient is assigned to
+    it; what it proposes is applied at once."""
+    machine = SpoolMachine()
+    machine.spool.apply(Accept(now, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
+    machine.spool.apply(Assign(now, (Assignment("m1", 0, "a", 1),)))
+    index = iter(range(1, 1000))
+
+    async def propose(data: bytes, timeout: float) -> bytes:
+        return machine.apply(next(index), data)
+
+    return Worker(cast("Node", worker_node(machine, propose))), machine.spool
+
+
 class Failing:
     """A connection pool whose transaction raises what no SMTP failure raises (as
     aiosmtplib's ValueError for a control character in an address), after passing the
@@ -129,17 +143,8 @@ def test_an_attempt_that_fails_unexpectedly_is_settled_not_retried_at_once(
     """It used to stay assigned, and the next poll (50 ms) tried it again, forever.
     Deferred by the retry schedule instead; uncertain once its dot may have gone out
     (on_uncertain = redeliver queues it again, the attempt counted)."""
-    machine = SpoolMachine()
-    spool = machine.spool
     now = int(time.time() * 1000)
-    spool.apply(Accept(now, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
-    spool.apply(Assign(now, (Assignment("m1", 0, "a", 1),)))
-    index = iter(range(1, 1000))
-
-    async def propose(data: bytes, timeout: float) -> bytes:
-        return machine.apply(next(index), data)
-
-    worker = Worker(cast("Node", worker_node(machine, propose)))
+    worker, spool = assigned_worker(now)
     pool = Failing(fence_first)
     worker.pool = pool  # type: ignore[assignment]
     [(job, ks)] = worker._transactions(spool.messages["m1"]).items()
@@ -164,17 +169,8 @@ class Refusing:
 def test_a_reply_with_a_latin1_byte_and_two_lines_is_kept_clean_and_settled() -> None:
     """It could not be encoded: the Outcome never committed, and the recipient stayed
     assigned. Kept as valid UTF-8 on one line, it bounces, and its DSN can be sent."""
-    machine = SpoolMachine()
-    spool = machine.spool
     now = int(time.time() * 1000)
-    spool.apply(Accept(now, "m1", "s@example.org", ("u@x.example",), b"x\r\n", "a"))
-    spool.apply(Assign(now, (Assignment("m1", 0, "a", 1),)))
-    index = iter(range(1, 1000))
-
-    async def propose(data: bytes, timeout: float) -> bytes:
-        return machine.apply(next(index), data)
-
-    worker = Worker(cast("Node", worker_node(machine, propose)))
+    worker, spool = assigned_worker(now)
     worker.pool = Refusing()  # type: ignore[assignment]
     [(job, ks)] = worker._transactions(spool.messages["m1"]).items()
     asyncio.run(worker.deliver(job, ks))
