@@ -31,17 +31,22 @@ from raft.storage import Storage
 from raft.transport import Address, Transport
 from raft.types import (
     AppendEntries,
+    AppendEntriesResponse,
     ConfChange,
     ConfChangeOp,
     ConfState,
     Entry,
     EntryKind,
     Heartbeat,
+    HeartbeatResponse,
     InstallSnapshot,
+    InstallSnapshotResponse,
     Message,
     NodeId,
+    ReadIndexResponse,
     Ready,
     RequestVote,
+    RequestVoteResponse,
     SnapshotMeta,
 )
 
@@ -54,6 +59,9 @@ _ARITY = {_APP: 1, _PEER: 2}  # an envelope's fields; a forwarded one adds its o
 BATCH_MAX_BYTES = 512 << 10
 BATCH_MAX_COUNT = 256
 _RAFT, _FORWARD, _ANSWER, _CALL, _REMOVED, _HELLO = b"R", b"F", b"A", b"C", b"X", b"V"
+# Raft messages sent only in reply to one of ours: the peer hears us.
+_ANSWERS = (AppendEntriesResponse, HeartbeatResponse, InstallSnapshotResponse,
+            RequestVoteResponse, ReadIndexResponse)  # fmt: skip
 SNAPSHOT_RETRY_S = (5.0, 300.0)  # after a failed snapshot: the first pause, the longest
 JOIN_CATCH_UP_S = 60.0  # how long a joining node may take to catch up before promotion
 _ADDR_LEN = struct.Struct("<I")
@@ -172,7 +180,10 @@ class RaftNode:
         self.on_fsync: Callable[[float], None] = lambda seconds: None  # for metrics
         # How a Ready is persisted: the storage's save, which a test may wrap (a slow disk).
         self.persist: Callable[[Ready], None] = self.storage.save
-        self.last_heard: dict[NodeId, float] = {}  # peer -> monotonic time of its last frame
+        # peer -> monotonic time of its last answer to us. Any frame would not do: a peer
+        # we cannot reach still sends (pre-votes, forwards), and counted so it looked
+        # alive to the scheduler, which gave it mail it never learned of.
+        self.last_answer: dict[NodeId, float] = {}
         self.stopped = False
         self.failure: NodeFailed | None = None  # what stopped one of this node's tasks
         self.failed = asyncio.Event()  # set with `failure`
@@ -435,7 +446,7 @@ class RaftNode:
                 "id": n,
                 "address": str(self.addresses.get(n, "")),
                 "role": "leader" if n == c.lead else "follower" if conf.is_voter(n) else "learner",
-                "reachable": n == self.cfg.id or now - self.last_heard.get(n, -1e9) < heard_s,
+                "reachable": n == self.cfg.id or now - self.last_answer.get(n, -1e9) < heard_s,
                 "match": match,
                 "lag": last - match,
                 "format": self.format_of(n),
@@ -516,11 +527,14 @@ class RaftNode:
     # ================================================================ inbound
 
     def _on_frame(self, peer: NodeId, payload: bytes) -> None:
-        self.last_heard[peer] = time.monotonic()
         kind, body = payload[:1], payload[1:]
+        if kind == _ANSWER:
+            self.last_answer[peer] = time.monotonic()
         try:
             if kind == _RAFT:
                 msg = codec.decode_message(body)
+                if isinstance(msg, _ANSWERS):
+                    self.last_answer[peer] = time.monotonic()
                 if msg.to != self.cfg.id:
                     # Two members at one address (a join that named another's): never
                     # act on what was meant for another node.

@@ -76,12 +76,13 @@ class Scheduler:
         raft = self.node.raft
         now = time.monotonic()
         members = raft.core.conf().members()
-        # A node not heard from this long gets no work, and loses what it had.
+        # A node that has not answered this leader this long gets no work, and loses
+        # what it had.
         down_s = self.node.cfg.delivery.node_down_after_ms / 1000
         return [
             n for n in members
             if n == raft.cfg.id
-            or now - max(raft.last_heard.get(n, 0.0), self.lead_since) < down_s
+            or now - max(raft.last_answer.get(n, 0.0), self.lead_since) < down_s
         ]  # fmt: skip
 
     def new_format(self, now: int) -> list[Command]:

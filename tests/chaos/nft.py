@@ -27,6 +27,14 @@ def _nft(*args: str) -> None:
         raise PartitionsUnavailable(f"nft {' '.join(args[:3])}: {out.stderr.strip()[:200]}")
 
 
+def partitions_possible() -> bool:
+    try:
+        Partitions().close()
+    except PartitionsUnavailable:
+        return False
+    return True
+
+
 class Partitions:
     def __init__(self) -> None:
         if shutil.which("nft") is None or os.geteuid() != 0:
@@ -47,6 +55,11 @@ class Partitions:
         ]
         for rule in rules:
             _nft("add", "rule", "inet", TABLE, "out", *rule.split())
+
+    def deafen(self, port: int) -> None:
+        """Nothing reaches the listener on `port`, yet its node still connects out: a
+        firewall that blocks one node's Raft port inbound only."""
+        _nft("add", "rule", "inet", TABLE, "out", "tcp", "dport", str(port), "drop")
 
     def heal(self) -> None:
         _nft("flush", "chain", "inet", TABLE, "out")

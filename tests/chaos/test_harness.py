@@ -11,15 +11,7 @@ import pytest
 
 from tests.chaos.checker import Report, check_deliveries, check_destinations
 from tests.chaos.harness import Harness, Options
-from tests.chaos.nft import Partitions, PartitionsUnavailable
-
-
-def _partitions_possible() -> bool:
-    try:
-        Partitions().close()
-    except PartitionsUnavailable:
-        return False
-    return True
+from tests.chaos.nft import partitions_possible
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -47,7 +39,7 @@ def test_the_harness_sees_a_250_before_commit(tmp_path: Path) -> None:
     assert any("never delivered" in v for v in report.violations), report.table()
 
 
-@pytest.mark.skipif(not _partitions_possible(), reason="partitions need root and nft")
+@pytest.mark.skipif(not partitions_possible(), reason="partitions need root and nft")
 def test_the_harness_sees_a_final_dot_without_its_fence(tmp_path: Path) -> None:
     # Cut off longer than the down detection (5 s): the leader hands the node's work
     # to others while it, unfenced, still sends the final dots it holds.

@@ -13,6 +13,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.chaos.nft import Partitions, partitions_possible
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.observe import cli
 from tests.integration.sinks import Sink, sink_and_cluster
@@ -232,6 +233,37 @@ def test_a_paused_worker_cannot_deliver_what_was_reassigned(tmp_path: Path) -> N
     finally:
         cluster.stop_all()
         controller.stop()
+
+
+@pytest.mark.skipif(not partitions_possible(), reason="needs root and nft (setup-system)")
+def test_a_node_that_cannot_hear_the_leader_is_given_no_mail(tmp_path: Path) -> None:
+    """A firewall blocks one node's Raft port inbound: it hears no leader, yet its
+    pre-votes still reach the leader. Those counted as signs of life, so the scheduler
+    kept assigning it mail it never learned of, for ever, and `cluster status` said it
+    was reachable."""
+    handler = Sink()
+    with sink_and_cluster(tmp_path, handler) as cluster:
+        leader = cluster.leader()
+        deaf = next(n for n in cluster.nodes.values() if n.id != leader)
+
+        def reachable() -> bool:
+            status = cluster.status(leader) or {}
+            return any(m["id"] == deaf.id and m["reachable"] for m in status["members"])
+
+        cuts = Partitions()
+        try:
+            cuts.deafen(deaf.raft_port)
+            wait_for("the leader to see the deaf node unreachable", lambda: not reachable(), 30)
+            sender = cluster.nodes[leader]
+            rcpts = [f"user{k}@dest.example" for k in range(12)]
+            for rcpt in rcpts:
+                with smtplib.SMTP(sender.host, sender.smtp_port, timeout=30) as s:
+                    s.sendmail("a@example.org", [rcpt], b"Subject: d\r\n\r\nx\r\n")
+            wait_for("every message delivered", lambda: len(handler.received) >= 12, 60)
+            assert Counter(r for r, _ in handler.received) == Counter(rcpts)
+        finally:
+            cuts.close()
+        wait_for("the healed node to be reachable again", reachable, 30)
 
 
 class DeferringSink(Sink):

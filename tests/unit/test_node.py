@@ -22,7 +22,7 @@ from raft.kv import KV, put
 from raft.node import _RAFT, NodeConfig, RaftNode
 from raft.progress import ProgressState
 from raft.transport import Address
-from raft.types import AppendEntriesResponse, Heartbeat
+from raft.types import AppendEntriesResponse, Heartbeat, HeartbeatResponse, RequestVote
 from tests.integration.kvcluster import free_port, free_ports
 
 
@@ -443,6 +443,26 @@ def test_a_message_for_another_node_is_dropped_and_said(
 
     asyncio.run(run())
     assert "a message for elsewhere from n2 reached n1: dropped" in caplog.text, caplog.text
+
+
+def test_a_peer_counts_as_reachable_only_when_it_answers(tmp_path: pathlib.Path) -> None:
+    """A member that cannot hear the leader (its Raft port blocked inbound) still sends
+    it pre-votes. Counting those made it look alive, so the scheduler kept giving it
+    mail it never learned of, and `cluster status` said REACHABLE yes."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            node, peer = nodes[0], nodes[1].cfg.id
+            node.last_answer.pop(peer, None)
+            vote = RequestVote(frm=peer, to=node.cfg.id, term=node.core.term + 1,
+                               last_index=0, last_term=0, pre_vote=True)  # fmt: skip
+            node._on_frame(peer, _RAFT + codec.encode_message(vote))
+            assert peer not in node.last_answer
+            answer = HeartbeatResponse(frm=peer, to=node.cfg.id, term=node.core.term)
+            node._on_frame(peer, _RAFT + codec.encode_message(answer))
+            assert peer in node.last_answer
+
+    asyncio.run(run())
 
 
 def test_the_leader_tells_a_removed_node_that_it_is_out(tmp_path: pathlib.Path) -> None:

@@ -101,7 +101,7 @@ def tick(spool: Spool, offsets: dict[str, float] | None = None) -> list[Command]
         machine=SimpleNamespace(spool=spool), policy=Policy(),
         clock=ClusterClock(lambda: spool.now),
         raft=SimpleNamespace(
-            propose=propose, cfg=SimpleNamespace(id="a"), last_heard={"b": time.monotonic()},
+            propose=propose, cfg=SimpleNamespace(id="a"), last_answer={"b": time.monotonic()},
             core=SimpleNamespace(conf=lambda: members), format_of=lambda n: 1, clocks=clocks,
         ),
         cfg=SimpleNamespace(
