@@ -165,7 +165,7 @@ class Harness:
 
     def inject(self, fault: Fault) -> None:
         kind = fault.kind.removesuffix("_leader")
-        if kind == "partition" and self.partitions is None:
+        if kind in ("partition", "deafen") and self.partitions is None:
             kind = "pause"  # the nearest fault this machine allows
         if kind == "clock_jump" and not self.faketime:
             kind = "pause"
@@ -188,6 +188,11 @@ class Harness:
             assert self.partitions is not None
             others = [(n.host, n.raft_port) for i, n in self.cluster.nodes.items() if i != nid]
             self.partitions.isolate(node.host, node.raft_port, others)
+            time.sleep(fault.hold_s)
+            self.partitions.heal()
+        elif kind == "deafen":
+            assert self.partitions is not None
+            self.partitions.deafen(node.raft_port)
             time.sleep(fault.hold_s)
             self.partitions.heal()
         elif kind == "slow_disk":
