@@ -129,6 +129,7 @@ class Handler:
         self.disk = disk  # None: no free-space check (unit tests)
         self.throttle = Throttle()
         self.refused = 0  # recipients refused for relaying: a metric
+        self.bugs = 0  # exceptions from a command, answered 451: a metric
         self.sessions: Sessions[FrontendSMTP] = Sessions()  # open ones: limits, draining
         self.connection_rate = RateLimiter("connections")
         self.message_rate = RateLimiter("messages")
@@ -226,6 +227,7 @@ class Handler:
         500, tells the client to give the message up and bounce it to its sender, when
         the message may already be queued: 451 makes it try again."""
         log.error("SMTP session exception: %r", error, exc_info=error)
+        self.bugs += 1
         return "451 4.3.0 Internal error, try again later"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:

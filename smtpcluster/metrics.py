@@ -103,6 +103,16 @@ class _StateCollector(Collector):
         limited.add_metric(["message"], self.node.handler.message_rate.refused)
         yield limited
         yield from self._disk()
+        bugs = CounterMetricFamily(
+            "smtpcluster_internal_errors",
+            "Unexpected exceptions, each logged with its traceback, after which the part "
+            "went on: a bug",
+            labels=["part"],
+        )
+        bugs.add_metric(["smtp"], self.node.handler.bugs)
+        bugs.add_metric(["scheduler"], self.node.scheduler.bugs)
+        bugs.add_metric(["delivery"], self.node.worker.bugs)
+        yield bugs
         yield CounterMetricFamily(
             "smtpcluster_gc_slow_full_collections",
             "Full garbage collections that stopped the node longer than the limit",

@@ -30,6 +30,7 @@ class Scheduler:
         self.lead_since = 0.0
         self.format_held: list[str] = []  # what holds back a format raise, last said
         self.clock_ahead = False  # this node's clock ahead of the cluster's, last said
+        self.bugs = 0  # ticks that raised: a metric
         # The spool's per-node acceptance counts at each of the last ticks.
         self.seen: collections.deque[collections.Counter[str]] = collections.deque(
             maxlen=BUSY_WINDOW_TICKS
@@ -53,6 +54,7 @@ class Scheduler:
                     # A bug. Uncaught, it ended this task: nothing was assigned, expired
                     # or bounced again for as long as this node led, and nothing said so.
                     log.exception("scheduler tick failed")
+                    self.bugs += 1
 
     def busy(self) -> collections.Counter[str]:
         """Messages each node accepted in the last second, and for this node (the

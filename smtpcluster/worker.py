@@ -69,6 +69,7 @@ class Worker:
         self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.bugs = 0  # polls and attempts that raised unexpectedly: a metric
         self.batcher = Batcher(node.raft.propose, PROPOSE_TIMEOUT_S)
         self.smarthost_security = smtp_client.Security(
             delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
@@ -91,6 +92,7 @@ class Worker:
                     self.dispatch()
                 except Exception:  # a bug: said, and the next poll tries again
                     log.exception("delivery dispatch failed")
+                    self.bugs += 1
                 await asyncio.sleep(POLL_S)
                 await self.pool.prune()
         finally:
@@ -170,6 +172,7 @@ class Worker:
                 await self._commit(Outcome(_now(), mid, self.me, attempt, tuple(results)))
         except Exception as exc:
             log.exception("delivery of %s attempt %d failed unexpectedly", mid, attempt)
+            self.bugs += 1
             await self._failed(mid, attempt, ks, exc, dot_may_have_gone=bool(fenced))
         finally:
             self.inflight.discard(job)

@@ -62,6 +62,9 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert all(("smtpcluster_smtp_sessions", ()) in v for v in views.values())
         no_room = "smtpcluster_messages_refused_no_space_total"
         assert all((no_room, ()) in v and value(v, no_room) == 0 for v in views.values())
+        bugs = "smtpcluster_internal_errors_total"
+        parts = [(("part", p),) for p in ("smtp", "scheduler", "delivery")]
+        assert all(v[(bugs, part)] == 0 for v in views.values() for part in parts)
         undecodable = "smtpcluster_queue_undecodable_commands_total"
         assert all((undecodable, ()) in v and value(v, undecodable) == 0 for v in views.values())
         # one machine, one clock: no node is behind the commands' times

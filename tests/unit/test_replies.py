@@ -249,9 +249,13 @@ def test_a_refused_accept_or_a_bug_gets_451_not_500_and_the_session_goes_on(
         proto.data_received(b"Subject: y\r\n\r\nagain\r\n.\r\n")
         await until(functools.partial(replied, wire, b"250 2.0.0"))
         proto.connection_lost(None)
+        bugs.append(proto.event_handler.bugs)
 
+    bugs: list[int] = []
     asyncio.run(run())
     assert len(calls) == 2
+    # smtpcluster_internal_errors_total{part="smtp"} counts the bug, not the refusal
+    assert bugs == [0 if isinstance(error, AcceptRefused) else 1]
     assert not any(line.startswith(b"500") for line in b"".join(wire.writes).split(b"\r\n"))
 
 

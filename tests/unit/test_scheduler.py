@@ -140,3 +140,4 @@ def test_a_tick_that_raises_does_not_end_the_scheduler(caplog: pytest.LogCapture
 
     asyncio.run(run())
     assert "scheduler tick failed" in caplog.text and "ValueError: a bug" in caplog.text
+    assert sched.bugs == 1  # smtpcluster_internal_errors_total{part="scheduler"}

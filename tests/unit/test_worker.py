@@ -156,6 +156,7 @@ def test_an_attempt_that_fails_unexpectedly_is_settled_not_retried_at_once(
     assert rcpt.next_attempt >= now + 60_000  # waits for the schedule, not the next poll
     assert spool.uncertain_total == (1 if fence_first else 0)
     assert pool.calls == 1 and not worker.inflight
+    assert worker.bugs == 1  # smtpcluster_internal_errors_total{part="delivery"}
 
 
 class Refusing:
