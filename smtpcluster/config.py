@@ -38,11 +38,19 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAILBOX_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # they take the port on every address
 
 
 def is_hostname(text: str) -> bool:
     return all(HOST_LABEL.fullmatch(label) for label in text.removesuffix(".").split("."))
+
+
+def is_mailbox(text: str) -> bool:
+    """A plain local@domain (ASCII, dot-atom local part, no %, ! or quotes): an address
+    this file names for us to send to."""
+    local, at, domain = text.rpartition("@")
+    return bool(at and MAILBOX_LOCAL.fullmatch(local)) and "." in domain and is_hostname(domain)
 
 
 def parse_duration_ms(text: str) -> int:
@@ -109,6 +117,9 @@ class SmtpSection:
     # Message-ID and Date added when missing, for relay_networks and authenticated
     # clients only (Postfix: for local_header_rewrite_clients).
     add_missing_headers: bool = True
+    # Where RCPT TO:<postmaster> (no domain) goes, from any client: RFC 5321 4.5.1 says a
+    # relay MUST accept it. Empty: it is refused, as we have no mailbox of our own.
+    postmaster: str = ""
 
 
 @dataclass(frozen=True)
@@ -349,6 +360,9 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         raise r.fail("max_recipients", f"must be at most {MAX_RECIPIENTS}, not {rcpts}")
     hops = _positive(r, "max_hops", 100)
     add_headers = r.take("add_missing_headers", bool, True)
+    postmaster = r.take("postmaster", str, "")
+    if postmaster and not is_mailbox(postmaster):
+        raise r.fail("postmaster", f"{postmaster!r} is not an address like ops@example.com")
     tls_cert, tls_key = r.file("tls_cert", required=False), r.file("tls_key", required=False)
     users = r.file("users_file", required=False)
     if users:
@@ -376,6 +390,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         tls_key, users, accept, idle, errors, junk, sessions, per_client,
         submissions_listen=submissions, client_connection_rate_limit=rates[0],
         client_message_rate_limit=rates[1], max_hops=hops, add_missing_headers=add_headers,
+        postmaster=postmaster,
     )  # fmt: skip
 
 

@@ -214,11 +214,22 @@ class Handler:
         if not (address.isascii() or envelope.smtp_utf8):
             return UNDECLARED_UTF8
         peer = _peer(session)
+        if address.lower() == "postmaster":
+            return self._postmaster(envelope, rcpt_options)
         if not self.policy.may_relay(peer, bool(session.authenticated), address):
             self.refused += 1
             log.warning("relaying denied: peer=%s rcpt=<%s>", peer, address)
             return RELAY_DENIED
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    def _postmaster(self, envelope: Envelope, rcpt_options: list[str]) -> str:
+        """RFC 5321 4.5.1: a relay MUST take <postmaster>, from anyone: a remote site
+        writes there about abuse from our clients. It goes to smtp.postmaster."""
+        if not self.cfg.postmaster:
+            return "550 5.1.1 <postmaster>: no postmaster mailbox is configured here"
+        envelope.rcpt_tos.append(self.cfg.postmaster)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 

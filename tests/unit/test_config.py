@@ -101,6 +101,12 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
     assert load(write(tmp_path, off)).smtp.min_free_space == 0
 
 
+def test_a_postmaster_address_is_read(tmp_path: pathlib.Path) -> None:
+    assert load(write(tmp_path, GOOD)).smtp.postmaster == ""  # unset: <postmaster> refused
+    text = GOOD.replace("[smtp]", '[smtp]\npostmaster = "abuse+relay@ops.example.com"')
+    assert load(write(tmp_path, text)).smtp.postmaster == "abuse+relay@ops.example.com"
+
+
 @pytest.mark.parametrize(
     ("change", "key", "problem"),
     [
@@ -290,6 +296,9 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
         (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
         (("[admin]", '[log]\nformat = "xml"\n[admin]'), "log.format", "'json'"),
         (("[admin]", "[log]\ncolour = true\n[admin]"), "log.colour", "unknown key"),
+        (("[smtp]", '[smtp]\npostmaster = "root"'), "smtp.postmaster", "like ops@example.com"),
+        (("[smtp]", '[smtp]\npostmaster = "a%b@x.example"'), "smtp.postmaster", "'a%b@"),
+        (("[smtp]", '[smtp]\npostmaster = "ops@[10.0.0.1]"'), "smtp.postmaster", "an address"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mailqueue.commands import Accept
 from smtpcluster.config import SmtpSection
 from smtpcluster.frontend import AcceptRefused, FrontendSMTP, Handler, smtp_factory
 
@@ -285,3 +286,36 @@ def test_a_shutdown_waits_for_the_reply_to_a_message_in_flight() -> None:
     asyncio.run(run())
     replies = [line[:3] for line in b"".join(wire.writes).split(b"\r\n") if line[3:4] == b" "]
     assert replies[-2:] == [b"250", b"421"] and wire.closed
+
+
+@pytest.mark.parametrize("postmaster", ["ops@example.com", ""], ids=["configured", "unset"])
+def test_rcpt_postmaster_is_taken_from_anyone_and_goes_to_smtp_postmaster(postmaster: str) -> None:
+    """RFC 5321 4.5.1: a relay MUST accept <postmaster> without a domain, from any
+    client: a remote site writes there about abuse. It was refused as relaying."""
+    cfg = SmtpSection(hostname="reply.test", relay_networks=(), postmaster=postmaster)
+    got: list[Accept] = []
+
+    async def accepted(cmd: Accept, timeout: float) -> bool:
+        got.append(cmd)
+        return True
+
+    async def run() -> None:
+        proto = smtp_factory(Handler(cfg, "n1", accepted))()
+        assert isinstance(proto, FrontendSMTP)
+        wire = Wire()
+        proto.connection_made(wire)
+        await until(lambda: len(wire.writes) == 1)
+        proto.data_received(b"EHLO c.test\r\nMAIL FROM:<a@far.test>\r\nRCPT TO:<PostMaster>\r\n")
+        want = b"250 2.1.5" if postmaster else b"550 5.1.1"
+        await until(functools.partial(replied, wire, want))
+        proto.data_received(b"RCPT TO:<u@elsewhere.test>\r\n")  # still no open relay
+        await until(functools.partial(replied, wire, b"554 5.7.1"))
+        if postmaster:
+            proto.data_received(b"DATA\r\n")
+            await until(functools.partial(replied, wire, b"354"))
+            proto.data_received(b"Subject: abuse report\r\n\r\nx\r\n.\r\n")
+            await until(functools.partial(replied, wire, b"250 2.0.0"))
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert [cmd.recipients for cmd in got] == ([("ops@example.com",)] if postmaster else [])
