@@ -140,6 +140,7 @@ class RaftNode:
         self.cfg = cfg
         self.sm = sm
         self.storage = Storage(cfg.data_dir)
+        self.storage.claim(cfg.id)
         self.addresses: dict[NodeId, Address] = dict(cfg.peers)
         bootstrap = ConfState() if cfg.join else ConfState(tuple(sorted(cfg.peers)), ())
         init = self.storage.initial_state(bootstrap)

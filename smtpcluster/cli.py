@@ -27,7 +27,7 @@ except ImportError:  # optional: plain asyncio works, more slowly
 from mailqueue.commands import FormatTooNew
 from mailqueue.spool import RcptState
 from raft.node import NodeFailed
-from raft.storage import StorageError
+from raft.storage import StorageError, WrongOwner
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.auth import hash_password, valid_name
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except CannotStart as exc:
         print(f"smtpcluster: cannot start: {exc}", file=sys.stderr)
         return 71  # EX_OSERR: restarted by systemd, as a port may come free
+    except WrongOwner as exc:  # at start: another node's data
+        print(f"smtpcluster: {exc}", file=sys.stderr)
+        return DATA_DAMAGED
     except StorageError as exc:  # at start: a damaged log or snapshot
         print(f"smtpcluster: {exc}\nsmtpcluster: this node's data cannot be trusted, so it "
               "does not start; the others carry on. Replace it: docs/operations.md, "

@@ -1,7 +1,9 @@
 """Durable storage for a Raft node: a segmented write-ahead log and snapshot files."""
 
-from raft.storage.errors import CorruptLogError, StorageError
+from raft.storage.errors import CorruptLogError, StorageError, WrongOwner
 from raft.storage.fs import FileSystem, OsFileSystem
 from raft.storage.store import Storage
 
-__all__ = ["CorruptLogError", "FileSystem", "OsFileSystem", "Storage", "StorageError"]
+__all__ = [
+    "CorruptLogError", "FileSystem", "OsFileSystem", "Storage", "StorageError", "WrongOwner",
+]  # fmt: skip

@@ -7,6 +7,20 @@ class StorageError(Exception):
     """The node's data directory cannot be used as it is."""
 
 
+class WrongOwner(StorageError):
+    """The directory holds another node's Raft state (swapped configs, a cloned VM).
+    Started on it, this node would vote again in terms the owner voted in, and would
+    lack entries the owner acknowledged: two leaders in one term, or committed mail
+    lost, become possible. No restart mends it."""
+
+    def __init__(self, directory: str, owner: str, claimant: str) -> None:
+        super().__init__(
+            f"{directory} holds the Raft state of node {owner!r}, and this node is "
+            f"{claimant!r}: a node may only ever run on its own data. Check node.id and "
+            "node.data_dir in the config"
+        )
+
+
 class CorruptLogError(StorageError):
     """A record in the middle of the log is damaged: start-up must stop.
 

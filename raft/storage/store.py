@@ -30,7 +30,7 @@ import crc32c
 
 from raft import codec
 from raft.core import InitialState
-from raft.storage.errors import CorruptLogError, StorageError
+from raft.storage.errors import CorruptLogError, StorageError, WrongOwner
 from raft.storage.fs import AppendFile, FileSystem, OsFileSystem
 from raft.types import ConfState, Entry, EntryKind, HardState, Ready, SnapshotMeta
 
@@ -45,6 +45,7 @@ MAX_RECORD = 256 << 20  # a length field beyond this is damage, not a record
 # and then go to disk at once (GiB for a large spool) with every log fsync queued
 # behind it: commits would stall (CockroachDB's finding, cockroachdb/cockroach#20279).
 SNAPSHOT_SYNC_BYTES = 1 << 20
+OWNER_FILE = "owner"  # the id of the node whose state this is
 
 
 def _record(payload: list[object]) -> bytes:
@@ -167,6 +168,28 @@ class Storage:
         # save() and a snapshot being published may run in two worker threads at once.
         self._lock = threading.Lock()
         self._recover()
+
+    def claim(self, owner: str) -> None:
+        """Bind this directory to node `owner` for good, or refuse it if another node's
+        id is written there (etcd keeps its member id in the WAL for the same reason).
+        A directory from before this file existed is claimed by its first runner."""
+        path = os.path.join(self.dir, OWNER_FILE)
+        if self.fs.exists(path):
+            held = self.fs.read(path).decode("utf-8", "replace").strip()
+            if held != owner:
+                raise WrongOwner(self.dir, held, owner)
+            return
+        tmp = path + ".tmp"
+        if self.fs.exists(tmp):
+            self.fs.remove(tmp)  # a crash while claiming
+        f = self.fs.open_append(tmp)
+        try:
+            f.write(owner.encode() + b"\n")
+            f.sync()
+        finally:
+            f.close()
+        self.fs.rename(tmp, path)
+        self.fs.sync_dir(self.dir)
 
     # ---- recovery
 

@@ -273,3 +273,24 @@ def test_a_taken_port_or_an_unusable_data_dir_is_one_line_naming_the_key(tmp_pat
     assert out.returncode == 71, out.stderr
     assert out.stderr.startswith("smtpcluster: cannot start: node.data_dir: "), out.stderr
     assert "Not a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_node_started_on_another_nodes_data_refuses_to_start(tmp_path: Path) -> None:
+    """A cloned VM: n3's data directory replaced by a copy of n2's. Run as n3 it would
+    vote again in terms n2 voted in, and lack what n3 had acknowledged: two leaders in
+    one term, or committed mail lost. It must not start, and must say why."""
+    cluster = SmtpCluster(tmp_path)
+    with running(cluster):
+        node = cluster.nodes["n2"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["b@example.com"], b"Subject: x\r\n\r\nbody\r\n")
+    shutil.rmtree(tmp_path / "n3")
+    shutil.copytree(tmp_path / "n2", tmp_path / "n3")
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config",
+         str(cluster.nodes["n3"].config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 65, out.stderr
+    assert f"{tmp_path / 'n3' / 'raft'} holds the Raft state of node 'n2'" in out.stderr
+    assert "this node is 'n3'" in out.stderr and "Traceback" not in out.stderr

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raft.storage import CorruptLogError, Storage, StorageError
-from raft.storage.store import SNAPSHOT_SYNC_BYTES, scan_records
+from raft.storage import CorruptLogError, Storage, StorageError, WrongOwner
+from raft.storage.store import OWNER_FILE, SNAPSHOT_SYNC_BYTES, scan_records
 from raft.types import ConfState, Entry, HardState, Ready, SnapshotChunk, SnapshotMeta
 from tests.unit.powerloss import CrashNow, PowerLossFS
 
@@ -102,6 +102,24 @@ def test_a_flipped_byte_in_a_middle_record_stops_start_up(
     assert err.value.path == path and err.value.offset == start
     assert f"{path} at byte offset {start}" in str(err.value)
     assert pathlib.Path(path).read_bytes() == bytes(damaged)  # nothing was "repaired"
+
+
+def test_a_directory_belongs_to_the_first_node_that_claims_it(tmp_path: pathlib.Path) -> None:
+    """Another node's Raft state (swapped configs, a cloned VM) is refused: run on it, a
+    node would vote again in its owner's terms and lack what it had acknowledged."""
+    d = str(tmp_path / "raft")
+    Storage(d).claim("n1")  # a fresh directory, or one from before the owner file
+    Storage(d).claim("n1")  # its owner, again
+    with pytest.raises(
+        WrongOwner, match="holds the Raft state of node 'n1', and this node is 'n2'"
+    ):
+        Storage(d).claim("n2")
+    assert (tmp_path / "raft" / OWNER_FILE).read_text() == "n1\n"
+    # A crash while claiming left the temporary file: the next claim replaces it.
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / (OWNER_FILE + ".tmp")).write_text("n7")
+    Storage(str(tmp_path / "fresh")).claim("n2")
+    assert (tmp_path / "fresh" / OWNER_FILE).read_text() == "n2\n"
 
 
 def test_snapshot_is_streamed_to_disk_and_read_back(tmp_path: pathlib.Path) -> None:
