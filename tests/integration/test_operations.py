@@ -145,6 +145,7 @@ def test_forced_recovery_from_one_survivors_data_directory(tmp_path: Path) -> No
     for lost in ("n2", "n3"):  # lost for good: replaced by copies of n1's state
         shutil.rmtree(tmp_path / lost)
         shutil.copytree(tmp_path / "n1", tmp_path / lost)
+        (tmp_path / lost / "raft" / "owner").unlink()  # as the procedure says
     with running(cluster):
         leader = cluster.leader()
         for nid in cluster.nodes:
