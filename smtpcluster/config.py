@@ -294,6 +294,16 @@ def _listeners_apart(path: str, listeners: list[tuple[str, Address]]) -> None:
                 raise ConfigError(path, key, f"{a} is also {other} ({b})")
 
 
+def _other_address(listen: Address, own: Address) -> bool:
+    """Whether `listen` cannot be `own`: both IP addresses, not the same. A wildcard
+    or a host name may well be the same place, and is let be."""
+    try:
+        a, b = ipaddress.ip_address(listen.host), ipaddress.ip_address(own.host)
+    except ValueError:
+        return False
+    return not a.is_unspecified and (a, listen.port) != (b, own.port)
+
+
 def _node(path: str, top: _Reader) -> NodeSection:
     r = _Reader(path, "node", top.take("node", dict))
     node_id = r.take("id", str)
@@ -313,6 +323,11 @@ def _cluster(path: str, top: _Reader, node: NodeSection) -> ClusterSection:
     }
     if node.id not in peers:
         raise r.fail("peers", f"must include this node ({node.id})")
+    if _other_address(listen, peers[node.id]):
+        # A config copied from another node with node.id left as it was: this node would
+        # stand in for that one, and the one it was meant to be would be missing.
+        raise r.fail("listen", f"{listen} is not this node's address in peers "
+                     f"({node.id} = {peers[node.id]}): is node.id right?")  # fmt: skip
     if "tls" in r.table:
         raise r.fail("tls", "mutual TLS between peers is not supported yet: use key_file")
     key = _secret(path, r, "key_file")

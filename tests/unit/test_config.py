@@ -101,6 +101,21 @@ def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: path
     assert load(write(tmp_path, off)).smtp.min_free_space == 0
 
 
+@pytest.mark.parametrize(
+    ("listen", "own"),
+    [("0.0.0.0:7400", "127.0.0.1:7400"), ("[::]:7401", "127.0.0.1:7400"),
+     ("127.0.0.1:7400", "node1.internal:7400")],
+)  # fmt: skip
+def test_a_listen_address_that_may_be_the_peers_entry_is_let_be(
+    tmp_path: pathlib.Path, listen: str, own: str
+) -> None:
+    """Only two IP addresses that differ are refused: a wildcard, or a name for the
+    peer entry (behind NAT or DNS), may be the same place."""
+    text = GOOD.replace('listen = "127.0.0.1:7400"', f'listen = "{listen}"')
+    text = text.replace('node1 = "127.0.0.1:7400"', f'node1 = "{own}"')
+    assert load(write(tmp_path, text)).cluster.peers["node1"].port == 7400
+
+
 def test_a_postmaster_address_is_read(tmp_path: pathlib.Path) -> None:
     assert load(write(tmp_path, GOOD)).smtp.postmaster == ""  # unset: <postmaster> refused
     text = GOOD.replace("[smtp]", '[smtp]\npostmaster = "abuse+relay@ops.example.com"')
@@ -296,6 +311,11 @@ def test_a_postmaster_address_is_read(tmp_path: pathlib.Path) -> None:
         (("[admin]", '[log]\nlevel = "loud"\n[admin]'), "log.level", "loud"),
         (("[admin]", '[log]\nformat = "xml"\n[admin]'), "log.format", "'json'"),
         (("[admin]", "[log]\ncolour = true\n[admin]"), "log.colour", "unknown key"),
+        (
+            ('listen = "127.0.0.1:7400"', 'listen = "127.0.0.3:7400"'),
+            "cluster.listen",
+            "not this node's address in peers (node1 = 127.0.0.1:7400): is node.id right?",
+        ),
         (("[smtp]", '[smtp]\npostmaster = "root"'), "smtp.postmaster", "like ops@example.com"),
         (("[smtp]", '[smtp]\npostmaster = "a%b@x.example"'), "smtp.postmaster", "'a%b@"),
         (("[smtp]", '[smtp]\npostmaster = "ops@[10.0.0.1]"'), "smtp.postmaster", "an address"),
