@@ -27,11 +27,11 @@ except ImportError:  # optional: plain asyncio works, more slowly
 from mailqueue.commands import FormatTooNew
 from mailqueue.spool import RcptState
 from raft.node import NodeFailed
-from raft.storage import StorageError, WrongOwner
+from raft.storage import StorageError, WrongOwner, owner_of
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
 from smtpcluster.admin_client import AdminClient, AdminError
 from smtpcluster.auth import hash_password, valid_name
-from smtpcluster.node import CannotStart, serve
+from smtpcluster.node import CannotStart, raft_dir, serve
 
 QUEUE_ACTIONS = ("retry", "hold", "release", "delete")
 
@@ -154,9 +154,22 @@ def main(argv: list[str] | None = None) -> int:
         return 70  # restarted by systemd, and so running the new release once installed
 
 
+def _check_owner(cfg: config.Config) -> None:
+    """Before a cloned VM's first start, not at it: its data may be another node's.
+    A data_dir this user may not read (not the service's user) is left to serve."""
+    directory = raft_dir(cfg.node.data_dir)
+    try:
+        held = owner_of(directory)
+    except (PermissionError, NotADirectoryError):
+        return
+    if held is not None and held != cfg.node.id:
+        raise WrongOwner(directory, held, cfg.node.id)
+
+
 def _serve_or_check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     if args.command == "check-config":
+        _check_owner(cfg)
         print(f"{args.config}: ok (node {cfg.node.id}, {len(cfg.cluster.peers)} peers)")
         return 0
     if args.log_level:

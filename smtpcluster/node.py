@@ -59,6 +59,10 @@ def _cannot(key: str, where: object, exc: OSError) -> CannotStart:
     return CannotStart(f"{key}: {where}: {why}")
 
 
+def raft_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, "raft")
+
+
 class Node:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -71,7 +75,7 @@ class Node:
                 id=cfg.node.id,
                 listen=cfg.cluster.listen,
                 peers=cfg.cluster.peers,
-                data_dir=os.path.join(data, "raft"),
+                data_dir=raft_dir(data),
                 key=cfg.cluster.key,
                 tick_ms=TICK_MS,
                 election_ticks=ticks,

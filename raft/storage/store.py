@@ -144,6 +144,15 @@ def _valid_record_after(data: bytes, start: int) -> bool:
     return False
 
 
+def owner_of(directory: str) -> str | None:
+    """The node id that claimed a data directory (Storage.claim); None: unclaimed."""
+    try:
+        with open(os.path.join(directory, OWNER_FILE), "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+
+
 class Storage:
     """Not thread-safe: one runtime task (or its executor thread) uses it at a time."""
 

@@ -287,11 +287,10 @@ def test_a_node_started_on_another_nodes_data_refuses_to_start(tmp_path: Path) -
             s.sendmail("a@example.org", ["b@example.com"], b"Subject: x\r\n\r\nbody\r\n")
     shutil.rmtree(tmp_path / "n3")
     shutil.copytree(tmp_path / "n2", tmp_path / "n3")
-    out = subprocess.run(
-        [sys.executable, "-P", "-m", "smtpcluster.cli", "serve", "--config",
-         str(cluster.nodes["n3"].config)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert out.returncode == 65, out.stderr
-    assert f"{tmp_path / 'n3' / 'raft'} holds the Raft state of node 'n2'" in out.stderr
-    assert "this node is 'n3'" in out.stderr and "Traceback" not in out.stderr
+    for command in ("check-config", "serve"):  # check-config says so before a start
+        out = cli(command, "--config", str(cluster.nodes["n3"].config))
+        assert out.returncode == 65, (command, out.stderr)
+        assert f"{tmp_path / 'n3' / 'raft'} holds the Raft state of node 'n2'" in out.stderr
+        assert "this node is 'n3'" in out.stderr and "Traceback" not in out.stderr
+    ok = cli("check-config", "--config", str(cluster.nodes["n2"].config))
+    assert ok.returncode == 0 and "ok (node n2" in ok.stdout, ok.stderr
