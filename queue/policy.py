@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mailqueue.commands import Accept, Assign, Assignment, Expire, MessageId, NodeId
-from mailqueue.spool import Message, RcptState, Spool
+from mailqueue.spool import Message, Rcpt, RcptState, Spool
 
 MINUTE = 60_000
 
@@ -117,7 +117,7 @@ def assign(
     out: list[Assignment] = []
     for g in due_groups(spool, now, policy, expiring):
         msg = spool.messages[g.message_id]
-        node = _choose(msg, load)
+        node = _choose(msg, g.rcpts, load)
         for k in g.rcpts:
             out.append(Assignment(msg.id, k, node, msg.rcpts[k].attempt + 1))
         load[node] += len(g.rcpts)
@@ -127,12 +127,25 @@ def assign(
     ]
 
 
-def _choose(msg: Message, load: dict[NodeId, int]) -> NodeId:
-    least = min(load, key=lambda n: (load[n], n))
+def _choose(msg: Message, ks: tuple[int, ...], load: dict[NodeId, int]) -> NodeId:
+    tried = {msg.rcpts[k].node for k in ks if failed_locally(msg.rcpts[k])}
+    # Another node, if there is one: else a node that cannot reach out, which took the
+    # mail it accepted back at every retry, held it until it bounced.
+    choice = {n: v for n, v in load.items() if n not in tried} or load
+    least = min(choice, key=lambda n: (choice[n], n))
     home = msg.accepted_by
-    if home in load and load[home] <= load[least]:
+    if home in choice and choice[home] <= choice[least]:
         return home  # the body is already local there, and it is no busier
     return least
+
+
+def failed_locally(r: Rcpt) -> bool:
+    """Whether the recipient's last attempt failed without a word from the remote: no
+    connection to any host, no DNS answer, no fence (the worker's own texts start with
+    an enhanced code, "4.4.1 ..."; a remote's reply with its own, "451 ..."). That may
+    be the node's fault (its network, its resolver), so the retry goes elsewhere. A
+    remote's 4xx retries from the same node: greylisting keys on our address."""
+    return r.state is RcptState.QUEUED and r.attempts > 0 and r.last_error.startswith("4.")
 
 
 # How many messages stamped ahead of `now` (the time the clocks agree on, see the

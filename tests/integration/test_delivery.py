@@ -17,7 +17,7 @@ from tests.chaos.nft import Partitions, partitions_possible
 from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.observe import cli
 from tests.integration.sinks import Sink, sink_and_cluster
-from tests.integration.smtpnodes import SmtpCluster
+from tests.integration.smtpnodes import PARKED, SmtpCluster
 
 
 def test_accepted_mail_is_delivered_exactly_once(tmp_path: Path, sink: tuple[Sink, int]) -> None:
@@ -264,6 +264,36 @@ def test_a_node_that_cannot_hear_the_leader_is_given_no_mail(tmp_path: Path) -> 
         finally:
             cuts.close()
         wait_for("the healed node to be reachable again", reachable, 30)
+
+
+def test_mail_a_node_cannot_send_out_is_retried_from_another_node(tmp_path: Path) -> None:
+    """n1 and n3 cannot reach the smarthost (their own network, say); n2 can. The mail
+    n1 accepted went back to n1 at every retry, as the node that accepted it, until it
+    bounced five days later, though n2 could have sent it at once."""
+    handler = Sink()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}")
+    for nid in ("n1", "n3"):
+        config = cluster.nodes[nid].config
+        config.write_text(config.read_text().replace(f"127.0.0.1:{port}", PARKED))
+    try:
+        cluster.start("n1")
+        cluster.start("n3")
+        cluster.leader()
+        node = cluster.nodes["n1"]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            s.sendmail("a@example.org", ["far@dest.example"], b"Subject: f\r\n\r\nx\r\n")
+        logs = [tmp_path / f"{nid}.log" for nid in ("n1", "n3")]
+        wait_for("an attempt that could not connect",
+                 lambda: any(b"4.4.1 " in log.read_bytes() for log in logs), 30)  # fmt: skip
+        cluster.start("n2")
+        wait_for("n2 to deliver it", lambda: len(handler.received) == 1, 60)
+        assert [r for r, _ in handler.received] == ["far@dest.example"]
+    finally:
+        cluster.stop_all()
+        controller.stop()
 
 
 class DeferringSink(Sink):

@@ -84,6 +84,33 @@ def test_a_node_busy_taking_mail_yields_its_deliveries_to_a_quieter_one() -> Non
     assert cmd.assignments[0].node == "b"
 
 
+def deferred_by(node: str, reply: str) -> Spool:
+    """m1, accepted by `node`, whose one attempt there was deferred with `reply`."""
+    spool = spool_with(accept("m1", "u@x.example", by=node))
+    spool.apply(Assign(1, (Assignment("m1", 0, node, 1),)))
+    spool.apply(Outcome(2, "m1", node, 1, (RcptResult(0, OutcomeKind.DEFERRED, reply, 3),)))
+    return spool
+
+
+def test_a_retry_after_a_failure_without_a_remote_reply_goes_to_another_node() -> None:
+    """b cannot reach out (its network, its resolver): the mail it accepted went back
+    to it at every retry, as the accepting node, and stayed until it bounced."""
+    for local in ("4.4.1 10.0.0.9:25: ConnectionRefusedError: refused",
+                  "4.4.3 MX lookup for x.example failed: timeout"):  # fmt: skip
+        [cmd] = p.assign(deferred_by("b", local), 3, POLICY, ["a", "b", "c"])
+        assert cmd.assignments[0].node == "a", local
+        # with no other node live, b tries again all the same
+        [cmd] = p.assign(deferred_by("b", local), 3, POLICY, ["b"])
+        assert cmd.assignments[0].node == "b"
+
+
+def test_a_retry_after_a_remote_4xx_stays_on_the_node_it_came_from() -> None:
+    """Greylisting keys on the client's address: another node would start it over."""
+    spool = deferred_by("b", "451 4.7.1 Greylisted, try again in 60 s")
+    [cmd] = p.assign(spool, 3, POLICY, ["a", "b", "c"])
+    assert cmd.assignments[0].node == "b"
+
+
 def test_nodes_that_are_down_get_nothing() -> None:
     spool = spool_with(accept("m1", "u@x.example", by="b"))
     [cmd] = p.assign(spool, 0, POLICY, ["a", "c"])
