@@ -89,7 +89,10 @@ class Config:
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_entries: int = 10_000  # ask for a snapshot after this many applied entries...
     snapshot_bytes: int = 64 << 20  # ...or this many applied bytes since the last one
-    compaction_trailing: int = 1_000  # entries kept behind a snapshot for slow followers
+    compaction_trailing: int = 1_000  # entries kept behind a snapshot for slow followers...
+    # ...and at most this many of their bytes: 1,000 entries of 24 MiB messages stayed in
+    # memory, and twenty such messages at once had a node killed for want of memory.
+    compaction_trailing_bytes: int = 64 << 20
     promotion_max_lag: int = 100  # a learner is promoted only this close to the commit
 
     def __post_init__(self) -> None:
@@ -284,13 +287,26 @@ class Raft:
             return
         self.snapshot = meta
         self._applied_bytes = 0
-        keep_from = max(self.log.offset, meta.index - self.cfg.compaction_trailing)
+        keep_from = self._trailing_from(meta.index)
         keep_term = self.log.term(keep_from)
         assert keep_term is not None
         self.log.compact(keep_from, keep_term)
         for pr in self.prs.values():
             if pr.state is ProgressState.SNAPSHOT:
                 pr.become_snapshot(meta)  # the old snapshot may be gone: start again
+
+    def _trailing_from(self, index: int) -> int:
+        """The new log offset behind a snapshot at `index`: up to compaction_trailing
+        entries stay, for a follower a little behind, within compaction_trailing_bytes."""
+        lowest = max(self.log.offset, index - self.cfg.compaction_trailing)
+        keep_from, kept = index, 0
+        while keep_from > lowest:
+            size = len(self.log.entry(keep_from).data)
+            if kept + size > self.cfg.compaction_trailing_bytes:
+                break
+            kept += size
+            keep_from -= 1
+        return keep_from
 
     def step(self, m: Message) -> None:
         if m.term > self.term:
