@@ -120,6 +120,9 @@ class SmtpSection:
     # Where RCPT TO:<postmaster> (no domain) goes, from any client: RFC 5321 4.5.1 says a
     # relay MUST accept it. Empty: it is refused, as we have no mailbox of our own.
     postmaster: str = ""
+    # Message data the front end may hold in memory at once, over all sessions; past it
+    # a message gets 452 4.3.1 and the client tries again later.
+    max_data_in_memory: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -370,6 +373,7 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
     reserve = r.take("min_free_space", int, 256 << 20)
     if reserve < 0:
         raise r.fail("min_free_space", f"must be 0 (no check) or more bytes, not {reserve}")
+    in_memory = _data_in_memory(r, size)
     rcpts = _positive(r, "max_recipients", 1000)
     if rcpts > MAX_RECIPIENTS:
         raise r.fail("max_recipients", f"must be at most {MAX_RECIPIENTS}, not {rcpts}")
@@ -405,8 +409,16 @@ def _smtp(path: str, top: _Reader) -> SmtpSection:
         tls_key, users, accept, idle, errors, junk, sessions, per_client,
         submissions_listen=submissions, client_connection_rate_limit=rates[0],
         client_message_rate_limit=rates[1], max_hops=hops, add_missing_headers=add_headers,
-        postmaster=postmaster,
+        postmaster=postmaster, max_data_in_memory=in_memory,
     )  # fmt: skip
+
+
+def _data_in_memory(r: _Reader, max_message_size: int) -> int:
+    in_memory: int = r.take("max_data_in_memory", int, 256 << 20)
+    if in_memory < max_message_size:
+        raise r.fail("max_data_in_memory", f"{in_memory} is less than max_message_size "
+                     f"({max_message_size}): a message that large is never taken")  # fmt: skip
+    return in_memory
 
 
 def _domain(r: _Reader, key: str, text: str) -> str:

@@ -32,7 +32,7 @@ from smtpcluster.config import SmtpSection
 from smtpcluster.diskspace import NO_ROOM, DiskReserve, declared_size
 from smtpcluster.ratelimit import RateLimiter
 from smtpcluster.sessions import Sessions
-from smtpcluster.smtpdata import Data, DataState, read_data
+from smtpcluster.smtpdata import Data, DataBudget, DataState, read_data
 from smtpcluster.status_codes import with_status_code
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class AcceptRefused(Exception):
 
 
 RELAY_DENIED = "554 5.7.1 Relaying denied"
+# RFC 3463 4.3.1, "mail system full": for now; the client tries again later.
+NO_MEMORY = "452 4.3.1 Insufficient system resources, try again later"
 # RFC 6531 3.4: a UTF-8 address only in a transaction whose MAIL said SMTPUTF8 (Postfix's
 # reply): a receiver that lacks SMTPUTF8 must then be told, not guessed at.
 UNDECLARED_UTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
@@ -133,6 +135,7 @@ class Handler:
         self.sessions: Sessions[FrontendSMTP] = Sessions()  # open ones: limits, draining
         self.connection_rate = RateLimiter("connections")
         self.message_rate = RateLimiter("messages")
+        self.data_budget = DataBudget(cfg.max_data_in_memory)
         self.reconfigure(cfg, users)
 
     def reconfigure(self, cfg: SmtpSection, users: Users | None) -> None:
@@ -141,6 +144,7 @@ class Handler:
         RCPT; AUTH checks the users of the moment)."""
         self.cfg = cfg
         self.users = users
+        self.data_budget.limit = cfg.max_data_in_memory
         self.policy = RelayPolicy(cfg.relay_networks, frozenset(cfg.relay_domains))
 
     def authenticate(
@@ -581,8 +585,11 @@ class FrontendSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         assert self.data_size_limit  # smtp_factory always sets one
+        budget = self.event_handler.data_budget
         try:
-            data = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+            data = await read_data(
+                self._reader, self.data_size_limit, self.line_length_limit, budget
+            )
         except asyncio.CancelledError:  # aiosmtpd's way of ending the session (EOF, QUIT)
             log.info("connection lost during DATA")
             self._writer.close()
@@ -595,6 +602,7 @@ class FrontendSMTP(SMTP):
         try:
             await self._end_of_data(data)
         finally:
+            budget.give(data.held)  # proposed and answered: the log has it now
             self.settled.set()
         # The end of a transaction: the client waits for this reply before it goes on
         # (RFC 2920 makes the end of data a point where it must), so the reply leaves
@@ -609,6 +617,11 @@ class FrontendSMTP(SMTP):
             status = await self._call_handler_hook("DATA")
         elif data.state is DataState.TOO_MUCH:
             status = "552 5.3.4 Message size exceeds fixed limit"
+        elif data.state is DataState.NO_MEMORY:
+            limit = self.event_handler.data_budget.limit
+            log.warning("message refused: the sessions hold smtp.max_data_in_memory (%d "
+                        "bytes) of message data already", limit)  # fmt: skip
+            status = NO_MEMORY
         else:
             status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         self._set_post_data_state()  # type: ignore[no-untyped-call]

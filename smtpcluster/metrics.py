@@ -103,6 +103,16 @@ class _StateCollector(Collector):
         limited.add_metric(["message"], self.node.handler.message_rate.refused)
         yield limited
         yield from self._disk()
+        yield GaugeMetricFamily(
+            "smtpcluster_smtp_data_in_memory_bytes",
+            "Message data the SMTP sessions hold now (smtp.max_data_in_memory caps)",
+            value=self.node.handler.data_budget.held,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "smtpcluster_messages_refused_no_memory",
+            "Messages refused with 452 4.3.1: the sessions held smtp.max_data_in_memory",
+            value=self.node.handler.data_budget.refused,
+        )  # fmt: skip
         bugs = CounterMetricFamily(
             "smtpcluster_internal_errors",
             "Unexpected exceptions, each logged with its traceback, after which the part "

@@ -153,6 +153,42 @@ def test_a_client_holding_too_many_connections_gets_421_and_others_are_served(
         assert held[1].reply().startswith(b"250")  # the held ones were served throughout
 
 
+def test_message_data_past_the_nodes_memory_budget_gets_452_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """Twenty clients sending 24 MiB each at once had a node killed for want of memory.
+    Message data in memory is bounded over all sessions: the message that finds the
+    budget spent gets 452 4.3.1 (try later), the one that holds it goes through."""
+    budget = 5 << 19  # 2.5 MiB; a session's data is counted a block (256 KiB) at a time
+    c = SmtpCluster(tmp_path, n=1, max_size=budget)
+    c.set_smtp("n1", f"max_data_in_memory = {budget}")
+    body = (b"x" * 98 + b"\r\n") * 20_000  # 2 MB: two of them do not fit
+    with running(c):
+        holder, late = Raw(c), Raw(c)
+        for raw in (holder, late):
+            raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\n"
+                     b"RCPT TO:<u@dest.example>\r\nDATA\r\n")  # fmt: skip
+            assert [raw.reply()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        holder.send(body)  # and no final dot yet
+
+        def held() -> float:
+            return value(scrape(c, "n1"), "smtpcluster_smtp_data_in_memory_bytes")
+
+        wait_for("a block of the first message's data held", lambda: held() >= 1 << 20, 20)
+        late.send(body + b".\r\n")
+        assert late.reply().startswith(b"452 4.3.1 ")
+        holder.send(b".\r\n")
+        assert holder.reply().startswith(b"250 2.0.0 ")
+        late.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<v@dest.example>\r\nDATA\r\n")
+        assert [late.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        late.send(body + b".\r\n")
+        assert late.reply().startswith(b"250 2.0.0 ")  # room again: the client's retry
+        metrics = scrape(c, "n1")
+        assert value(metrics, "smtpcluster_messages_refused_no_memory_total") == 1
+        assert value(metrics, "smtpcluster_smtp_data_in_memory_bytes") == 0
+        assert c.queued_rcpts("n1") == {"u@dest.example", "v@dest.example"}
+
+
 def _greeted(c: SmtpCluster) -> bool:
     node = c.nodes["n1"]
     with socket.create_connection((node.host, node.smtp_port), timeout=20) as sock:

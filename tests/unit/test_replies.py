@@ -319,3 +319,32 @@ def test_rcpt_postmaster_is_taken_from_anyone_and_goes_to_smtp_postmaster(postma
 
     asyncio.run(run())
     assert [cmd.recipients for cmd in got] == ([("ops@example.com",)] if postmaster else [])
+
+
+def test_a_message_past_the_nodes_data_budget_gets_452_and_the_session_goes_on() -> None:
+    """Message data held in memory is bounded over all sessions (smtp.max_data_in_memory):
+    past it, 452 4.3.1 and the client tries later; a message that fits gives its bytes
+    back once answered."""
+    wire = Wire()
+    submitted: list[object] = []
+
+    async def accepted(cmd: object, timeout: float) -> bool:
+        submitted.append(cmd)
+        return True
+
+    async def run() -> None:
+        proto = await relaying_session(wire, accepted)
+        budget = proto.event_handler.data_budget
+        budget.take(budget.limit - 10)  # other sessions hold nearly all of it
+        await send_one(proto, wire)
+        await until(functools.partial(replied, wire, b"452 4.3.1"))
+        budget.give(budget.limit - 10)
+        proto.data_received(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        await until(functools.partial(replied, wire, b"354"))
+        proto.data_received(b"Subject: y\r\n\r\nagain\r\n.\r\n")
+        await until(functools.partial(replied, wire, b"250 2.0.0"))
+        assert budget.held == 0 and budget.refused == 1
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert len(submitted) == 1  # the refused one was never proposed

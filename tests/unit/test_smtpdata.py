@@ -10,12 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smtpcluster.smtp_client import stuff
-from smtpcluster.smtpdata import Data, DataState, read_data
+from smtpcluster.smtpdata import BLOCK, Data, DataBudget, DataState, read_data
 
 LINE_LIMIT = 1001  # aiosmtpd's
 
 
-def read(pieces: list[bytes], max_size: int = 10_000) -> tuple[Data, bytes, int]:
+def read(
+    pieces: list[bytes], max_size: int = 10_000, budget: DataBudget | None = None,
+    block: int = BLOCK,
+) -> tuple[Data, bytes, int]:  # fmt: skip
     """Feed `pieces` one by one (as separate arrivals); the data, what the reader still
     holds afterwards, and its limit then."""
 
@@ -29,7 +32,7 @@ def read(pieces: list[bytes], max_size: int = 10_000) -> tuple[Data, bytes, int]
             reader.feed_eof()
 
         feeder = asyncio.get_running_loop().create_task(feed())
-        data = await read_data(reader, max_size, LINE_LIMIT)
+        data = await read_data(reader, max_size, LINE_LIMIT, budget or DataBudget(1 << 30), block)
         await feeder
         return data, await reader.read(), reader._limit  # type: ignore[attr-defined]
 
@@ -88,6 +91,8 @@ def test_a_line_over_the_limit_is_refused() -> None:
     st.lists(st.integers(1, 50), min_size=1, max_size=20),
 )  # fmt: skip
 def test_what_the_client_stuffed_comes_back_exactly(lines: list[bytes], cuts: list[int]) -> None:
+    """Cut anywhere on the wire, and read in blocks of any size (the end's CRLF may close
+    one block and its dot open the next)."""
     wire = stuffed(lines) + b".\r\nNEXT\r\n"
     pieces, at = [], 0
     for k in range(len(wire)):  # cut the wire at arbitrary places
@@ -96,14 +101,36 @@ def test_what_the_client_stuffed_comes_back_exactly(lines: list[bytes], cuts: li
             break
         pieces.append(wire[at : at + size])
         at += size
-    data, rest, _ = read(pieces)
-    assert data == Data(b"".join(line + b"\r\n" for line in lines), DataState.NOMINAL)
-    assert rest == b"NEXT\r\n"
+    for block in (BLOCK, 3 + cuts[0] % 7):
+        data, rest, _ = read(pieces, block=block)
+        assert data == Data(b"".join(line + b"\r\n" for line in lines), DataState.NOMINAL)
+        assert rest == b"NEXT\r\n"
+
+
+def test_data_past_the_nodes_memory_budget_is_read_to_its_end_and_thrown_away() -> None:
+    """Message data in memory is bounded across sessions (twenty 24 MiB messages at once
+    had a node killed): the one that finds the budget spent gets NO_MEMORY (452), and
+    what it had taken goes back at once; a message that fits holds its bytes until its
+    reply, when the session gives them back."""
+    budget = DataBudget(3000)
+    budget.take(1000)  # another session's message
+    body = (b"x" * 98 + b"\r\n") * 25  # 2500 bytes
+    data, rest, _ = read([body[:1200], body[1200:], b".\r\nRSET\r\n"], budget=budget, block=64)
+    assert data == Data(b"", DataState.NO_MEMORY) and rest == b"RSET\r\n"
+    assert (budget.held, budget.refused) == (1000, 1)
+    budget.give(1000)
+    data, _, _ = read([body, b".\r\n"], budget=budget, block=64)
+    assert data.state is DataState.NOMINAL and data.held == budget.held == len(body)
+    # over max_size as well: the permanent refusal wins over the passing one
+    data, _, _ = read([body * 5, b".\r\n"], budget=DataBudget(3000), block=64)
+    assert data.state is DataState.TOO_MUCH
 
 
 def test_a_client_that_hangs_up_mid_data_ends_the_read_with_nothing() -> None:
-    with pytest.raises(asyncio.IncompleteReadError):
-        read([b"Subject: half\r\n\r\nand then"])  # no lone dot, then end of stream
+    budget = DataBudget(1 << 20)
+    with pytest.raises(asyncio.IncompleteReadError):  # no lone dot, then end of stream
+        read([b"Subject: half\r\n\r\nand then"], budget=budget, block=8)
+    assert budget.held == 0  # what it had taken is given back
 
 
 @settings(max_examples=300, deadline=None)
