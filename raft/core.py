@@ -62,6 +62,13 @@ class RaftError(Exception):
     """Base of the errors the core reports to its caller."""
 
 
+class LogLost(RaftError):
+    """The leader knows this node held entries its log no longer has: they were lost
+    after it acknowledged them (a data_dir restored from a backup, wiped, or rolled
+    back). Counted in commits and votes it cannot stand behind, it must stop; etcd
+    stops the same way ("Was the raft log corrupted, truncated, or lost?")."""
+
+
 class NotLeader(RaftError):
     def __init__(self, leader: NodeId | None) -> None:
         super().__init__(f"not the leader; leader is {leader or 'unknown'}")
@@ -599,7 +606,14 @@ class Raft:
             self._handle_append(m)
         elif isinstance(m, Heartbeat):
             self._heard_from_leader(m.frm)
-            self.log.commit_to(min(m.commit, self.log.last_index()))
+            if m.commit > self.log.last_index():
+                # A heartbeat's commit never exceeds what this node acknowledged holding.
+                raise LogLost(
+                    f"leader {m.frm} knows {self.id} held the log up to index {m.commit}, "
+                    f"but it ends at {self.log.last_index()}: entries it acknowledged are "
+                    "gone (a data_dir restored from a backup, wiped, or rolled back?)"
+                )
+            self.log.commit_to(m.commit)
             self._send(HeartbeatResponse(self.id, m.frm, self.term, m.context))
         elif isinstance(m, InstallSnapshot):
             self._heard_from_leader(m.frm)

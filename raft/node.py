@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import cbor2
 
 from raft import clocks, codec
-from raft.core import ConfChangeRefused, Config, NotLeader, Raft, RaftError, Role
+from raft.core import ConfChangeRefused, Config, LogLost, NotLeader, Raft, RaftError, Role
 from raft.storage import Storage
 from raft.transport import Address, Transport
 from raft.types import (
@@ -186,7 +186,7 @@ class RaftNode:
         # alive to the scheduler, which gave it mail it never learned of.
         self.last_answer: dict[NodeId, float] = {}
         self.stopped = False
-        self.failure: NodeFailed | None = None  # what stopped one of this node's tasks
+        self.failure: NodeFailed | LogLost | None = None  # what stopped this node
         self.failed = asyncio.Event()  # set with `failure`
         self.removed = False  # the leader said a configuration without this node applied
 
@@ -212,8 +212,12 @@ class RaftNode:
         exc = task.exception()
         log.critical("raft node %s: the %s failed; this node no longer takes part in the "
                      "cluster", self.cfg.id, task.get_name(), exc_info=exc)  # fmt: skip
-        self.failure = NodeFailed(f"the {task.get_name()} failed: {exc!r}")
-        self.failed.set()
+        self._fail(NodeFailed(f"the {task.get_name()} failed: {exc!r}"))
+
+    def _fail(self, failure: NodeFailed | LogLost) -> None:
+        if self.failure is None:
+            self.failure = failure
+            self.failed.set()
 
     async def stop(self) -> None:
         self.stopped = True
@@ -544,7 +548,7 @@ class RaftNode:
                     return
                 if isinstance(msg, RequestVote):
                     self._answer_outsider(peer)
-                self.core.step(msg)
+                self._step(msg)
             elif kind == _FORWARD:
                 req, envelope = cbor2.loads(body)
                 self._serve_forward(peer, req, envelope)
@@ -562,6 +566,15 @@ class RaftNode:
         except codec.DecodeError as exc:
             log.warning("undecodable frame from %s: %s", peer, exc)
         self._wake.set()
+
+    def _step(self, msg: Message) -> None:
+        if self.failure is not None:
+            return  # stopping: this node takes no further part
+        try:
+            self.core.step(msg)
+        except LogLost as exc:
+            log.critical("raft node %s: %s; it stops and takes no further part", self.cfg.id, exc)
+            self._fail(exc)
 
     def _hello(self, peer: NodeId, said: Any) -> None:
         fmt = said.get("format") if isinstance(said, dict) else None

@@ -26,6 +26,7 @@ except ImportError:  # optional: plain asyncio works, more slowly
 
 from mailqueue.commands import FormatTooNew
 from mailqueue.spool import RcptState
+from raft.core import LogLost
 from raft.node import NodeFailed
 from raft.storage import StorageError, WrongOwner, owner_of
 from smtpcluster import VERSION, cli_format, config, dev, logs, pki
@@ -142,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtpcluster: {exc}", file=sys.stderr)
         return DATA_DAMAGED
     except StorageError as exc:  # at start: a damaged log or snapshot
-        print(f"smtpcluster: {exc}\nsmtpcluster: this node's data cannot be trusted, so it "
-              "does not start; the others carry on. Replace it: docs/operations.md, "
-              "'A node whose data is damaged'", file=sys.stderr)  # fmt: skip
+        print(f"smtpcluster: {exc}\n{DAMAGED_ADVICE}", file=sys.stderr)
+        return DATA_DAMAGED
+    except LogLost as exc:  # the leader knows this node's log lost what it acknowledged
+        print(f"smtpcluster: {exc}\n{DAMAGED_ADVICE}", file=sys.stderr)
         return DATA_DAMAGED
     except NodeFailed as exc:
         print(f"smtpcluster: {exc}", file=sys.stderr)
@@ -275,6 +277,10 @@ def _json_array(items: Iterable[dict[str, Any]]) -> Iterator[str]:
     yield "[]" if first else "]"
 
 
+DAMAGED_ADVICE = (
+    "smtpcluster: this node's data cannot be trusted, so it does not run; the others "
+    "carry on. Replace it: docs/operations.md, 'A node whose data is damaged'"
+)
 DATA_DAMAGED = 65  # EX_DATAERR; the systemd unit does not restart on it: no restart mends it
 # What a shell sees of a command killed by SIGPIPE, as `mailq | head` leaves mailq.
 READER_GONE = 128 + 13

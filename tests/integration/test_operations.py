@@ -294,3 +294,34 @@ def test_a_node_started_on_another_nodes_data_refuses_to_start(tmp_path: Path) -
         assert "this node is 'n3'" in out.stderr and "Traceback" not in out.stderr
     ok = cli("check-config", "--config", str(cluster.nodes["n2"].config))
     assert ok.returncode == 0 and "ok (node n2" in ok.stdout, ok.stderr
+
+
+def test_a_node_restored_from_an_old_backup_stops_instead_of_voting(tmp_path: Path) -> None:
+    """n3's data_dir put back from a copy taken before it acknowledged ten messages. Run
+    so, it could help elect a leader that lacks them, and they would be lost. The
+    leader's heartbeat tells it what it had held: it exits 65, saying why."""
+    cluster = SmtpCluster(tmp_path)
+    with running(cluster):
+        leader = cluster.leader()
+        backed_up = next(n for n in ("n3", "n2") if n != leader)
+        cluster.kill(backed_up, signal.SIGTERM)
+        shutil.copytree(tmp_path / backed_up, tmp_path / "backup")
+        cluster.start(backed_up)
+        node = cluster.nodes[leader]
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+            for k in range(10):
+                s.sendmail("a@example.org", [f"r{k}@dest.example"], b"Subject: r\r\n\r\nx\r\n")
+        wait_for(f"{backed_up} to hold them all",
+                 lambda: len(cluster.queued_ids(backed_up)) == 10, 30)  # fmt: skip
+        cluster.kill(backed_up, signal.SIGTERM)
+        shutil.rmtree(tmp_path / backed_up)
+        shutil.move(tmp_path / "backup", tmp_path / backed_up)
+        cluster.start(backed_up, wait=False)
+        popen = cluster.nodes[backed_up].popen
+        assert popen is not None
+        assert popen.wait(timeout=60) == 65
+        cluster.nodes[backed_up].popen = None
+        log = (tmp_path / f"{backed_up}.log").read_text()
+        assert "entries it acknowledged are gone" in log, log[-2000:]
+        assert "A node whose data is damaged" in log
+        assert len(cluster.queued_ids(leader)) == 10  # the other two carry on

@@ -10,6 +10,7 @@ import pytest
 from raft.core import (
     ConfChangeRefused,
     InitialState,
+    LogLost,
     NotLeader,
     Raft,
     Role,
@@ -467,6 +468,25 @@ def test_entries_kept_behind_a_snapshot_are_bounded_in_bytes_as_well_as_in_numbe
     net.stabilize()
     meta = net.snapshot("a")
     assert meta.index - net.core("a").log.offset == 10
+
+
+def test_a_follower_whose_log_lost_what_it_acknowledged_stops() -> None:
+    """b acknowledged entries, then came back without them (a restored backup). Left
+    to run, it would vote for a candidate that lacks entries committed with b's copy,
+    and they would be lost. The leader's heartbeat carries min(match, commit), which b
+    can no longer reach: b stops rather than clamp it."""
+    net = Net(["a", "b", "c"])
+    net.elect("a")
+    for k in range(5):
+        net.propose("a", b"v%d" % k)
+    net.stabilize()
+    b = net.nodes["b"]
+    assert net.core("a").prs["b"].match == b.entries[-1].index
+    b.entries = b.entries[:2]  # the backup from before the proposals
+    net.restart("b")
+    net.tick("a", net.core("a").cfg.heartbeat_ticks)
+    with pytest.raises(LogLost, match="held the log up to index 6, but it ends at 2"):
+        net.stabilize()
 
 
 def test_restart_recovers_from_snapshot_and_log() -> None:
