@@ -7,7 +7,7 @@ import functools
 import ipaddress
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -69,9 +69,22 @@ async def converse(lines: bytes, last: bytes) -> list[bytes]:
     return wire.writes
 
 
-async def relaying_session(wire: Wire, submit: Any) -> FrontendSMTP:
-    """A front end that relays for loopback, connected to `wire`, greeting written."""
-    cfg = SmtpSection(hostname="reply.test", relay_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+def recorder() -> tuple[list[Accept], Callable[[Accept, float], Awaitable[bool]]]:
+    """A submit that takes every Accept, and the list they go into."""
+    got: list[Accept] = []
+
+    async def accepted(cmd: Accept, timeout: float) -> bool:
+        got.append(cmd)
+        return True
+
+    return got, accepted
+
+
+async def relaying_session(wire: Wire, submit: Any, cfg: SmtpSection | None = None) -> FrontendSMTP:
+    """A front end (by default relaying for loopback), connected to `wire`, greeting
+    written."""
+    loopback = (ipaddress.ip_network("127.0.0.0/8"),)
+    cfg = cfg or SmtpSection(hostname="reply.test", relay_networks=loopback)
     proto = smtp_factory(Handler(cfg, "n1", submit))()
     assert isinstance(proto, FrontendSMTP)
     proto.connection_made(wire)
@@ -199,11 +212,7 @@ def test_a_bare_lf_or_cr_in_the_message_is_refused_and_the_session_goes_on() -> 
     "<CR>.<CR><LF>" as the end of the data and what follows as commands: SMTP
     smuggling (SEC Consult, 2023), with our name on it."""
     wire = Wire()
-    submitted: list[object] = []
-
-    async def accepted(cmd: object, timeout: float) -> bool:
-        submitted.append(cmd)
-        return True
+    submitted, accepted = recorder()
 
     async def run() -> None:
         proto = await relaying_session(wire, accepted)
@@ -293,18 +302,11 @@ def test_rcpt_postmaster_is_taken_from_anyone_and_goes_to_smtp_postmaster(postma
     """RFC 5321 4.5.1: a relay MUST accept <postmaster> without a domain, from any
     client: a remote site writes there about abuse. It was refused as relaying."""
     cfg = SmtpSection(hostname="reply.test", relay_networks=(), postmaster=postmaster)
-    got: list[Accept] = []
-
-    async def accepted(cmd: Accept, timeout: float) -> bool:
-        got.append(cmd)
-        return True
+    got, accepted = recorder()
+    wire = Wire()
 
     async def run() -> None:
-        proto = smtp_factory(Handler(cfg, "n1", accepted))()
-        assert isinstance(proto, FrontendSMTP)
-        wire = Wire()
-        proto.connection_made(wire)
-        await until(lambda: len(wire.writes) == 1)
+        proto = await relaying_session(wire, accepted, cfg)
         proto.data_received(b"EHLO c.test\r\nMAIL FROM:<a@far.test>\r\nRCPT TO:<PostMaster>\r\n")
         want = b"250 2.1.5" if postmaster else b"550 5.1.1"
         await until(functools.partial(replied, wire, want))
@@ -326,11 +328,7 @@ def test_a_message_past_the_nodes_data_budget_gets_452_and_the_session_goes_on()
     past it, 452 4.3.1 and the client tries later; a message that fits gives its bytes
     back once answered."""
     wire = Wire()
-    submitted: list[object] = []
-
-    async def accepted(cmd: object, timeout: float) -> bool:
-        submitted.append(cmd)
-        return True
+    submitted, accepted = recorder()
 
     async def run() -> None:
         proto = await relaying_session(wire, accepted)
