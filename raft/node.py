@@ -139,8 +139,7 @@ class RaftNode:
     def __init__(self, cfg: NodeConfig, sm: StateMachine) -> None:
         self.cfg = cfg
         self.sm = sm
-        self.storage = Storage(cfg.data_dir)
-        self.storage.claim(cfg.id)
+        self.storage = Storage(cfg.data_dir, owner=cfg.id)
         self.addresses: dict[NodeId, Address] = dict(cfg.peers)
         bootstrap = ConfState() if cfg.join else ConfState(tuple(sorted(cfg.peers)), ())
         init = self.storage.initial_state(bootstrap)

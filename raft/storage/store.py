@@ -157,8 +157,9 @@ class Storage:
     """Not thread-safe: one runtime task (or its executor thread) uses it at a time."""
 
     def __init__(
-        self, directory: str, fs: FileSystem | None = None, segment_bytes: int = 64 << 20
-    ) -> None:
+        self, directory: str, fs: FileSystem | None = None, segment_bytes: int = 64 << 20,
+        owner: str | None = None,
+    ) -> None:  # fmt: skip
         self.dir = directory
         self.fs = fs or OsFileSystem()
         self.segment_bytes = segment_bytes
@@ -176,6 +177,8 @@ class Storage:
         self._recovered: list[Entry] = []
         # save() and a snapshot being published may run in two worker threads at once.
         self._lock = threading.Lock()
+        if owner is not None:
+            self.claim(owner)  # before recovery, which may cut a torn tail: not in another's
         self._recover()
 
     def claim(self, owner: str) -> None:

@@ -115,6 +115,8 @@ def test_a_directory_belongs_to_the_first_node_that_claims_it(tmp_path: pathlib.
     ):
         Storage(d).claim("n2")
     assert (tmp_path / "raft" / OWNER_FILE).read_text() == "n1\n"
+    with pytest.raises(WrongOwner):  # as a node opens it: before recovery touches a byte
+        Storage(d, owner="n2")
     # A crash while claiming left the temporary file: the next claim replaces it.
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / (OWNER_FILE + ".tmp")).write_text("n7")
