@@ -51,6 +51,20 @@ def test_the_harness_sees_a_final_dot_without_its_fence(tmp_path: Path) -> None:
     assert any("duplicates but only" in v for v in report.violations), report.table()
 
 
+@pytest.mark.skipif(not partitions_possible(), reason="partitions need root and nft")
+def test_no_violation_when_a_node_or_the_leader_hears_nothing_but_still_sends(
+    tmp_path: Path,
+) -> None:
+    """The opt-in `deafen` faults: a node's Raft port blocked inbound only. Such a node
+    was once given mail it never learned of, its pre-votes taken for signs of life."""
+    opts = Options(
+        23, 0, tmp_path, fault_every_s=5, kinds=("deafen", "deafen_leader"), faults=3,
+    )  # fmt: skip
+    report = Harness(opts).run()
+    assert report.violations == [], report.table()
+    assert sum(report.faults.values()) == 3, report.table()
+
+
 def test_the_checker_sees_a_recipient_at_another_domains_host() -> None:
     """What the worker did before cc971cd with a message to two destinations: both
     recipients went to the first one's host."""
