@@ -60,12 +60,9 @@ class DataBudget:
         assert self.held >= 0, self.held
 
 
-UNBOUNDED = DataBudget(1 << 62)  # for callers with no budget of their own (tests)
-
-
 async def read_data(
     reader: asyncio.StreamReader, max_size: int, max_line: int,
-    budget: DataBudget = UNBOUNDED, block: int = BLOCK,
+    budget: DataBudget, block: int = BLOCK,
 ) -> Data:  # fmt: skip
     """Everything up to the lone "." line (consumed; what follows stays in `reader`).
     What the result holds stays taken from `budget` until the caller gives it back."""
