@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smtpcluster.smtp_client import stuff
-from smtpcluster.smtpdata import BLOCK, Data, DataBudget, DataState, read_data
+from smtpcluster.smtpdata import BLOCK, Data, DataBudget, DataState, longest_line_over, read_data
 
 LINE_LIMIT = 1001  # aiosmtpd's
 
@@ -82,6 +82,19 @@ def test_a_line_over_the_limit_is_refused() -> None:
     data, rest, _ = read([b"ok\r\n" + b"z" * 1000 + b"\r\n.\r\nQUIT\r\n"])
     assert data == Data(b"", DataState.TOO_LONG) and rest == b"QUIT\r\n"
     assert read([b"z" * 999 + b"\r\n.\r\n"])[0].state is DataState.NOMINAL  # 1001 with CRLF
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"x", b"yy" * 3]), max_size=60),
+    st.integers(2, 12),
+)
+def test_the_line_check_jumps_but_finds_what_splitting_into_lines_finds(
+    parts: list[bytes], max_line: int
+) -> None:
+    raw = b"".join(parts)
+    split = max(map(len, raw.split(b"\r\n"))) + 2 > max_line
+    assert longest_line_over(raw, max_line) == split
 
 
 @settings(max_examples=200, deadline=None)
