@@ -19,14 +19,12 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.smtp_bench import _workload, latency, throughput
-from tests.integration.kvcluster import free_port
+from bench.smtp_bench import add_workloads, latency, start_sink, throughput
 from tests.integration.smtpnodes import SmtpCluster
 
 
@@ -66,10 +64,8 @@ class Roles:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--workload", action="append", type=_workload, metavar="SIZE:SESSIONS:N",
-        help="smtp-source workloads (repeatable; default 1024:20:3000 and 102400:20:1000)",
-    )  # fmt: skip
+    add_workloads(parser, "smtp-source workloads (repeatable; default 1024:20:3000 and "
+                  "102400:20:1000)")  # fmt: skip
     parser.add_argument("--sequential", type=int, default=3000, metavar="N",
                         help="messages for the sequential client (0: none)")  # fmt: skip
     args = parser.parse_args()
@@ -77,11 +73,7 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="cpu-bench-"))
-    sink_port = free_port("127.0.0.1")
-    sink = subprocess.Popen(
-        ["smtp-sink", "-u", "postfix", f"127.0.0.1:{sink_port}", "1000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    sink, sink_port = start_sink()
     cluster = SmtpCluster(
         root, relay_networks='"127.0.0.0/8"', max_size=1 << 22, smarthost=f"127.0.0.1:{sink_port}"
     )

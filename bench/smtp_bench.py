@@ -278,12 +278,27 @@ def _workload(text: str) -> Workload:
     return size, sessions, n
 
 
+def add_workloads(parser: argparse.ArgumentParser, text: str) -> None:
+    """`--workload SIZE:SESSIONS:N`, repeatable, into `workload` (None when not given)."""
+    parser.add_argument(
+        "--workload", action="append", type=_workload, metavar="SIZE:SESSIONS:N", help=text
+    )
+
+
+def start_sink() -> tuple[subprocess.Popen[bytes], int]:
+    """Postfix's smtp-sink on a free port of 127.0.0.1, and that port: where the systems
+    under test relay to."""
+    port = free_port("127.0.0.1")
+    sink = subprocess.Popen(
+        ["smtp-sink", "-u", "postfix", f"127.0.0.1:{port}", "1000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return sink, port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--workload", action="append", type=_workload, metavar="SIZE:SESSIONS:N",
-        help="run only these, e.g. 1024:20:3000 (repeatable)",
-    )  # fmt: skip
+    add_workloads(parser, "run only these, e.g. 1024:20:3000 (repeatable)")
     parser.add_argument("--repeat", type=int, default=3, help="turns per system (median)")
     parser.add_argument(
         "--latency-only", action="store_true", help="only the sequential client's turns"
@@ -298,11 +313,7 @@ def main() -> None:
           f"Python {platform.python_version()}, {args.repeat} turns each")  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
     (root / "ours").mkdir()
-    sink_port = free_port("127.0.0.1")
-    sink = subprocess.Popen(
-        ["smtp-sink", "-u", "postfix", f"127.0.0.1:{sink_port}", "1000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    sink, sink_port = start_sink()
     cluster = SmtpCluster(
         root / "ours", relay_networks='"127.0.0.0/8"', max_size=1 << 20,
         smarthost=f"127.0.0.1:{sink_port}",
