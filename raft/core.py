@@ -244,7 +244,7 @@ class Raft:
         this node's log holds it durably, so that they count its commit themselves.
         `waiting`: every follower that forwarded it. One that cannot count its commit
         itself is told of the commit at once, not up to a tick later (_announce_commit)."""
-        index, term = self._propose_entry(EntryKind.NORMAL, data)
+        index, term = self._propose_entry(EntryKind.NORMAL, data, self._prompt_for(waiting))
         notify = set(notify)
         for node in notify:
             if node != self.id and node in self.prs:
@@ -461,6 +461,9 @@ class Raft:
         self._pending_reads = []
         self._deferred_reads = []
         self._need_bcast = False
+        # Up to which index each follower must be sent entries at once (see _due).
+        self._prompt_all = 0
+        self._prompt: dict[NodeId, int] = {}
         self._notify = {}
         self._await_commit = {}
         self._told = self._leader_match = self._leader_persisted = 0
@@ -493,6 +496,7 @@ class Raft:
         self._sync_progress()
         # A no-op of the new term lets the leader commit what earlier terms left (§5.4.2).
         self.log.append([Entry(self.term, self.log.last_index() + 1, EntryKind.NOOP)])
+        self._prompt_all = self.log.last_index()
         self._need_bcast = True
 
     def _sync_progress(self) -> None:
@@ -748,7 +752,7 @@ class Raft:
         if self._maybe_commit():
             self._announce_commit()
         else:
-            while self._send_append(m.frm, send_empty=False):
+            while self._due(m.frm) and self._send_append(m.frm, send_empty=False):
                 pass
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self._send(TimeoutNow(self.id, m.frm, self.term))
@@ -784,13 +788,50 @@ class Raft:
                 self._leader_read(context, requester)
         return True
 
-    def _propose_entry(self, kind: EntryKind, data: bytes) -> tuple[int, int]:
+    def _prompt_for(self, forwarders: Iterable[NodeId]) -> list[NodeId] | None:
+        """The followers to send a forwarded entry at once: those that forwarded it
+        (they wait on it), and as many more voters as a majority needs, the most up to
+        date first. The rest get it with the next entries sent to them, or within a
+        tick (_tell_commit). Sent at once to all, each entry was an AppendEntries, a
+        write, an fsync and an answer on a node that had not asked for it: in the relay,
+        a tenth of the cluster's CPU per message (docs/benchmarks.md, fifteenth
+        session). None: everyone at once (the leader's own entries, as the paper has it)."""
+        waiting = [n for n in forwarders if n != self.id and n in self.prs]
+        if not waiting:
+            return None
+        voters = self.conf().voters
+        need = len(voters) // 2 + 1 - (self.id in voters) - sum(n in voters for n in waiting)
+        others = sorted(
+            (n for n in voters if n != self.id and n in self.prs and n not in waiting),
+            key=lambda n: (not self.prs[n].recent_active, -self.prs[n].match, n),
+        )
+        return waiting + others[: max(need, 0)]
+
+    def _due(self, to: NodeId) -> bool:
+        """Whether `to` is sent the entries it lacks now, rather than within a tick: it
+        must have one of them at once (_prompt_for), or it is catching up (probing,
+        installing a snapshot, far behind, or the target of a leadership transfer)."""
+        pr = self.prs[to]
+        return (
+            pr.state is not ProgressState.REPLICATE
+            or to == self.lead_transferee
+            or self.log.last_index() - pr.match > self.cfg.max_entries_per_msg
+            or pr.next <= max(self._prompt_all, self._prompt.get(to, 0))
+        )
+
+    def _propose_entry(
+        self, kind: EntryKind, data: bytes, prompt: list[NodeId] | None = None
+    ) -> tuple[int, int]:
         if self.role is not Role.LEADER:
             raise NotLeader(self.lead)
         if self.lead_transferee is not None:
             raise TransferInProgress(f"leadership is moving to {self.lead_transferee}")
         entry = Entry(self.term, self.log.last_index() + 1, kind, data)
         self.log.append([entry])
+        if prompt is None:
+            self._prompt_all = entry.index
+        for node in prompt or ():
+            self._prompt[node] = entry.index
         if kind is EntryKind.CONF:
             self._sync_progress()
         self._need_bcast = True
@@ -835,7 +876,8 @@ class Raft:
     def _bcast_append(self) -> None:
         self._need_bcast = False
         for node in self.prs:
-            self._send_append(node)
+            if self._due(node):
+                self._send_append(node)
 
     def _announce_commit(self) -> None:
         """A new commit index reaches followers with the next entries sent to them. An
@@ -849,13 +891,18 @@ class Raft:
             due = want is not None and want <= self.log.committed
             if due:
                 del self._await_commit[node]
-            self._send_append(node, send_empty=due)
+            if due or self._due(node):
+                self._send_append(node, send_empty=due)
 
     def _tell_commit(self) -> None:
         """Each tick: a follower that has entries it does not know are committed hears
-        of it now (its apply, its reads and its deliveries wait on it)."""
+        of it now (its apply, its reads and its deliveries wait on it), and one that
+        lacks entries not sent to it at once (_due) gets them."""
         for node, pr in self.prs.items():
-            if pr.told_commit < min(pr.match, self.log.committed):
+            if (
+                pr.told_commit < min(pr.match, self.log.committed)
+                or pr.next <= self.log.last_index()
+            ):
                 self._send_append(node)
 
     def _bcast_heartbeat(self, context: bytes) -> None:

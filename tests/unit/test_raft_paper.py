@@ -336,6 +336,93 @@ def test_a_follower_that_counts_is_not_sent_the_commit() -> None:
     assert net.core("c").log.committed < index
 
 
+# ------------------------------------- entries go at once only where they are waited on
+
+
+def _appends_to(net: Net, to: str) -> list[AppendEntries]:
+    return [m for m in net.queue if isinstance(m, AppendEntries) and m.to == to and m.entries]
+
+
+def _settled(voters: list[str]) -> tuple[Net, Raft]:
+    net = Net(voters, **QUIET)
+    a = net.elect("a")
+    net.tick("a", 5)
+    net.stabilize()
+    return net, a
+
+
+def test_a_forwarded_entry_goes_at_once_to_its_forwarder_and_to_the_rest_within_a_tick() -> None:
+    """b forwarded x: the leader and b are a majority of three, so c, which nobody waits
+    on, gets x with the next entries sent to it, or at the leader's next tick."""
+    net, a = _settled(["a", "b", "c"])
+    x, _ = a.propose(b"x", notify=["b"], waiting=["b"])
+    net.persist("a")
+    assert _appends_to(net, "b") and not _appends_to(net, "c")
+    net.stabilize()
+    assert a.log.committed == x and net.core("b").log.committed == x
+    assert net.core("c").log.last_index() < x
+    net.tick("a")
+    assert _appends_to(net, "c")
+    net.stabilize()
+    assert net.core("c").log.last_index() == x
+    # The leader's own entries go to everyone at once, as in the paper.
+    net.propose("a", b"y")
+    assert _appends_to(net, "b") and _appends_to(net, "c")
+
+
+def test_a_forwarded_entry_goes_at_once_to_as_many_as_a_majority_needs() -> None:
+    """Of five voters, the leader and b are two: one more follower gets x at once, the
+    most up to date; the other two within a tick."""
+    net, a = _settled(["a", "b", "c", "d", "e"])
+    net.isolate("d")
+    net.propose("a", b"d misses this")
+    net.stabilize()
+    net.heal()
+    x, _ = a.propose(b"x", notify=["b"], waiting=["b"])
+    net.persist("a")
+    assert {m.to for m in net.queue if isinstance(m, AppendEntries) and m.entries} == {"b", "c"}
+    net.stabilize()
+    assert a.log.committed == x
+    net.tick("a")
+    net.stabilize()
+    assert all(net.core(n).log.last_index() == x for n in "bcde")
+
+
+def test_a_forwarded_entry_still_commits_when_its_forwarder_is_cut_off() -> None:
+    """b forwards x and is cut off at once: c gets x at the next tick and the leader
+    commits it with c. Nothing waits longer than a tick for a node that went away."""
+    net, a = _settled(["a", "b", "c"])
+    net.isolate("b")
+    x, _ = a.propose(b"x", notify=["b"], waiting=["b"])
+    net.stabilize()
+    assert a.log.committed < x
+    net.tick("a")
+    net.stabilize()
+    assert a.log.committed == x and net.core("c").log.committed < x
+    net.tick("a")  # the commit reaches c within the next tick
+    net.stabilize()
+    assert net.core("c").log.committed == x and net.nodes["c"].values()[-1] == b"x"
+
+
+def test_a_follower_far_behind_is_sent_entries_at_once_to_catch_up() -> None:
+    """c missed more than one AppendEntries' worth of b's entries: it is streamed to
+    as fast as it answers, not an AppendEntries a tick, until it has caught up."""
+    net = Net(["a", "b", "c"], **{**PAPER, "max_entries_per_msg": 2})
+    a = net.elect("a")
+    net.isolate("c")
+    for k in range(9):
+        a.propose(b"%d" % k, notify=["b"], waiting=["b"])
+        net.persist("a")
+    net.stabilize()
+    net.heal()
+    net.tick("a")  # one tick (and heartbeat): c answers, and is sent all it lacks
+    net.stabilize()
+    assert net.core("c").log.last_index() == a.log.last_index()
+    a.propose(b"x", notify=["b"], waiting=["b"])
+    net.persist("a")
+    assert not _appends_to(net, "c")  # caught up: within a tick again
+
+
 # ---------------------------------------------------------------- §5.4.2 figure 8
 
 
