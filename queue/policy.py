@@ -12,6 +12,7 @@ leader replicating it, yields deliveries to a quieter one.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import hashlib
 from collections.abc import Collection, Iterable, Mapping
@@ -210,8 +211,10 @@ def dsn(
     )  # fmt: skip
 
 
-def _date(ms: int) -> str:
-    return email.utils.formatdate(ms / 1000, usegmt=True)
+def mail_date(ms: int) -> str:
+    """An RFC 5322 date-time in UTC, as "+0000": "GMT" is the obsolete zone syntax,
+    which RFC 5322 section 4 says must not be generated."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ms // 1000, datetime.UTC))
 
 
 def _status(reply: str) -> str:
@@ -233,14 +236,14 @@ def render_dsn(
         f"\r\nFinal-Recipient: rfc822; {msg.rcpts[k].address}\r\n"
         f"Action: failed\r\nStatus: {_status(msg.rcpts[k].reply)}\r\n"
         f"Diagnostic-Code: smtp; {msg.rcpts[k].reply}\r\n"
-        f"Last-Attempt-Date: {_date(msg.rcpts[k].final_at or now)}\r\n"
+        f"Last-Attempt-Date: {mail_date(msg.rcpts[k].final_at or now)}\r\n"
         for k in rcpts
     )
     text = (
         f"From: Mail Delivery System <MAILER-DAEMON@{mta}>\r\n"
         f"To: <{msg.sender}>\r\n"
         "Subject: Undelivered Mail Returned to Sender\r\n"
-        f"Date: {_date(now)}\r\n"
+        f"Date: {mail_date(now)}\r\n"
         f"Message-ID: <{dsn_id}@{mta}>\r\n"
         "Auto-Submitted: auto-replied\r\n"
         "MIME-Version: 1.0\r\n"
@@ -254,7 +257,7 @@ def render_dsn(
         f"--{boundary}\r\n"
         "Content-Type: message/delivery-status\r\n\r\n"
         f"Reporting-MTA: dns; {mta}\r\n"
-        f"Arrival-Date: {_date(msg.received_at)}\r\n"
+        f"Arrival-Date: {mail_date(msg.received_at)}\r\n"
         f"{per_rcpt}\r\n"
         f"--{boundary}\r\n"
         "Content-Type: text/rfc822-headers\r\n\r\n"

@@ -11,7 +11,6 @@ replies it has together.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import inspect
 import ipaddress
@@ -26,6 +25,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailqueue.commands import Accept
+from mailqueue.policy import mail_date
 from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
@@ -252,10 +252,11 @@ class Handler:
             self._log(session, envelope, "", len(raw), reply=refusal, began=time.monotonic())
             return refusal
         message_id = new_message_id(self.node_id)
-        body = self._received(session, envelope, message_id)
-        body += self._missing_headers(session, head, message_id) + raw
+        now = int(time.time() * 1000)
+        body = self._received(session, envelope, message_id, now)
+        body += self._missing_headers(session, head, message_id, now) + raw
         cmd = Accept(
-            int(time.time() * 1000), message_id, _unbracket(envelope.mail_from),
+            now, message_id, _unbracket(envelope.mail_from),
             tuple(envelope.rcpt_tos), body, self.node_id,
         )  # fmt: skip
         began = time.monotonic()
@@ -309,7 +310,7 @@ class Handler:
             return NO_ROOM
         return ""
 
-    def _missing_headers(self, session: Session, head: bytes, message_id: str) -> bytes:
+    def _missing_headers(self, session: Session, head: bytes, message_id: str, now: int) -> bytes:
         """Message-ID and Date for mail our own clients submit without them, as Postfix
         adds them for its local clients: many receivers refuse mail without a
         Message-ID. Never for mail from elsewhere, and never one that is there."""
@@ -322,10 +323,10 @@ class Handler:
         if not has_field(head, b"message-id"):
             out += f"Message-ID: <{message_id}@{cfg.hostname}>\r\n".encode()
         if not has_field(head, b"date"):
-            out += f"Date: {email.utils.formatdate(localtime=False)}\r\n".encode()
+            out += f"Date: {mail_date(now)}\r\n".encode()
         return out
 
-    def _received(self, session: Session, envelope: Envelope, message_id: str) -> bytes:
+    def _received(self, session: Session, envelope: Envelope, message_id: str, now: int) -> bytes:
         peer = _peer(session)
         proto = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
@@ -333,7 +334,7 @@ class Handler:
         if session.authenticated:
             proto += "A"
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        date = email.utils.formatdate(localtime=False, usegmt=True)
+        date = mail_date(now)
         # As Postfix prints it: a bare CR in the client's HELO name would end our header's
         # line at a receiver and let the client write a trace field of its own above it.
         helo = printable(session.host_name or "unknown")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 
 import pytest
 
@@ -57,8 +58,12 @@ def test_a_trusted_clients_message_gets_a_message_id_and_a_date() -> None:
     head = body.split(b"\r\n\r\n", 1)[0]
     [mid] = [ln for ln in head.split(b"\r\n") if ln.startswith(b"Message-ID: ")]
     assert mid.endswith(b"@relay.test>") and b"-n1@" in mid  # the queue id, our name
-    assert b"\r\nDate: " in head
+    [date] = [ln for ln in head.split(b"\r\n") if ln.startswith(b"Date: ")]
     assert body.endswith(BARE)  # the client's own lines as they were
+    # RFC 5322 section 4: "GMT" is obsolete zone syntax, never to be generated; and the
+    # trace field's date (the Received header's last line) is the same instant.
+    assert re.fullmatch(rb"Date: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000", date)
+    assert head.split(b"\r\n")[3] == b"\t" + date.removeprefix(b"Date: ")
 
 
 @pytest.mark.parametrize("trusted", [False, True], ids=["from elsewhere", "present"])

@@ -186,6 +186,9 @@ def test_a_bounce_produces_an_rfc_3464_report_to_the_sender() -> None:
     assert blocks[1]["Action"] == "failed" and blocks[1]["Status"] == "5.1.1"
     assert "no such user" in blocks[1]["Diagnostic-Code"]
     assert len(blocks) == 2  # the delivered recipient is not reported
+    # RFC 5322 section 4: "GMT" is obsolete zone syntax, never to be generated.
+    assert msg["Date"] == "Thu, 01 Jan 1970 01:00:00 +0000"  # `now`, 3,600,000 ms
+    assert blocks[1]["Last-Attempt-Date"] == msg["Date"]
     assert headers.get_content_type() == "text/rfc822-headers"
     assert b"Message-ID: <x@example.org>" in headers.get_payload(decode=True)
     spool.apply(dsn)
