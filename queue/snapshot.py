@@ -7,7 +7,6 @@ holds the whole of it (raft.storage writes the chunks straight to disk).
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import cbor2
 from mailqueue import heap
 from mailqueue.commands import FORMAT, FormatTooNew
 from mailqueue.spool import BodyStore, Message, Rcpt, RcptState, Spool, SpoolView
+from mailqueue.tombstones import Tombstones
 from raft import streams
 
 # 2 added the cluster's replicated format to the header; 3 each node's clock (Spool.clocks)
@@ -71,14 +71,8 @@ def _load(chunks: Iterator[bytes], bodies: BodyStore | None, readable: int) -> S
             spool.counts[r.state] += 1
             if r.state in (RcptState.ASSIGNED, RcptState.SENDING):
                 spool.load[r.node] = spool.load.get(r.node, 0) + 1
-    order: dict[str, list[tuple[int, str]]] = {}
-    for _ in range(n_tombs):
-        mid, origin, stamp = decoder.decode()
-        spool.finished[mid] = (origin, stamp)
-        order.setdefault(origin, []).append((stamp, mid))
+    spool.finished = Tombstones.load(decoder.decode() for _ in range(n_tombs))
     spool.rebuild_index()
-    for origin, stamps in order.items():
-        spool._finished_order[origin] = collections.deque(sorted(stamps))
     return spool
 
 

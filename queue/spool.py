@@ -42,6 +42,7 @@ from mailqueue.commands import (
     Unhold,
 )
 from mailqueue.index import NOBODY, SpoolIndex
+from mailqueue.tombstones import Tombstones, TombstonesView
 
 # How long a copy of an Accept may take to commit, and so how long a message's
 # tombstone outlives it, in the time of the node that accepted it. A front end proposes
@@ -53,7 +54,6 @@ from mailqueue.index import NOBODY, SpoolIndex
 # fastest clock, one clock jumping a day ahead expired every tombstone at once, and a
 # copy still under way queued a delivered message again.
 REPLAY_WINDOW_MS = 3600 * 1000
-Tombstone = tuple[NodeId, int]  # the node that accepted the message, its clock then
 
 
 class RcptState(enum.IntEnum):
@@ -160,7 +160,7 @@ class SpoolView:
     now: int
     uncertain_total: int
     messages: dict[MessageId, Message]
-    finished: dict[MessageId, Tombstone]
+    finished: TombstonesView
     clocks: dict[NodeId, int]
     bodies: BodyStore
     format: int
@@ -181,10 +181,9 @@ class Spool:
     def __init__(self, bodies: BodyStore | None = None) -> None:
         self.bodies: BodyStore = bodies if bodies is not None else MemoryBodies()
         self.messages: dict[MessageId, Message] = {}
-        self.finished: dict[MessageId, Tombstone] = {}  # the ids of messages that left
+        self.finished = Tombstones()  # the ids of messages that left
         # Each node's newest Accept stamp: the clock its own replays are measured by.
         self.clocks: dict[NodeId, int] = {}
-        self._finished_order: dict[NodeId, collections.deque[tuple[int, MessageId]]] = {}
         self.counts: dict[RcptState, int] = dict.fromkeys(RcptState, 0)
         self.load: dict[NodeId, int] = {}  # assigned + sending recipients per node
         # Messages each node's front end has accepted, counted as Accepts apply: derived
@@ -206,7 +205,7 @@ class Spool:
         meanwhile."""
         assert self._view is None, "one snapshot at a time"
         self._view = SpoolView(
-            self.now, self.uncertain_total, dict(self.messages), dict(self.finished),
+            self.now, self.uncertain_total, dict(self.messages), self.finished.frozen(),
             dict(self.clocks), self.bodies, self.format,
         )  # fmt: skip
         return self._view
@@ -486,10 +485,7 @@ class Spool:
         # Stamped by the clock that measures the age of any copy of its Accept, which is
         # stamped no later than this.
         stamp = self.clocks.get(msg.accepted_by, msg.received_at)
-        self.finished[msg.id] = (msg.accepted_by, stamp)
-        self._finished_order.setdefault(msg.accepted_by, collections.deque()).append(
-            (stamp, msg.id)
-        )
+        self.finished.add(msg.id, msg.accepted_by, stamp)
 
     def reindex(self, msg: Message) -> None:
         self.index.update(*index_entry(msg))
@@ -500,11 +496,7 @@ class Spool:
     def _forget_tombstones(self, origin: NodeId) -> None:
         """Those no copy of an Accept from `origin` can need any more: every one old
         enough to forget is refused as too late (see _accept)."""
-        order = self._finished_order.get(origin)
-        horizon = self.clocks[origin] - REPLAY_WINDOW_MS
-        while order and order[0][0] < horizon:
-            _, mid = order.popleft()
-            self.finished.pop(mid, None)
+        self.finished.forget_before(origin, self.clocks[origin] - REPLAY_WINDOW_MS)
 
     # ---- comparing replicas
 
