@@ -366,7 +366,8 @@ class RaftNode:
     async def read_index(self, timeout: float = 10.0) -> int:
         """A linearizable read point: once this returns, the local state machine
         reflects every write committed before the call."""
-        return await asyncio.wait_for(self._read_index(), timeout)
+        async with asyncio.timeout(timeout):
+            return await self._read_index()
 
     async def _read_index(self) -> int:
         delay = 0.02
@@ -382,7 +383,8 @@ class RaftNode:
             self._reads[ctx] = fut
             self._wake.set()
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), 1.0)
+                async with asyncio.timeout(1.0):
+                    return await asyncio.shield(fut)
             except TimeoutError:
                 continue  # the leader changed or the request was lost: ask again
             finally:
@@ -403,12 +405,14 @@ class RaftNode:
         await self.change(ConfChange(ConfChangeOp.ADD_LEARNER, node), timeout)
 
     async def propose_peer(self, node: NodeId, addr: Address, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self._propose([_PEER, node, str(addr)]), timeout)
+        async with asyncio.timeout(timeout):
+            await self._propose([_PEER, node, str(addr)])
 
     async def change(self, change: ConfChange, timeout: float = 10.0) -> None:
         """A membership change, proposed on this node (which must be the leader)."""
         index, term = self.core.propose_conf_change(change)
-        await asyncio.wait_for(self._wait_applied(index, term), timeout)
+        async with asyncio.timeout(timeout):
+            await self._wait_applied(index, term)
 
     def transfer_leader(self, target: NodeId) -> None:
         self.core.transfer_leader(target)
@@ -423,7 +427,8 @@ class RaftNode:
             raise ValueError(f"unknown membership operation {op!r}")
         deadline = JOIN_CATCH_UP_S + 20 if op == "join" else 20.0
         if self.core.role is Role.LEADER:
-            await asyncio.wait_for(self._membership_here(op, target, addr), deadline)
+            async with asyncio.timeout(deadline):
+                await self._membership_here(op, target, addr)
         else:
             await self._call_leader(op, target, addr, deadline)
 

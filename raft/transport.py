@@ -289,9 +289,8 @@ class Transport:
                 reader, writer = await asyncio.open_connection(
                     peer.addr.host, peer.addr.port, local_addr=self._source
                 )
-                session = await asyncio.wait_for(
-                    client_handshake(reader, writer, self._key, self.me), HANDSHAKE_TIMEOUT
-                )
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    session = await client_handshake(reader, writer, self._key, self.me)
                 peer.connected, backoff = True, 0.05
                 await self._pump(peer, session, writer)
             except asyncio.CancelledError:
@@ -361,9 +360,8 @@ class Transport:
         self._inbound.add(task)
         where = writer.get_extra_info("peername")
         try:
-            peer, session = await asyncio.wait_for(
-                server_handshake(reader, writer, self._key), HANDSHAKE_TIMEOUT
-            )
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                peer, session = await server_handshake(reader, writer, self._key)
             buf = bytearray()
             while chunk := await reader.read(READ_CHUNK):
                 buf += chunk

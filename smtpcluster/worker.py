@@ -118,7 +118,8 @@ class Worker:
                 raise TimeoutError
             # Only a shortcut (the leader notices the silence anyway): kept short, as
             # when a whole cluster stops the last node has no quorum to commit it.
-            await asyncio.wait_for(self._commit(NodeDown(_now(), self.me, on_uncertain)), 1)
+            async with asyncio.timeout(1):
+                await self._commit(NodeDown(_now(), self.me, on_uncertain))
         except TimeoutError:
             log.warning("drain: could not hand back this node's assignments; the leader "
                         "will, after the down-detection time")  # fmt: skip

@@ -60,3 +60,14 @@ def test_every_package_directory_is_installed() -> None:
             name = ".".join(init.parent.relative_to(ROOT).parts)
             assert name in listed, f"{name} is not in pyproject.toml's packages"
     assert "mailqueue" in listed
+
+
+def test_no_asyncio_wait_for_in_the_product() -> None:
+    """On Python 3.11, asyncio.wait_for swallows a cancellation that arrives as the
+    awaited coroutine finishes (CPython gh-86296, fixed in 3.12): the cancelled task
+    goes on. A peer's sender, cancelled as its handshake failed, kept reconnecting for
+    ever, and Transport.close() waited on it for ever (a unit test hung on it).
+    `async with asyncio.timeout(...)` does not swallow it."""
+    for top in ("raft", "queue", "smtpcluster"):
+        for path in (ROOT / top).rglob("*.py"):
+            assert "wait_for(" not in path.read_text().replace("def wait_for(", ""), path

@@ -281,3 +281,34 @@ def test_pieces_adding_up_past_the_largest_frame_are_refused(
     buf = bytearray(sender.seal(b"x" * 8, _MORE) + sender.seal(b"x" * 8, _LAST))
     with pytest.raises(AuthError, match="in pieces refused"):
         list(receiver.unseal(buf))
+
+
+def test_close_ends_a_sender_cancelled_as_its_handshake_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cancel and the handshake's AuthError land in the same turn of the loop. With
+    asyncio.wait_for (Python 3.11) the AuthError won: the sender counted a refusal,
+    slept and connected again, for ever, and close() never returned."""
+
+    async def run() -> None:
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        began = asyncio.Event()
+
+        async def handshake(*_: object) -> transport._Session:
+            began.set()
+            await failed  # the peer is about to refuse us
+            raise AssertionError("unreachable")
+
+        monkeypatch.setattr(transport, "client_handshake", handshake)
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        a = Transport("a", Address("127.0.0.1", free_port("127.0.0.1")), b"k" * 32, print)
+        a.set_peer("b", Address("127.0.0.1", port))
+        await began.wait()
+        failed.set_exception(AuthError("refused"))
+        async with asyncio.timeout(5):  # no hang: a failure instead
+            await a.close()
+        assert a.auth_failures == 0  # cancelled, not counted and retried
+        server.close()
+
+    asyncio.run(run())
