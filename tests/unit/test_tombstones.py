@@ -96,3 +96,16 @@ def test_loaded_from_a_snapshot_in_any_order_it_forgets_in_clock_order() -> None
     assert sorted(tombs.items()) == sorted((m, (o, s)) for m, o, s in records)
     tombs.forget_before("n1", 25)
     assert sorted(tombs) == ["c", "d"]
+
+
+def test_forgotten_ids_are_let_go_once_they_are_an_eighth_of_a_column() -> None:
+    """A forgotten tombstone's id stays referenced by its column until the column is
+    replaced: waiting for half of it to be forgotten kept up to twice the ids alive."""
+    tombs = Tombstones()
+    for k in range(8 * COMPACT_AT):
+        tombs.add(f"m{k}", "n1", k)
+    tombs.forget_before("n1", COMPACT_AT - 1)
+    assert len(tombs._columns["n1"].ids) == 8 * COMPACT_AT  # not yet: too few
+    tombs.forget_before("n1", COMPACT_AT)
+    assert len(tombs._columns["n1"].ids) == 7 * COMPACT_AT  # replaced by the live part
+    assert list(tombs) == [f"m{k}" for k in range(COMPACT_AT, 8 * COMPACT_AT)]
