@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.smtp_bench import add_workloads, latency, start_sink, throughput
+from bench.smtp_bench import add_workloads, latency, sink_cluster, throughput
 from tests.integration.smtpnodes import SmtpCluster
 
 
@@ -72,12 +70,7 @@ def main() -> None:
     workloads = args.workload or [(1024, 20, 3000), (102400, 20, 1000)]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")  # fmt: skip
-    root = Path(tempfile.mkdtemp(prefix="cpu-bench-"))
-    sink, sink_port = start_sink()
-    cluster = SmtpCluster(
-        root, relay_networks='"127.0.0.0/8"', max_size=1 << 22, smarthost=f"127.0.0.1:{sink_port}"
-    )
-    try:
+    with sink_cluster("cpu-bench-") as cluster:
         cluster.start_all()
         roles = Roles(cluster)
         host, port = roles.front.host, roles.front.smtp_port
@@ -96,11 +89,6 @@ def main() -> None:
                 return f"sequential x {args.sequential}: p50 {p50:.2f} ms, p99 {p99:.2f} ms"
 
             print(roles.measure(args.sequential, sequential), flush=True)
-    finally:
-        cluster.stop_all()
-        sink.kill()
-        sink.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ root to start. Not a test: it prints figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import platform
 import shutil
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.integration.kvcluster import free_port, wait_for
@@ -294,6 +295,24 @@ def start_sink() -> tuple[subprocess.Popen[bytes], int]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     return sink, port
+
+
+@contextlib.contextmanager
+def sink_cluster(prefix: str) -> Iterator[SmtpCluster]:
+    """Three nodes (not started yet) relaying to a fresh smtp-sink, in a directory of
+    their own; all of it stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    sink, sink_port = start_sink()
+    cluster = SmtpCluster(
+        root, relay_networks='"127.0.0.0/8"', max_size=1 << 22, smarthost=f"127.0.0.1:{sink_port}"
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+        sink.kill()
+        sink.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:

@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.smtp_bench import add_workloads, start_sink, throughput
+from bench.smtp_bench import add_workloads, sink_cluster, throughput
 from smtpcluster.admin_client import AdminClient
 from tests.integration.smtpnodes import SmtpCluster
 
@@ -142,15 +140,10 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{length} of {size} B x {sessions} sessions x {n}")  # fmt: skip
-    root = Path(tempfile.mkdtemp(prefix="steady-soak-"))
-    sink, sink_port = start_sink()
-    cluster = SmtpCluster(
-        root, relay_networks='"127.0.0.0/8"', max_size=1 << 22, smarthost=f"127.0.0.1:{sink_port}"
-    )
-    soak = Soak(cluster)
     samples: list[dict[str, Footprint]] = []
     end = time.monotonic() + args.minutes * 60
-    try:
+    with sink_cluster("steady-soak-") as cluster:
+        soak = Soak(cluster)
         cluster.start_all()
         while time.monotonic() < end if args.minutes else len(samples) < args.rounds:
             r = len(samples) + 1
@@ -162,11 +155,6 @@ def main() -> None:
             for nid, fp in samples[-1].items():
                 print(f"  {nid}: {fp}", flush=True)
         report(samples, args.warm_up)
-    finally:
-        cluster.stop_all()
-        sink.kill()
-        sink.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
