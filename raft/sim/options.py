@@ -22,6 +22,7 @@ class SimOptions:
     max_entries_per_msg: int = 8
     max_inflight_msgs: int = 4
     snapshot_entries: int = 40
+    snapshot_growth: float = 1.0
     snapshot_chunk_bytes: int = 32
     compaction_trailing: int = 5
     client_interval_ms: float = 8.0
@@ -68,6 +69,8 @@ class SimOptions:
             "commit_crash": r.choice([0.0, 0.02, 0.1]),
             "leader_isolate": r.choice([0.0, 0.2, 0.5]),
             "restart_max_ms": r.choice([400.0, 1500.0]),
+            # Drawn last, so that every earlier seed keeps the rest of its shape.
+            "snapshot_growth": r.choice([0.0, 1.0, 4.0]),
         }
         derived.update(overrides)
         return SimOptions(**derived)  # type: ignore[arg-type]

@@ -205,6 +205,7 @@ class World:
             max_entries_per_msg=self.opts.max_entries_per_msg,
             max_inflight_msgs=self.opts.max_inflight_msgs,
             snapshot_entries=self.opts.snapshot_entries,
+            snapshot_growth=self.opts.snapshot_growth,
             snapshot_chunk_bytes=self.opts.snapshot_chunk_bytes,
             compaction_trailing=self.opts.compaction_trailing,
         )

@@ -557,6 +557,41 @@ def test_entries_kept_behind_a_snapshot_are_bounded_in_bytes_as_well_as_in_numbe
     assert meta.index - net.core("a").log.offset == 10
 
 
+def test_a_snapshot_waits_for_a_log_that_outweighs_the_last_one() -> None:
+    """Every snapshot encodes the whole state. Due by entries alone, a large state (an
+    hour of tombstones) was encoded again every 10,000 small entries, a cost that grew
+    with the square of the rate. Now the entries since must also weigh as much."""
+
+    def snapshots_after(net: Net, sizes: list[int]) -> list[int]:
+        def newest() -> int:
+            snap = net.nodes["a"].snapshot
+            return snap.index if snap else 0
+
+        taken = [newest()]
+        for n in sizes:
+            net.propose("a", b"x" * n)
+            if newest() > taken[-1]:
+                taken.append(newest())
+        return taken[1:]
+
+    net = Net(["a"], snapshot_entries=5, snapshot_bytes=100_000)
+    net.elect("a")  # its no-op is entry 1
+    assert snapshots_after(net, [300] * 4) == [5]  # the first: by entries
+    first = net.nodes["a"].snapshot
+    assert first is not None and first.size > 1200
+    assert snapshots_after(net, [10] * 30) == []  # 300 bytes: lighter than the snapshot
+    grown = snapshots_after(net, [300] * 5)
+    assert len(grown) == 1 and net.core("a").log.applied - grown[0] < 5
+
+    eager = Net(["a"], snapshot_entries=5, snapshot_bytes=100_000, snapshot_growth=0.0)
+    eager.elect("a")
+    assert snapshots_after(eager, [300] * 4 + [10] * 10) == [5, 10, 15]  # entries only
+
+    capped = Net(["a"], snapshot_entries=5, snapshot_bytes=2000, snapshot_growth=100.0)
+    capped.elect("a")
+    assert snapshots_after(capped, [300] * 4 + [1000] * 2) == [5, 7]  # by bytes
+
+
 def test_a_follower_whose_log_lost_what_it_acknowledged_stops() -> None:
     """b acknowledged entries, then came back without them (a restored backup). Left
     to run, it would vote for a candidate that lacks entries committed with b's copy,
