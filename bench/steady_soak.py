@@ -8,8 +8,9 @@ The chaos harness shows that no mail is lost or sent twice; this shows what the
 operator of a node that runs for months needs: that nothing grows without bound.
 Three `smtpcluster serve` nodes relay to one `smtp-sink`, as in bench.smtp_bench (no
 Postfix, no root). Each round sends the workload with `smtp-source` to a follower,
-waits until the queue is empty, then reads each node's RSS, open file descriptors and
-threads from /proc, and the bytes and files under its data directory. Every
+waits until the queue is empty, then reads each node's RSS, open file descriptors,
+threads and CPU time so far from /proc, and the bytes and files under its data
+directory. Every
 `--transfer-every` rounds the leadership moves to the next node, so that connections,
 roles and the scheduler start over as they do in a real cluster's life. At the end it
 prints each figure's change from the first round after the warm-up to the last, and
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cpu_bench import cpu_seconds
 from bench.smtp_bench import add_workloads, sink_cluster, throughput
 from smtpcluster.admin_client import AdminClient
 from tests.integration.smtpnodes import SmtpCluster
@@ -44,10 +46,12 @@ class Footprint:
     threads: int
     disk_mib: float
     files: int
+    cpu_s: float  # since the node started: a window's share is the difference
 
     def __str__(self) -> str:
         return (f"rss {self.rss_mib:6.1f} MiB  fds {self.fds:3d}  threads {self.threads:2d}  "
-                f"disk {self.disk_mib:7.1f} MiB in {self.files:3d} files")  # fmt: skip
+                f"disk {self.disk_mib:7.1f} MiB in {self.files:3d} files  "
+                f"cpu {self.cpu_s:8.1f} s")  # fmt: skip
 
 
 def footprint(pid: int, data_dir: Path) -> Footprint:
@@ -61,6 +65,7 @@ def footprint(pid: int, data_dir: Path) -> Footprint:
         threads=int(status["Threads"]),
         disk_mib=sum(p.stat().st_size for p in files) / (1 << 20),
         files=len(files),
+        cpu_s=cpu_seconds(pid),
     )
 
 
