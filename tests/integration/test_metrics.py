@@ -33,6 +33,12 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert value(after, accepted) - value(before, accepted) == 5
         assert value(after, "smtpcluster_accept_seconds_count") >= 5
         assert ("smtpcluster_gc_slow_full_collections_total", ()) in after
+        # the process figures every Prometheus client exports, for memory alerts
+        assert value(after, "process_resident_memory_bytes") > 10 << 20
+        assert value(after, "process_open_fds") > 0
+        assert value(after, "process_cpu_seconds_total") > 0
+        assert ("python_gc_collections_total", (("generation", "2"),)) in after
+        assert any(name == "python_info" for name, _ in after)
         wait_for("5 deliveries counted", lambda: delivered(cluster) - start_delivered == 5)
         assert len(sink.received) == 5
 
