@@ -372,10 +372,11 @@ class Raft:
             self.log.applied = hi
             self._applied_bytes += sum(len(e.data) for e in rd.committed_entries)
         rd.read_states, self._read_states = self._read_states, []
-        rd.snapshot_due = self._snapshot_due()
+        rd.snapshot_due = self.snapshot_due()
         return rd
 
-    def _snapshot_due(self) -> bool:
+    def snapshot_due(self) -> bool:
+        """Whether the log has grown enough since the last snapshot to cut another."""
         if self._applied_bytes >= self.cfg.snapshot_bytes:
             return True
         last = self.snapshot

@@ -832,6 +832,11 @@ class RaftNode:
         (StateMachine.snapshot), so nothing waits for the thread."""
         if self._snap_task is not None or time.monotonic() < self._snap_retry_at:
             return
+        # Asked again: the Ready that said so may have been made before the previous
+        # snapshot ended (it ends while the loop awaits a write), and a second one, of
+        # the whole state again, began a few hundred entries after every snapshot.
+        if not self.core.snapshot_due():
+            return
         meta = self.core.snapshot_meta(self.sm_applied, 0)
         if meta is None:
             return

@@ -22,7 +22,7 @@ from raft.kv import KV, put
 from raft.node import _RAFT, NodeConfig, RaftNode
 from raft.progress import ProgressState
 from raft.transport import Address
-from raft.types import AppendEntriesResponse, Heartbeat, HeartbeatResponse, RequestVote
+from raft.types import AppendEntriesResponse, Heartbeat, HeartbeatResponse, Ready, RequestVote
 from tests.integration.kvcluster import free_port, free_ports
 
 
@@ -114,6 +114,53 @@ def test_a_slow_snapshot_holds_back_neither_applying_nor_the_raft_loop(
         snap, meta = snapshot_state(node), node.storage.snapshot
         assert meta is not None and snap.applied == meta.index < kv.applied
         assert snap.data and set(snap.data.values()) == {b"v"}
+        await node.stop()
+
+    asyncio.run(run())
+
+
+class CountingKV(GatedKV):
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = 0
+
+    def snapshot(self) -> Iterable[bytes]:
+        self.taken += 1
+        return super().snapshot()
+
+
+def test_a_snapshot_is_not_cut_again_on_a_ready_made_before_the_last_one_ended(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The snapshot ends while the Ready loop awaits a write; the Ready being written
+    said "due" when the old snapshot was still the last. Acting on it cut the whole
+    state again at once: two snapshots for one, every time."""
+
+    async def run() -> None:
+        kv = CountingKV()
+        node = await _leader_alone(tmp_path, kv, snapshot_entries=5)
+        write = node.persist
+        armed = threading.Event()
+
+        def write_after_the_snapshot(rd: Ready) -> None:
+            if rd.snapshot_due and armed.is_set() and not kv.gate.is_set():
+                kv.gate.set()  # the snapshot ends while this Ready is being written
+                deadline = time.monotonic() + 10
+                while node._snap_task is not None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            write(rd)
+
+        node.persist = write_after_the_snapshot
+        await asyncio.gather(*await _one_entry_each(node, [put(f"k{k}", b"v") for k in range(6)]))
+        await _until(kv.inside.is_set)
+        # Applied after the snapshot's point, so that another would have something new.
+        await asyncio.gather(*await _one_entry_each(node, [put(f"j{k}", b"v") for k in range(3)]))
+        armed.set()
+        await node.propose(put("during", b"v"))  # its Ready is due, written as it ends
+        await _until(lambda: kv.gate.is_set() and node._snap_task is None)
+        await node.propose(put("after", b"v"))
+        assert node.storage.snapshot is not None and kv.done >= 1
+        assert kv.taken == 1, "a second snapshot right after the first"
         await node.stop()
 
     asyncio.run(run())
