@@ -99,7 +99,7 @@ class Config:
     # applied bytes in any case. A snapshot encodes the whole state: with an hour of
     # tombstones at 500 msg/s that is ~100 MB and 2 s of CPU, and by entries alone it
     # came every 15 s, a cost that grew with the square of the rate. Tied to the log's
-    # growth, the snapshots cost at most about what the log itself does.
+    # growth, snapshots write at most about as many bytes as the log itself.
     snapshot_entries: int = 10_000
     snapshot_growth: float = 1.0
     snapshot_bytes: int = 64 << 20
