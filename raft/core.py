@@ -96,13 +96,16 @@ class Config:
     snapshot_chunk_bytes: int = 1 << 20
     # Ask for a snapshot after `snapshot_entries` applied entries, once their bytes are
     # also `snapshot_growth` times the last snapshot's size, or after `snapshot_bytes`
-    # applied bytes in any case. A snapshot encodes the whole state: with an hour of
-    # tombstones at 500 msg/s that is ~100 MB and 2 s of CPU, and by entries alone it
-    # came every 15 s, a cost that grew with the square of the rate. Tied to the log's
-    # growth, snapshots write at most about as many bytes as the log itself.
+    # applied bytes or `snapshot_entries_max` entries in any case. A snapshot encodes
+    # the whole state: with an hour of tombstones at 500 msg/s that is ~100 MB and 2 s
+    # of CPU, and by entries alone it came every 15 s, a cost that grew with the square
+    # of the rate. Tied to the log's growth, snapshots write at most about as many
+    # bytes as the log itself. The entry cap bounds the log's objects in memory and
+    # its replay at start while small entries (a queue draining) add few bytes.
     snapshot_entries: int = 10_000
     snapshot_growth: float = 1.0
     snapshot_bytes: int = 64 << 20
+    snapshot_entries_max: int = 100_000
     compaction_trailing: int = 1_000  # entries kept behind a snapshot for slow followers...
     # ...and at most this many of their bytes: 1,000 entries of 24 MiB messages stayed in
     # memory, and twenty such messages at once had a node killed for want of memory.
@@ -113,6 +116,7 @@ class Config:
         assert 0 < self.heartbeat_ticks < self.election_ticks
         assert self.max_entries_per_msg > 0 and self.max_inflight_msgs > 0
         assert self.snapshot_chunk_bytes > 0 and self.snapshot_growth >= 0
+        assert self.snapshot_entries <= self.snapshot_entries_max
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,15 +381,12 @@ class Raft:
 
     def snapshot_due(self) -> bool:
         """Whether the log has grown enough since the last snapshot to cut another."""
-        if self._applied_bytes >= self.cfg.snapshot_bytes:
-            return True
         last = self.snapshot
-        if last is None:
-            return self.log.applied >= self.cfg.snapshot_entries
-        return (
-            self.log.applied - last.index >= self.cfg.snapshot_entries
-            and self._applied_bytes >= last.size * self.cfg.snapshot_growth
-        )
+        since = self.log.applied - (last.index if last else 0)
+        if self._applied_bytes >= self.cfg.snapshot_bytes or since >= self.cfg.snapshot_entries_max:
+            return True
+        weight = last.size * self.cfg.snapshot_growth if last else 0
+        return since >= self.cfg.snapshot_entries and self._applied_bytes >= weight
 
     def advance(self, rd: Ready) -> None:
         """The runtime has persisted and sent everything in `rd` (it may apply the

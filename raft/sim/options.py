@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, fields
+from typing import cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class SimOptions:
     max_inflight_msgs: int = 4
     snapshot_entries: int = 40
     snapshot_growth: float = 1.0
+    snapshot_entries_max: int = 100_000
     snapshot_chunk_bytes: int = 32
     compaction_trailing: int = 5
     client_interval_ms: float = 8.0
@@ -72,6 +74,8 @@ class SimOptions:
             # Drawn last, so that every earlier seed keeps the rest of its shape.
             "snapshot_growth": r.choice([0.0, 1.0, 4.0]),
         }
+        entries = cast(int, derived["snapshot_entries"])
+        derived["snapshot_entries_max"] = r.choice([3, 1000]) * entries
         derived.update(overrides)
         return SimOptions(**derived)  # type: ignore[arg-type]
 

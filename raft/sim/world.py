@@ -206,6 +206,7 @@ class World:
             max_inflight_msgs=self.opts.max_inflight_msgs,
             snapshot_entries=self.opts.snapshot_entries,
             snapshot_growth=self.opts.snapshot_growth,
+            snapshot_entries_max=self.opts.snapshot_entries_max,
             snapshot_chunk_bytes=self.opts.snapshot_chunk_bytes,
             compaction_trailing=self.opts.compaction_trailing,
         )

@@ -591,6 +591,10 @@ def test_a_snapshot_waits_for_a_log_that_outweighs_the_last_one() -> None:
     capped.elect("a")
     assert snapshots_after(capped, [300] * 4 + [1000] * 2) == [5, 7]  # by bytes
 
+    counted = Net(["a"], snapshot_entries=5, snapshot_entries_max=12, snapshot_growth=100.0)
+    counted.elect("a")
+    assert snapshots_after(counted, [300] * 4 + [10] * 20) == [5, 17]  # by entries, at most
+
 
 def test_a_follower_whose_log_lost_what_it_acknowledged_stops() -> None:
     """b acknowledged entries, then came back without them (a restored backup). Left
