@@ -10,11 +10,10 @@ Three `smtpcluster serve` nodes relay to one `smtp-sink`, as in bench.smtp_bench
 Postfix, no root). Each round sends the workload with `smtp-source` to a follower,
 waits until the queue is empty, then reads each node's RSS, open file descriptors,
 threads and CPU time so far from /proc, and the bytes and files under its data
-directory. Every
-`--transfer-every` rounds the leadership moves to the next node, so that connections,
-roles and the scheduler start over as they do in a real cluster's life. At the end it
-prints each figure's change from the first round after the warm-up to the last, and
-over the last quarter of the rounds.
+directory. Every `--transfer-every` rounds the leadership moves to the next node, so
+that connections, roles and the scheduler start over as they do in a real cluster's
+life. At the end it prints each figure's change from the first round after the
+warm-up to the last, and over the last quarter of the rounds.
 
 Memory is expected to grow for the first hour: each node keeps the id of every message
 that left the spool for an hour (docs/spool.md, tombstones). Run `--minutes 80` or
