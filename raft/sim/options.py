@@ -74,9 +74,11 @@ class SimOptions:
             # Drawn last, so that every earlier seed keeps the rest of its shape.
             "snapshot_growth": r.choice([0.0, 1.0, 4.0]),
         }
-        entries = cast(int, derived["snapshot_entries"])
-        derived["snapshot_entries_max"] = r.choice([3, 1000]) * entries
+        cap_factor = r.choice([3, 1000])
         derived.update(overrides)
+        # The cap follows snapshot_entries as overridden: Config refuses a cap below it.
+        entries = cast(int, derived["snapshot_entries"])
+        derived.setdefault("snapshot_entries_max", cap_factor * entries)
         return SimOptions(**derived)  # type: ignore[arg-type]
 
     def describe(self) -> str:

@@ -81,6 +81,19 @@ def test_options_vary_with_the_seed() -> None:
     assert len(shapes) > 40
 
 
+def test_overriding_snapshot_entries_keeps_the_cap_above_it() -> None:
+    for seed in range(20):
+        drawn = SimOptions.for_seed(seed)
+        opts = SimOptions.for_seed(seed, snapshot_entries=50_000)
+        assert opts.snapshot_entries_max >= 3 * 50_000
+        assert (
+            opts.snapshot_entries_max // 50_000
+            == drawn.snapshot_entries_max // drawn.snapshot_entries
+        )
+        assert opts.drop == drawn.drop  # the rest of the shape is the seed's
+    assert SimOptions.for_seed(1, snapshot_entries_max=7).snapshot_entries_max == 7
+
+
 # Each classic bug must be caught within this many seeds (they are found within a few
 # dozen today; the margin absorbs changes to the simulator's random choices).
 MUTANT_SEED_BUDGET = 400
