@@ -63,8 +63,25 @@ class Address:
             raise ValueError(f"port {port} is out of range (1-65535) in {text!r}")
         return Address(host.strip("[]"), int(port))
 
+    @staticmethod
+    def parse_typed(text: str) -> Address:
+        """An address as a person writes it (config, CLI): parse(), and an IPv6 address
+        must be in brackets. "::1:2525" could be [::1]:2525, or ::1:2525 with its port
+        left out. parse() stays lenient for what is already in logs and snapshots."""
+        addr = Address.parse(text)
+        host = text.rpartition(":")[0]
+        bracketed = host.startswith("[") and host.endswith("]")
+        if ":" in addr.host and not bracketed:
+            raise ValueError(f"an IPv6 address goes in brackets, as [::1]:25; got {text!r}")
+        if "[" in addr.host or "]" in addr.host or not addr.host:
+            raise ValueError(f"expected host:port or [IPv6]:port, got {text!r}")
+        return addr
+
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        # Bracketed, so that it parses back, and a reader can tell the port from the
+        # last group of an IPv6 address.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 class _Session:

@@ -226,7 +226,7 @@ async def cluster_change(request: web.Request) -> web.Response:
     if not isinstance(target, str) or not target or not isinstance(address, str):
         return _error(400, 'give "id" (and for join "address") as strings')
     if op == "join":
-        Address.parse(address)  # a typo is a 400 here, not the leader's refusal
+        Address.parse_typed(address)  # a typo is a 400 here, not the leader's refusal
     await _node(request).raft.membership(op, target, address)
     return web.json_response({"ok": True, "op": request.match_info["op"], "id": target})
 

@@ -39,7 +39,6 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAILBOX_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # they take the port on every address
 
 
 def is_hostname(text: str) -> bool:
@@ -212,7 +211,7 @@ class _Reader:
 
     def _parse_address(self, name: str, text: str) -> Address:
         try:
-            return Address.parse(text)
+            return Address.parse_typed(text)
         except ValueError as exc:
             raise self.fail(name, str(exc)) from None
 
@@ -293,8 +292,30 @@ def _listeners_apart(path: str, listeners: list[tuple[str, Address]]) -> None:
     where at start the second bind failed with 'address in use' after Raft had started."""
     for k, (key, a) in enumerate(listeners):
         for other, b in listeners[:k]:
-            if a.port == b.port and (a.host == b.host or {a.host, b.host} & WILDCARD_HOSTS):
+            if a.port == b.port and _hosts_clash(a.host, b.host):
                 raise ConfigError(path, key, f"{a} is also {other} ({b})")
+
+
+def _hosts_clash(a: str, b: str) -> bool:
+    """Whether two listeners on one port would take the same address. A wildcard takes
+    every address of its own family only: the IPv6 one is bound IPV6_V6ONLY (asyncio and
+    uvloop both do so), which is why a dual-stack node lists both 0.0.0.0 and [::]. A
+    host name may resolve to either family, so it clashes with both wildcards."""
+    ip = {h: _ip(h) for h in (a, b)}
+    if ip[a] is not None and ip[a] == ip[b]:
+        return True  # one address, perhaps spelt two ways (::1, 0:0:0:0:0:0:0:1)
+    for wild, other in ((a, b), (b, a)):
+        w, o = ip[wild], ip[other]
+        if w is not None and w.is_unspecified and (o is None or o.version == w.version):
+            return True
+    return a == b
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def _other_address(listen: Address, own: Address) -> bool:

@@ -251,6 +251,8 @@ def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpClust
         assert both == (400, 'give "ids": [...] or "all": true, not both')
         code, why = post(cluster, nid, "/v1/cluster/join", b'{"id": "n9", "address": "typo"}')
         assert code == 400 and "host:port" in why, why
+        code, why = post(cluster, nid, "/v1/cluster/join", b'{"id": "n9", "address": "::1:7409"}')
+        assert code == 400 and "brackets" in why, why
         assert post(cluster, nid, "/v1/cluster/join", b'{"id": 5}')[0] == 400
         code, why = post(cluster, nid, "/v1/cluster/transfer-leader", b'{"id": "nobody"}')
         assert (code, why) == (409, "refused: nobody is not a voter"), (nid, why)

@@ -116,6 +116,16 @@ def test_a_listen_address_that_may_be_the_peers_entry_is_let_be(
     assert load(write(tmp_path, text)).cluster.peers["node1"].port == 7400
 
 
+def test_a_dual_stack_node_lists_both_wildcards(tmp_path: pathlib.Path) -> None:
+    """asyncio and uvloop bind [::] IPV6_V6ONLY, so [::]:25 alone takes no IPv4 mail:
+    the IPv4 wildcard must be listed too, and that is not one port bound twice."""
+    both = '["0.0.0.0:25", "[::]:25"]'
+    text = GOOD.replace('relay_listen = ["127.0.0.1:2525"]', f"relay_listen = {both}")
+    listen = load(write(tmp_path, text)).smtp.relay_listen
+    assert [str(a) for a in listen] == ["0.0.0.0:25", "[::]:25"]
+    assert [a.host for a in listen] == ["0.0.0.0", "::"]
+
+
 def test_a_postmaster_address_is_read(tmp_path: pathlib.Path) -> None:
     assert load(write(tmp_path, GOOD)).smtp.postmaster == ""  # unset: <postmaster> refused
     text = GOOD.replace("[smtp]", '[smtp]\npostmaster = "abuse+relay@ops.example.com"')
@@ -319,6 +329,37 @@ def test_a_postmaster_address_is_read(tmp_path: pathlib.Path) -> None:
         (("[smtp]", '[smtp]\npostmaster = "root"'), "smtp.postmaster", "like ops@example.com"),
         (("[smtp]", '[smtp]\npostmaster = "a%b@x.example"'), "smtp.postmaster", "'a%b@"),
         (("[smtp]", '[smtp]\npostmaster = "ops@[10.0.0.1]"'), "smtp.postmaster", "an address"),
+        (
+            ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["::1:2525"]'),
+            "smtp.relay_listen[0]",
+            "goes in brackets, as [::1]:25; got '::1:2525'",
+        ),
+        (
+            ("[delivery]", '[delivery]\nsmarthost = "2001:db8::25"'),
+            "delivery.smarthost",
+            "got '2001:db8::25'",
+        ),
+        (("[delivery]", '[delivery]\nsmarthost = "[]:25"'), "delivery.smarthost", "[IPv6]:port"),
+        (
+            ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["[::]:25", "[::1]:25"]'),
+            "smtp.relay_listen[1]",
+            "[::1]:25 is also smtp.relay_listen[0] ([::]:25)",
+        ),
+        (
+            ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["0.0.0.0:25", "10.1.2.3:25"]'),
+            "smtp.relay_listen[1]",
+            "is also smtp.relay_listen[0]",
+        ),
+        (
+            ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["[::1]:25", "[0::1]:25"]'),
+            "smtp.relay_listen[1]",
+            "is also smtp.relay_listen[0]",
+        ),
+        (
+            ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["[::]:25", "mx.internal:25"]'),
+            "smtp.relay_listen[1]",
+            "is also smtp.relay_listen[0]",
+        ),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(

@@ -160,6 +160,17 @@ def test_bad_addresses_are_refused(text: str) -> None:
         Address.parse(text)
 
 
+def test_an_ipv6_address_is_written_in_brackets_and_read_back() -> None:
+    """A peer's address is replicated as str(Address) and parsed on every node."""
+    a = Address("2001:db8::7", 7400)
+    assert str(a) == "[2001:db8::7]:7400"
+    assert Address.parse(str(a)) == Address.parse_typed(str(a)) == a
+    # What older builds wrote without brackets still reads back from a log or snapshot.
+    assert Address.parse("2001:db8::7:7400") == a
+    with pytest.raises(ValueError, match="brackets"):
+        Address.parse_typed("2001:db8::7:7400")
+
+
 def test_a_peer_that_dies_is_unreachable_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
     """A peer killed outright resets the connection; uvloop then refuses the next write
     with a RuntimeError. That is a dead peer to retry, not a failure with a traceback
