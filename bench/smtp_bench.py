@@ -298,13 +298,13 @@ def start_sink() -> tuple[subprocess.Popen[bytes], int]:
 
 
 @contextlib.contextmanager
-def sink_cluster(prefix: str) -> Iterator[SmtpCluster]:
+def sink_cluster(prefix: str, max_size: int = 1 << 22) -> Iterator[SmtpCluster]:
     """Three nodes (not started yet) relaying to a fresh smtp-sink, in a directory of
     their own; all of it stopped and removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     sink, sink_port = start_sink()
     cluster = SmtpCluster(
-        root, relay_networks='"127.0.0.0/8"', max_size=1 << 22, smarthost=f"127.0.0.1:{sink_port}"
+        root, relay_networks='"127.0.0.0/8"', max_size=max_size, smarthost=f"127.0.0.1:{sink_port}"
     )
     try:
         yield cluster
