@@ -253,16 +253,23 @@ class Handler:
             return refusal
         message_id = new_message_id(self.node_id)
         now = int(time.time() * 1000)
-        body = self._received(session, envelope, message_id, now)
-        body += self._missing_headers(session, head, message_id, now) + raw
-        cmd = Accept(
-            now, message_id, _unbracket(envelope.mail_from),
-            tuple(envelope.rcpt_tos), body, self.node_id,
+        trace = self._received(session, envelope, message_id, now)
+        body = b"".join((trace, self._missing_headers(session, head, message_id, now), raw))
+        size = len(body)
+        submitted = self.submit(
+            Accept(now, message_id, _unbracket(envelope.mail_from), tuple(envelope.rcpt_tos),
+                   body, self.node_id),
+            self.cfg.accept_timeout_ms / 1000,
         )  # fmt: skip
+        # From here the message's bytes live on only in what `submitted` encodes: the
+        # data as read and the Accept were each a copy as large as the message, held
+        # for as long as its commit took.
+        envelope.content = envelope.original_content = None
+        del raw, body
         began = time.monotonic()
         reply = QUEUED + message_id
         try:
-            await self.submit(cmd, self.cfg.accept_timeout_ms / 1000)
+            await submitted
         except TimeoutError:
             reply = "451 4.3.0 Cluster unavailable, try again later"
         except AcceptRefused as exc:
@@ -270,7 +277,7 @@ class Handler:
             # message is not queued, and a 4xx is the truth.
             log.error("message %s refused by the spool: %s", message_id, exc)
             reply = "451 4.3.0 Cluster unavailable, try again later"
-        self._log(session, envelope, message_id, len(body), reply=reply, began=began)
+        self._log(session, envelope, message_id, size, reply=reply, began=began)
         return reply
 
     def _log(
@@ -600,10 +607,12 @@ class FrontendSMTP(SMTP):
             self._writer.close()
             return
         self.settled.clear()
+        held, ending = data.held, self._end_of_data(data)
+        del data  # its bytes go on in the envelope alone (see Handler.handle_DATA)
         try:
-            await self._end_of_data(data)
+            await ending
         finally:
-            budget.give(data.held)  # proposed and answered: the log has it now
+            budget.give(held)  # proposed and answered: the log has it now
             self.settled.set()
         # The end of a transaction: the client waits for this reply before it goes on
         # (RFC 2920 makes the end of data a point where it must), so the reply leaves
@@ -613,12 +622,15 @@ class FrontendSMTP(SMTP):
     async def _end_of_data(self, data: Data) -> None:
         """The reply to the data, queued before `settled` lets a drain's 421 follow it."""
         assert self.envelope is not None
-        if data.state is DataState.NOMINAL:
+        state = data.state
+        if state is DataState.NOMINAL:
             self.envelope.content = self.envelope.original_content = data.content
+        del data  # not held while the hook waits for the commit
+        if state is DataState.NOMINAL:
             status = await self._call_handler_hook("DATA")
-        elif data.state is DataState.TOO_MUCH:
+        elif state is DataState.TOO_MUCH:
             status = "552 5.3.4 Message size exceeds fixed limit"
-        elif data.state is DataState.NO_MEMORY:
+        elif state is DataState.NO_MEMORY:
             limit = self.event_handler.data_budget.limit
             log.warning("message refused: the sessions hold smtp.max_data_in_memory (%d "
                         "bytes) of message data already", limit)  # fmt: skip

@@ -128,6 +128,10 @@ class Node:
         at = self.spool.stamp(cmd.accepted_by, cmd.at)
         # A copy only when the clock stepped back: this runs for every message.
         data = codec.encode(cmd if at == cmd.at else dataclasses.replace(cmd, at=at))
+        # The encoded copy is the one kept for the attempts: the Accept, and the body it
+        # holds, go now (the front end kept no other reference to them).
+        message_id = cmd.message_id
+        del cmd
         unsettled = False  # an attempt reached a leader and its fate is not known
         while True:
             waited = time.monotonic() - began
@@ -135,7 +139,7 @@ class Node:
             if waited >= limit:
                 if unsettled:
                     self.fate_unknown += 1
-                    log.error("message %s: fate unknown after %.0f s", cmd.message_id, waited)
+                    log.error("message %s: fate unknown after %.0f s", message_id, waited)
                 raise TimeoutError
             try:
                 result = decode_result(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pathlib
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -167,3 +169,24 @@ def test_a_removed_node_closes_its_front_ends_and_starts_no_more_deliveries(
 
     asyncio.run(run())
     assert not n.frontends_up and n.worker.draining
+
+
+def test_an_attempt_holds_the_message_once_encoded_not_also_as_the_accept(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """What Node.submit keeps for its attempts is the encoded Accept; the Accept itself,
+    as large as the message, goes once encoded (the front end keeps no reference)."""
+    n = node(made, tmp_path, [])
+    held: list[str] = []
+    proposed: list[bytes] = []
+
+    async def propose(data: bytes, timeout: float = 10.0) -> bytes:
+        proposed.append(data)
+        frame = sys._getframe(1)
+        assert frame.f_code.co_name == "submit"
+        held.extend(k for k, v in frame.f_locals.items() if isinstance(v, Accept))
+        return encode_result(Applied(True, "accepted"))
+
+    n.raft.propose = propose  # type: ignore[method-assign]
+    assert asyncio.run(n.submit(dataclasses.replace(ACCEPT), timeout=1)) is True
+    assert held == [] and codec.decode(proposed[0]) == ACCEPT
