@@ -344,20 +344,25 @@ class RaftNode:
         """Hand a proposal to the leader. The envelope carries this process's tag, and
         applying it here settles the result (etcd's way: a follower waits for its own
         apply, not for the leader's word); the leader answers only a refusal."""
-        return await self._ask(
-            leader, _FORWARD, lambda req: [cbor2.dumps([*envelope, [self._boot, req]])], 5.0
-        )
+        large = sum(len(v) for v in envelope if isinstance(v, bytes)) >= codec.LARGE
+
+        def args(req: int) -> list[Any]:
+            inner = [*envelope, [self._boot, req]]
+            return [codec.pieces(inner) if large else cbor2.dumps(inner)]
+
+        return await self._ask(leader, _FORWARD, args, 5.0, large)
 
     async def _ask(
-        self, leader: NodeId, kind: bytes, args: Callable[[int], list[Any]], timeout: float
-    ) -> bytes:
+        self, leader: NodeId, kind: bytes, args: Callable[[int], list[Any]], timeout: float,
+        large: bool = False,
+    ) -> bytes:  # fmt: skip
         """Send a request frame to the leader; its _ANSWER frame settles the result (or,
         for a forwarded proposal, applying it here: see _forward)."""
         req = next(self._ids)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._forwards[req] = fut
         try:
-            self.transport.send(leader, kind + cbor2.dumps([req, *args(req)]))
+            self.transport.send(leader, codec.frame(kind, [req, *args(req)], large))
             async with asyncio.timeout(timeout):
                 return await fut  # ours alone: cancelled on timeout, then forgotten
         finally:
@@ -708,7 +713,7 @@ class RaftNode:
         # not look like a dead leader (or, behind a follower's forwarded Accept of tens
         # of MiB, a dead follower).
         urgent = not isinstance(m, AppendEntries | InstallSnapshot)
-        self.transport.send(m.to, _RAFT + codec.encode_message(m), urgent=urgent)
+        self.transport.send(m.to, codec.frame_message(_RAFT, m), urgent=urgent)
 
     def _apply_durable(self, rd: Ready, durable: int) -> int:
         """Apply the committed entries this node had already made durable while the

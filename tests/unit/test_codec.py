@@ -110,3 +110,34 @@ def test_malformed_frames_are_refused_with_a_decode_error(frame: bytes) -> None:
 def test_append_entries_encoding_is_compact() -> None:
     m = AppendEntries("n1", "n2", 3, 10, 3, (Entry(3, 11, data=b"x" * 100),), 9)
     assert len(codec.encode_message(m)) < 140
+
+
+# Byte strings around each boundary of CBOR's length encoding (RFC 8949 3.1).
+edges = st.sampled_from([0, 1, 23, 24, 255, 256, 65535, 65536]).map(lambda n: b"x" * n)
+wire_values = st.recursive(
+    st.integers(-(2**64), 2**64) | st.text(max_size=30) | st.booleans() | st.none()
+    | st.binary(max_size=300) | edges,
+    lambda inner: st.lists(inner, max_size=30) | st.tuples(inner, inner),
+    max_leaves=60,
+)  # fmt: skip
+
+
+@given(st.binary(max_size=4), wire_values)
+def test_a_frame_joined_from_pieces_is_the_bytes_cbor2_makes(prefix: bytes, value: Any) -> None:
+    assert codec.frame(prefix, value, True) == prefix + cbor2.dumps(value)
+
+
+@given(wire_values, wire_values)
+def test_pieces_within_pieces_stand_for_their_joined_byte_string(outer: Any, inner: Any) -> None:
+    """The shape of a forwarded proposal: [request id, cbor2.dumps([...])]."""
+    nested = [outer, codec.pieces([inner, b"data" * 100])]
+    want = cbor2.dumps([outer, cbor2.dumps([inner, b"data" * 100])])
+    assert codec.frame(b"F", nested, True) == b"F" + want
+
+
+def test_a_large_entry_is_framed_as_encode_message_frames_it() -> None:
+    big = Entry(3, 7, EntryKind.NORMAL, b"m" * (codec.LARGE + 5))
+    m = AppendEntries("n1", "n2", 3, 6, 2, (big, Entry(3, 8, EntryKind.NORMAL, b"a")), 7)
+    assert codec.carried(m) >= codec.LARGE
+    assert codec.frame_message(b"R", m) == b"R" + codec.encode_message(m)
+    assert codec.decode_message(codec.frame_message(b"", m)) == m
