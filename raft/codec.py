@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import cbor2
 
@@ -96,9 +96,11 @@ def _entry_from(v: Any) -> Entry:
     return Entry(_int(v[0], "term"), _int(v[1], "index"), kind, v[3])
 
 
-def _loads(data: bytes) -> Any:
+def _loads(data: bytes | IO[bytes]) -> Any:
+    # A stream (io.BytesIO) for a value that starts past the beginning of a large
+    # buffer: slicing it off first would copy all of it (raft.node._after_kind).
     try:
-        return cbor2.loads(data)
+        return cbor2.loads(data) if isinstance(data, bytes) else cbor2.load(data)
     except Exception as exc:  # cbor2 raises several types for malformed input
         raise DecodeError(f"not CBOR: {exc}") from exc
 
@@ -263,7 +265,7 @@ _LAYOUT: dict[type, tuple[int, tuple[str, ...], tuple[Decoder, ...]]] = {
 }
 
 
-def decode_message(data: bytes) -> Message:
+def decode_message(data: bytes | IO[bytes]) -> Message:
     v = _loads(data)
     _expect(isinstance(v, list) and len(v) >= 1, "message: expected [type, fields...]")
     code = v[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -541,7 +542,7 @@ class RaftNode:
     # ================================================================ inbound
 
     def _on_frame(self, peer: NodeId, payload: bytes) -> None:
-        kind, body = payload[:1], payload[1:]
+        kind, body = payload[:1], _after_kind(payload)
         if kind == _ANSWER:
             self.last_answer[peer] = time.monotonic()
         try:
@@ -559,17 +560,17 @@ class RaftNode:
                     self._answer_outsider(peer)
                 self._step(msg)
             elif kind == _FORWARD:
-                req, envelope = cbor2.loads(body)
+                req, envelope = _load(body)
                 self._serve_forward(peer, req, envelope)
             elif kind == _ANSWER:
-                self._answer(cbor2.loads(body))
+                self._answer(_load(body))
             elif kind == _CALL:
-                call = self._serve_call(peer, *cbor2.loads(body))
+                call = self._serve_call(peer, *_load(body))
                 asyncio.get_running_loop().create_task(call)
             elif kind == _REMOVED:
-                self._removed_at(cbor2.loads(body), peer)
+                self._removed_at(_load(body), peer)
             elif kind == _HELLO:
-                self._hello(peer, cbor2.loads(body))
+                self._hello(peer, _load(body))
             else:
                 log.warning("unknown frame kind %r from %s", kind, peer)
         except codec.DecodeError as exc:
@@ -899,3 +900,18 @@ class _Stream:
         if self._buf:
             yield self._buf
         yield from self._chunks
+
+
+def _after_kind(payload: bytes) -> bytes | io.BytesIO:
+    """A frame's body, past its kind byte. A large one is read in place: the slice of a
+    frame of tens of MiB was one more copy of it, alive with the frame and what is
+    decoded from it (a BytesIO over bytes shares them until written to)."""
+    if len(payload) < codec.LARGE:
+        return payload[1:]
+    body = io.BytesIO(payload)
+    body.seek(1)
+    return body
+
+
+def _load(body: bytes | io.BytesIO) -> Any:
+    return cbor2.loads(body) if isinstance(body, bytes) else cbor2.load(body)
