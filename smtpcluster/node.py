@@ -37,6 +37,7 @@ from smtpcluster.worker import Worker
 log = logging.getLogger(__name__)
 TICK_MS = 10.0
 ATTEMPT_S = 3.0  # one proposal attempt; a stuck one is retried with the same id
+ATTEMPT_MAX_S = 60.0  # each retry of an Accept waits twice as long as the one before
 # How long a client may wait for an unsettled Accept: under the 10 minutes RFC 5321
 # gives a client waiting for the reply to its final dot.
 ACCEPT_HARD_CAP_S = 540.0
@@ -118,7 +119,8 @@ class Node:
 
         The Accept is idempotent by its message id, so when an attempt's fate is unknown
         (its leader died, the answer never came) proposing it again settles the question:
-        either way the message is in the spool exactly once. TimeoutError (answered 451)
+        either way the message is in the spool exactly once. Before it does, the spool is
+        asked whether an earlier attempt was applied after all. TimeoutError (answered 451)
         comes only when no attempt can be in any log: after `timeout` if every attempt
         was definitely refused or never reached a leader; otherwise the client waits, up
         to `hard_cap`, for a leader to settle it (DESIGN: a 4xx means "not accepted").
@@ -133,7 +135,10 @@ class Node:
         message_id = cmd.message_id
         del cmd
         unsettled = False  # an attempt reached a leader and its fate is not known
+        attempt_s = ATTEMPT_S
         while True:
+            if unsettled and self._holds(message_id):
+                return self._accepted(began)  # an earlier attempt committed after all
             waited = time.monotonic() - began
             limit = hard_cap if unsettled else timeout
             if waited >= limit:
@@ -143,10 +148,15 @@ class Node:
                 raise TimeoutError
             try:
                 result = decode_result(
-                    await self.raft.propose(data, timeout=min(limit - waited, ATTEMPT_S))
+                    await self.raft.propose(data, timeout=min(limit - waited, attempt_s))
                 )
             except TimeoutError:
-                unsettled = True  # proposing the same Accept again is always safe
+                unsettled = True  # proposing the same Accept again is always safe...
+                # ...but each attempt adds a copy of the message to every log, and a
+                # slow commit means a busy cluster: the next one waits twice as long.
+                # Ten 24 MiB messages retried every 3 s kept a loaded cluster appending
+                # copies of them for minutes, committing none.
+                attempt_s = min(2 * attempt_s, ATTEMPT_MAX_S)
                 continue
             except RaftError:
                 # This attempt is in no log: lost, refused by a leader, or refused here
@@ -156,10 +166,19 @@ class Node:
                 await asyncio.sleep(0.05)
                 continue
             if result.ok:
-                self.metrics.accepted.inc()
-                self.metrics.accept_seconds.observe(time.monotonic() - began)
-                return True
+                return self._accepted(began)
             raise AcceptRefused(result.detail)
+
+    def _holds(self, message_id: str) -> bool:
+        """Whether an Accept of this message has been applied here (it may have been
+        delivered and left since: its tombstone says so)."""
+        spool = self.spool
+        return message_id in spool.messages or message_id in spool.finished
+
+    def _accepted(self, began: float) -> bool:
+        self.metrics.accepted.inc()
+        self.metrics.accept_seconds.observe(time.monotonic() - began)
+        return True
 
     async def start(self) -> None:
         try:

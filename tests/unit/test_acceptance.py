@@ -19,7 +19,7 @@ from raft.core import NotLeader, TransferInProgress
 from raft.node import NoLeader, ProposalLost
 from smtpcluster.config import load
 from smtpcluster.frontend import AcceptRefused
-from smtpcluster.node import ACCEPT_HARD_CAP_S, Node
+from smtpcluster.node import ACCEPT_HARD_CAP_S, ATTEMPT_MAX_S, ATTEMPT_S, Node
 
 CONFIG = """
 [node]
@@ -190,3 +190,39 @@ def test_an_attempt_holds_the_message_once_encoded_not_also_as_the_accept(
     n.raft.propose = propose  # type: ignore[method-assign]
     assert asyncio.run(n.submit(dataclasses.replace(ACCEPT), timeout=1)) is True
     assert held == [] and codec.decode(proposed[0]) == ACCEPT
+
+
+def test_an_attempt_that_committed_late_is_not_proposed_again(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """Its timeout passed, but the Accept was applied meanwhile: 250 from the spool,
+    without one more copy of the message in every log."""
+    n = node(made, tmp_path, [])
+    calls: list[float] = []
+
+    async def propose(data: bytes, timeout: float = 10.0) -> bytes:
+        calls.append(timeout)
+        n.spool.apply(codec.decode(data))  # it commits, just after the attempt gave up
+        raise TimeoutError
+
+    n.raft.propose = propose  # type: ignore[method-assign]
+    assert asyncio.run(n.submit(ACCEPT, timeout=10, hard_cap=30)) is True
+    assert len(calls) == 1 and "m1" in n.spool.messages
+
+
+def test_each_retry_of_a_stuck_accept_waits_twice_as_long(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """Every attempt adds a copy of the message to every log; retried every 3 s, ten
+    24 MiB messages kept a busy cluster appending copies of them and committing none."""
+    n = node(made, tmp_path, [TimeoutError()] * 6)
+    calls: list[float] = []
+    scripted = n.raft.propose
+
+    async def propose(data: bytes, timeout: float = 10.0) -> bytes:
+        calls.append(timeout)
+        return await scripted(data, timeout)
+
+    n.raft.propose = propose  # type: ignore[method-assign]
+    assert asyncio.run(n.submit(ACCEPT, timeout=100, hard_cap=500)) is True
+    assert calls[:7] == [ATTEMPT_S * 2**k for k in range(5)] + [ATTEMPT_MAX_S] * 2
