@@ -351,11 +351,13 @@ class RaftNode:
             inner = [*envelope, [self._boot, req]]
             return [codec.pieces(inner) if large else cbor2.dumps(inner)]
 
-        return await self._ask(leader, _FORWARD, args, 5.0, large)
+        # No bound of its own: every caller of _propose has one, and an Accept's retry
+        # waits longer each time (a fixed 5 s here cut them all short).
+        return await self._ask(leader, _FORWARD, args, None, large)
 
     async def _ask(
-        self, leader: NodeId, kind: bytes, args: Callable[[int], list[Any]], timeout: float,
-        large: bool = False,
+        self, leader: NodeId, kind: bytes, args: Callable[[int], list[Any]],
+        timeout: float | None, large: bool = False,
     ) -> bytes:  # fmt: skip
         """Send a request frame to the leader; its _ANSWER frame settles the result (or,
         for a forwarded proposal, applying it here: see _forward)."""
