@@ -97,6 +97,13 @@ class UnknownEntry(Exception):
     stopping at it after each restart until the node runs a version that knows it."""
 
 
+class LeaderChanged(TimeoutError):
+    """A forwarded proposal's leader is no longer this node's leader. Its fate is
+    unknown (that leader may have appended it, and its successor may commit it), as
+    after a timeout; said at once, so that the proposer looks and tries again with the
+    new leader rather than at the end of its timeout."""
+
+
 class ProposalLost(RaftError):
     """Another entry was committed at the index of this proposal: it will never apply."""
 
@@ -171,6 +178,8 @@ class RaftNode:
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._read_points: list[tuple[int, asyncio.Future[int]]] = []
         self._forwards: dict[int, asyncio.Future[bytes]] = {}
+        self._forwarded_to: dict[int, NodeId] = {}  # a forward's request id: its leader
+        self._lead_seen: NodeId | None = None
         self._ids = itertools.count(1)
         # Tags this process's forwarded proposals in the log, unlike any other node's or
         # any earlier run's (whose request numbers started over).
@@ -235,6 +244,7 @@ class RaftNode:
         while True:
             await asyncio.sleep(self.cfg.tick_ms / 1000)
             self.core.tick()
+            self._notice_leader()
             self._wake.set()
             if (now := time.monotonic()) - pinged >= clocks.EVERY_S:
                 pinged = now
@@ -353,23 +363,40 @@ class RaftNode:
 
         # No bound of its own: every caller of _propose has one, and an Accept's retry
         # waits longer each time (a fixed 5 s here cut them all short).
-        return await self._ask(leader, _FORWARD, args, None, large)
+        return await self._ask(leader, _FORWARD, args, None, large=large, forward=True)
 
     async def _ask(
         self, leader: NodeId, kind: bytes, args: Callable[[int], list[Any]],
-        timeout: float | None, large: bool = False,
+        timeout: float | None, *, large: bool = False, forward: bool = False,
     ) -> bytes:  # fmt: skip
         """Send a request frame to the leader; its _ANSWER frame settles the result (or,
-        for a forwarded proposal, applying it here: see _forward)."""
+        for a forwarded proposal, applying it here: see _forward; LeaderChanged when
+        that leader is no longer this node's)."""
         req = next(self._ids)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._forwards[req] = fut
+        if forward:
+            self._forwarded_to[req] = leader
         try:
             self.transport.send(leader, codec.frame(kind, [req, *args(req)], large))
             async with asyncio.timeout(timeout):
                 return await fut  # ours alone: cancelled on timeout, then forgotten
         finally:
             self._forwards.pop(req, None)
+            self._forwarded_to.pop(req, None)
+
+    def _notice_leader(self) -> None:
+        """After a step or a tick, which may have changed this node's leader: the
+        forwards that went to another leader end in LeaderChanged. Waiting for their
+        timeout held a client for seconds after a new leader was known."""
+        lead = self.core.lead
+        if lead == self._lead_seen:
+            return
+        self._lead_seen = lead
+        for req, to in self._forwarded_to.items():
+            fut = self._forwards.get(req)
+            if to != lead and fut is not None and not fut.done():
+                fut.set_exception(LeaderChanged(f"leader {to} gave way to {lead}"))
 
     async def read_index(self, timeout: float = 10.0) -> int:
         """A linearizable read point: once this returns, the local state machine
@@ -584,6 +611,7 @@ class RaftNode:
             return  # stopping: this node takes no further part
         try:
             self.core.step(msg)
+            self._notice_leader()
         except LogLost as exc:
             log.critical("raft node %s: %s; it stops and takes no further part", self.cfg.id, exc)
             self._fail(exc)

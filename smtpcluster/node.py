@@ -20,7 +20,7 @@ from mailqueue.machine import SpoolMachine, decode_result
 from mailqueue.policy import Policy
 from mailqueue.spool import Spool
 from raft.core import RaftError, Role
-from raft.node import NodeConfig, RaftNode
+from raft.node import LeaderChanged, NodeConfig, RaftNode
 from raft.transport import Address
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
@@ -150,6 +150,9 @@ class Node:
                 result = decode_result(
                     await self.raft.propose(data, timeout=min(limit - waited, attempt_s))
                 )
+            except LeaderChanged:
+                unsettled = True  # as after a timeout, but known now: at once, not later
+                continue
             except TimeoutError:
                 unsettled = True  # proposing the same Accept again is always safe...
                 # ...but each attempt adds a copy of the message to every log, and a

@@ -16,7 +16,7 @@ from mailqueue.commands import Accept
 from mailqueue.machine import encode_result
 from mailqueue.spool import REPLAY_WINDOW_MS, Applied
 from raft.core import NotLeader, TransferInProgress
-from raft.node import NoLeader, ProposalLost
+from raft.node import LeaderChanged, NoLeader, ProposalLost
 from smtpcluster.config import load
 from smtpcluster.frontend import AcceptRefused
 from smtpcluster.node import ACCEPT_HARD_CAP_S, ATTEMPT_MAX_S, ATTEMPT_S, Node
@@ -226,3 +226,21 @@ def test_each_retry_of_a_stuck_accept_waits_twice_as_long(
     n.raft.propose = propose  # type: ignore[method-assign]
     assert asyncio.run(n.submit(ACCEPT, timeout=100, hard_cap=500)) is True
     assert calls[:7] == [ATTEMPT_S * 2**k for k in range(5)] + [ATTEMPT_MAX_S] * 2
+
+
+def test_a_leader_change_is_retried_at_once_without_a_longer_wait(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """The attempt's leader gave way: its fate is unknown, as after a timeout, so the
+    client is not answered 451 for it; but nothing says the cluster is slow."""
+    n = node(made, tmp_path, [LeaderChanged("n2 gave way to n3")] * 3)
+    calls: list[float] = []
+    scripted = n.raft.propose
+
+    async def propose(data: bytes, timeout: float = 10.0) -> bytes:
+        calls.append(timeout)
+        return await scripted(data, timeout)
+
+    n.raft.propose = propose  # type: ignore[method-assign]
+    assert asyncio.run(n.submit(ACCEPT, timeout=100, hard_cap=500)) is True
+    assert calls == [ATTEMPT_S] * 4

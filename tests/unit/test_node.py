@@ -20,7 +20,7 @@ import pytest
 from raft import codec
 from raft.core import RaftError, Role
 from raft.kv import KV, put
-from raft.node import _RAFT, NodeConfig, RaftNode, _after_kind
+from raft.node import _RAFT, LeaderChanged, NodeConfig, RaftNode, _after_kind
 from raft.progress import ProgressState
 from raft.transport import Address
 from raft.types import (
@@ -670,3 +670,27 @@ def test_a_large_frame_is_decoded_where_it_lies_to_the_same_message() -> None:
         assert isinstance(body, bytes) == (size == 10)
         if size > 10:
             assert peak < 1.5 * size  # the entry's data, decoded; no copy of the frame
+
+
+def test_a_forward_whose_leader_gave_way_ends_at_once_in_leader_changed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The leader took a forwarded proposal and died. Its fate is unknown, as after a
+    timeout, but that is known as soon as this node's leader changes: the proposer hears
+    it then (and tries the new leader), not at the end of its timeout."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            taker = next(n for n in nodes if n is not leader)
+            await _until(lambda: taker.core.lead == leader.cfg.id)
+            taken: list[int] = []
+            leader._serve_forward = lambda peer, req, envelope: taken.append(req)  # type: ignore[method-assign]
+            proposal = asyncio.create_task(taker.propose(put("k", b"v"), timeout=60))
+            await _until(lambda: taken != [])
+            await leader.stop()
+            with pytest.raises(LeaderChanged):
+                await proposal
+            assert taker.core.lead != leader.cfg.id
+
+    asyncio.run(run())
