@@ -210,12 +210,8 @@ def test_an_attempt_that_committed_late_is_not_proposed_again(
     assert len(calls) == 1 and "m1" in n.spool.messages
 
 
-def test_each_retry_of_a_stuck_accept_waits_twice_as_long(
-    made: list[Node], tmp_path: pathlib.Path
-) -> None:
-    """Every attempt adds a copy of the message to every log; retried every 3 s, ten
-    24 MiB messages kept a busy cluster appending copies of them and committing none."""
-    n = node(made, tmp_path, [TimeoutError()] * 6)
+def timeouts_of(n: Node) -> list[float]:
+    """The timeout of each attempt n's scripted propose is asked for, as they come."""
     calls: list[float] = []
     scripted = n.raft.propose
 
@@ -224,6 +220,16 @@ def test_each_retry_of_a_stuck_accept_waits_twice_as_long(
         return await scripted(data, timeout)
 
     n.raft.propose = propose  # type: ignore[method-assign]
+    return calls
+
+
+def test_each_retry_of_a_stuck_accept_waits_twice_as_long(
+    made: list[Node], tmp_path: pathlib.Path
+) -> None:
+    """Every attempt adds a copy of the message to every log; retried every 3 s, ten
+    24 MiB messages kept a busy cluster appending copies of them and committing none."""
+    n = node(made, tmp_path, [TimeoutError()] * 6)
+    calls = timeouts_of(n)
     assert asyncio.run(n.submit(ACCEPT, timeout=100, hard_cap=500)) is True
     assert calls[:7] == [ATTEMPT_S * 2**k for k in range(5)] + [ATTEMPT_MAX_S] * 2
 
@@ -234,13 +240,6 @@ def test_a_leader_change_is_retried_at_once_without_a_longer_wait(
     """The attempt's leader gave way: its fate is unknown, as after a timeout, so the
     client is not answered 451 for it; but nothing says the cluster is slow."""
     n = node(made, tmp_path, [LeaderChanged("n2 gave way to n3")] * 3)
-    calls: list[float] = []
-    scripted = n.raft.propose
-
-    async def propose(data: bytes, timeout: float = 10.0) -> bytes:
-        calls.append(timeout)
-        return await scripted(data, timeout)
-
-    n.raft.propose = propose  # type: ignore[method-assign]
+    calls = timeouts_of(n)
     assert asyncio.run(n.submit(ACCEPT, timeout=100, hard_cap=500)) is True
     assert calls == [ATTEMPT_S] * 4
