@@ -40,12 +40,15 @@ def turn(messages: int, mib: int) -> str:
         roles = Roles(cluster)
         before = {role: kib(pid, "VmRSS") for role, pid in roles.pids.items()}
         host, port = roles.front.host, roles.front.smtp_port
-        taken: list[bool] = []
+        codes: list[int] = []
 
         def send(k: int) -> None:
             with smtplib.SMTP(host, port, timeout=300) as s:
-                s.sendmail(f"a{k}@example.org", ["b@dest.example"], body)
-                taken.append(True)  # refused: sendmail raised
+                try:
+                    s.sendmail(f"a{k}@example.org", ["b@dest.example"], body)
+                    codes.append(250)
+                except smtplib.SMTPResponseException as exc:  # 452 past the data budget
+                    codes.append(exc.smtp_code)
 
         clients = [threading.Thread(target=send, args=(k,)) for k in range(messages)]
         for c in clients:
@@ -57,7 +60,8 @@ def turn(messages: int, mib: int) -> str:
         sent = messages * mib * 1024
         growth = {r: (kib(pid, "VmHWM") - before[r]) / sent for r, pid in roles.pids.items()}
         parts = ", ".join(f"{role} {x:.2f}" for role, x in growth.items())
-        return f"{messages} x {mib} MiB, {len(taken)} taken: peak RSS growth per byte sent: {parts}"
+        taken = codes.count(250)
+        return f"{messages} x {mib} MiB, {taken} taken: peak RSS growth per byte sent: {parts}"
 
 
 def main() -> None:
