@@ -345,8 +345,11 @@ class Handler:
         # As Postfix prints it: a bare CR in the client's HELO name would end our header's
         # line at a receiver and let the client write a trace field of its own above it.
         helo = printable(session.host_name or "unknown")
+        # RFC 5321's TCP-info is an address literal, which for IPv6 carries a tag (as
+        # Postfix writes it too): receivers that parse trace fields expect it.
+        literal = f"IPv6:{peer}" if ":" in peer else peer
         return (
-            f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
+            f"Received: from {helo} ([{literal}])\r\n\tby {self.cfg.hostname} (smtpcluster) "
             f"with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
         ).encode()
 

@@ -18,9 +18,13 @@ from tests.unit.test_replies import Wire, replied, until
 
 
 def submitted_body(
-    message: bytes, trusted: bool, add: bool = True, helo: bytes = b"c.test"
+    message: bytes,
+    trusted: bool,
+    add: bool = True,
+    helo: bytes = b"c.test",
+    peer: str = "127.0.0.1",
 ) -> bytes:
-    """The body proposed for `message`, sent from 127.0.0.1 to an inbound domain."""
+    """The body proposed for `message`, sent from `peer` to an inbound domain."""
     networks = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
     cfg = SmtpSection(
         hostname="relay.test", relay_networks=networks, relay_domains=("inbound.test",),
@@ -35,7 +39,7 @@ def submitted_body(
     async def run() -> None:
         proto = smtp_factory(Handler(cfg, "n1", accepted))()
         assert isinstance(proto, FrontendSMTP)
-        wire = Wire()
+        wire = Wire(peer)
         proto.connection_made(wire)
         await until(lambda: len(wire.writes) == 1)
         proto.data_received(b"EHLO " + helo + b"\r\nMAIL FROM:<a@b.test>\r\n"
@@ -88,3 +92,16 @@ def test_a_control_character_in_the_helo_name_is_not_written_into_received() -> 
     assert received == b"Received: from evil?X-Injected: yes?? ([127.0.0.1])", received
     head = body[: body.index(b"\r\n\r\n")]
     assert head.count(b"\r") == head.count(b"\r\n") and b"\x00" not in head
+
+
+@pytest.mark.parametrize(
+    ("peer", "literal"),
+    [("127.0.0.1", b"[127.0.0.1]"), ("2001:db8::7", b"[IPv6:2001:db8::7]")],
+)
+def test_the_client_address_in_received_is_an_rfc_5321_address_literal(
+    peer: str, literal: bytes
+) -> None:
+    """RFC 5321 section 4.1.3: an IPv6 literal is tagged, "[IPv6:...]"; bare, trace
+    parsers (and the people who read them) take it for a malformed IPv4 literal."""
+    body = submitted_body(BARE, trusted=False, peer=peer)
+    assert body.startswith(b"Received: from c.test (" + literal + b")\r\n"), body[:80]

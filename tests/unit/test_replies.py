@@ -24,16 +24,17 @@ from smtpcluster.smtpdata import Data
 class Wire(asyncio.Transport):
     """A transport that records each write the protocol makes (a unit-test double)."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "127.0.0.1") -> None:
         super().__init__()
         self.writes: list[bytes] = []
         self.closed = False
+        self.peer = peer
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(bytes(data))
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+        return (self.peer, 40000) if name == "peername" else default
 
     def is_closing(self) -> bool:
         return self.closed
