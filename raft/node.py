@@ -180,6 +180,7 @@ class RaftNode:
         self._forwards: dict[int, asyncio.Future[bytes]] = {}
         self._forwarded_to: dict[int, NodeId] = {}  # a forward's request id: its leader
         self._lead_seen: NodeId | None = None
+        self._lead_moved = asyncio.Event()  # set, and replaced, when _lead_seen changes
         self._ids = itertools.count(1)
         # Tags this process's forwarded proposals in the log, unlike any other node's or
         # any earlier run's (whose request numbers started over).
@@ -303,8 +304,18 @@ class RaftNode:
                 if handed is not None:
                     handed[0] = True
                 return await self._forward(leader, envelope)
-            await asyncio.sleep(delay)  # an election is under way
+            await self._leader_moves(delay)  # an election is under way
             delay = min(delay * 2, 0.5)
+
+    async def _leader_moves(self, bound: float) -> None:
+        """Wait for this node's leader to change, or `bound` seconds. Asleep for the
+        bound alone, a proposal without a leader woke up to half a second after one was
+        elected; the bound stays, because a leader can also be learned where
+        _notice_leader does not look."""
+        moved = self._lead_moved
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound):
+                await moved.wait()
 
     def _enqueue(self, envelope: bytes, origin: NodeId | None = None) -> asyncio.Future[bytes]:
         """Queue `envelope` for the Ready loop, which appends everything queued since
@@ -393,6 +404,8 @@ class RaftNode:
         if lead == self._lead_seen:
             return
         self._lead_seen = lead
+        self._lead_moved.set()
+        self._lead_moved = asyncio.Event()
         for req, to in self._forwarded_to.items():
             fut = self._forwards.get(req)
             if to != lead and fut is not None and not fut.done():
@@ -412,7 +425,7 @@ class RaftNode:
             try:
                 self.core.read_index(ctx)
             except NotLeader:
-                await asyncio.sleep(delay)
+                await self._leader_moves(delay)
                 delay = min(delay * 2, 0.5)
                 continue
             self._reads[ctx] = fut

@@ -694,3 +694,29 @@ def test_a_forward_whose_leader_gave_way_ends_at_once_in_leader_changed(
             assert taker.core.lead != leader.cfg.id
 
     asyncio.run(run())
+
+
+def test_a_proposal_waiting_for_a_leader_wakes_when_one_is_known(
+    tmp_path: pathlib.Path,
+) -> None:
+    """With no leader known, a proposal waits for the leader to change, not only for a
+    poll's sleep, which woke it up to half a second after the election. Its bound here is
+    an hour: only the change can end the wait."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            taker = next(n for n in nodes if n is not leader)
+            await _until(lambda: taker.core.lead == leader.cfg.id)
+            waits = [asyncio.create_task(taker._leader_moves(3600)) for _ in range(2)]
+            await asyncio.sleep(0)  # both are waiting
+            await leader.stop()
+            await _until(lambda: all(w.done() for w in waits))
+            assert taker.core.lead != leader.cfg.id
+            # A later wait is for the next change, not one that has happened.
+            later = asyncio.create_task(taker._leader_moves(3600))
+            await asyncio.sleep(0)
+            assert not later.done()
+            later.cancel()
+
+    asyncio.run(run())
