@@ -157,8 +157,8 @@ def encode_message(m: Message) -> bytes:
     return cbor2.dumps(_message_to_wire(m))
 
 
-def frame_message(prefix: bytes, m: Message) -> bytes:
-    """`prefix + encode_message(m)`, with a large payload copied once, not twice."""
+def frame_message(prefix: bytes, m: Message) -> bytes | Pieces:
+    """`prefix + encode_message(m)`; in pieces when it carries codec.LARGE or more."""
     return frame(prefix, _message_to_wire(m), carried(m) >= LARGE)
 
 
@@ -182,13 +182,21 @@ class Pieces:
     size: int
 
 
-def frame(prefix: bytes, value: Any, large: bool) -> bytes:
-    """`prefix + cbor2.dumps(value)`. When `large`, joined once from pieces (see
-    pieces()): a payload of tens of MiB was copied by dumps, again by the prefix, and
-    again by an outer dumps around an inner one, each copy alive at once."""
+def frame(prefix: bytes, value: Any, large: bool) -> bytes | Pieces:
+    """`prefix + cbor2.dumps(value)`. When `large`, as Pieces that reference the
+    value's byte strings (see pieces()), for the transport to cut into its own: a
+    payload of tens of MiB was copied by dumps, again by the prefix, and again by an
+    outer dumps around an inner one, each copy alive at once; and once joined, a leader
+    held one copy of an entry for each follower it was on its way to."""
     if not large:
         return prefix + cbor2.dumps(value)
-    return b"".join([prefix, *pieces(value).parts])
+    body = pieces(value)
+    return Pieces([prefix, *body.parts], len(prefix) + body.size)
+
+
+def joined(payload: bytes | Pieces) -> bytes:
+    """The bytes a frame() stands for."""
+    return payload if isinstance(payload, bytes) else b"".join(payload.parts)
 
 
 def pieces(value: Any) -> Pieces:

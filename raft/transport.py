@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import cbor2
 
+from raft import codec
+from raft.codec import Pieces
 from raft.types import NodeId
 
 log = logging.getLogger(__name__)
@@ -192,15 +194,39 @@ async def server_handshake(
     return peer, _Session(key, nonce_s, nonce_c, is_client=False)
 
 
-def _sealed(queue: collections.deque[bytes], session: _Session) -> list[bytes]:
-    return [session.seal(queue.popleft()) for _ in range(len(queue))]
+def _sealed(queue: collections.deque[bytes | Pieces], session: _Session) -> list[bytes]:
+    return [session.seal(codec.joined(queue.popleft())) for _ in range(len(queue))]
+
+
+def _size(payload: bytes | Pieces) -> int:
+    return payload.size if isinstance(payload, Pieces) else len(payload)
+
+
+def _cut(payload: bytes | Pieces, n: int) -> Iterator[bytes]:
+    """The payload in pieces of `n` bytes (the last one may be shorter), each copied
+    from where its bytes lie: the payload itself is never joined."""
+    parts = payload.parts if isinstance(payload, Pieces) else [payload]
+    out: list[memoryview] = []
+    have = 0
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            take = view[: n - have]
+            out.append(take)
+            have += len(take)
+            view = view[len(take) :]
+            if have == n:
+                yield b"".join(out)
+                out, have = [], 0
+    if out:
+        yield b"".join(out)
 
 
 class _Peer:
     def __init__(self, addr: Address, limit: int) -> None:
         self.addr = addr
-        self.queue: collections.deque[bytes] = collections.deque(maxlen=limit)
-        self.urgent: collections.deque[bytes] = collections.deque(maxlen=limit)
+        self.queue: collections.deque[bytes | Pieces] = collections.deque(maxlen=limit)
+        self.urgent: collections.deque[bytes | Pieces] = collections.deque(maxlen=limit)
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.dropped = 0
@@ -258,14 +284,15 @@ class Transport:
     def peers(self) -> dict[NodeId, Address]:
         return {n: p.addr for n, p in self._peers.items()}
 
-    def send(self, to: NodeId, payload: bytes, *, urgent: bool = False) -> None:
+    def send(self, to: NodeId, payload: bytes | Pieces, *, urgent: bool = False) -> None:
         """Queue a payload. A full queue drops the oldest: Raft resends what matters.
         Payloads go in the order they were sent, except that an urgent one (no larger
-        than WHOLE_MAX) may pass the others, and go between the pieces of a large one."""
+        than WHOLE_MAX) may pass the others, and go between the pieces of a large one.
+        A payload in Pieces (codec.frame) is cut into pieces where its parts lie."""
         peer = self._peers.get(to)
         if peer is None:
             return
-        queue = peer.urgent if urgent and len(payload) <= WHOLE_MAX else peer.queue
+        queue = peer.urgent if urgent and _size(payload) <= WHOLE_MAX else peer.queue
         if len(queue) == queue.maxlen:
             peer.dropped += 1
         queue.append(payload)
@@ -344,8 +371,8 @@ class Transport:
             frames = _sealed(peer.urgent, session)
             while peer.queue:
                 payload = peer.queue.popleft()
-                if len(payload) <= WHOLE_MAX or not peer.pieces:
-                    frames.append(session.seal(payload))
+                if _size(payload) <= WHOLE_MAX or not peer.pieces:
+                    frames.append(session.seal(codec.joined(payload)))
                     continue
                 writer.write(b"".join(frames))
                 frames = []
@@ -354,17 +381,20 @@ class Transport:
             await writer.drain()
 
     async def _in_pieces(
-        self, peer: _Peer, session: _Session, writer: asyncio.StreamWriter, payload: bytes
+        self,
+        peer: _Peer,
+        session: _Session,
+        writer: asyncio.StreamWriter,
+        payload: bytes | Pieces,
     ) -> None:
         """A large payload a piece at a time, each written once the peer has read most
         of the one before, with the urgent payloads queued meanwhile in between."""
-        view = memoryview(payload)
-        for start in range(0, len(payload), PIECE_BYTES):
+        size, sent = _size(payload), 0
+        for piece in _cut(payload, PIECE_BYTES):
             if writer.is_closing():  # reset between pieces: as in _pump, not a bug
                 raise ConnectionResetError("connection closed by the peer")
-            last = start + PIECE_BYTES >= len(payload)
-            piece = bytes(view[start : start + PIECE_BYTES])
-            writer.write(session.seal(piece, _LAST if last else _MORE))
+            sent += len(piece)
+            writer.write(session.seal(piece, _LAST if sent >= size else _MORE))
             await writer.drain()
             if peer.urgent:
                 writer.write(b"".join(_sealed(peer.urgent, session)))

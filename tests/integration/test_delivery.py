@@ -44,6 +44,32 @@ def test_accepted_mail_is_delivered_exactly_once(tmp_path: Path, sink: tuple[Sin
         cluster.stop_all()
 
 
+def test_a_message_larger_than_a_frame_crosses_the_cluster_intact(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """5 MiB to a follower: its forward to the leader and the leader's AppendEntries
+    go between the nodes in pieces (over raft.transport.WHOLE_MAX), cut from the parts
+    of a frame never joined, and the log writes the entry from where it lies. What the
+    sink gets is the message as sent, behind our Received header."""
+    handler, port = sink
+    cluster = SmtpCluster(tmp_path, smarthost=f"127.0.0.1:{port}", max_size=8 << 20)
+    try:
+        cluster.start_all()
+        leader = cluster.leader()
+        node = cluster.nodes[min(n for n in cluster.nodes if n != leader)]
+        line = b"%07d" + b"z" * 69 + b"\r\n"
+        message = b"Subject: large\r\n\r\n" + b"".join(line % k for k in range(68_000))
+        assert len(message) > 5 << 20
+        with smtplib.SMTP(node.host, node.smtp_port, timeout=60) as s:
+            s.sendmail("a@example.org", ["big@dest.example"], message)
+        wait_for("the large message delivered", lambda: len(handler.received) >= 1, 60)
+        [(rcpt, body)] = handler.received
+        assert rcpt == "big@dest.example" and body.endswith(message), len(body)
+        assert body.startswith(b"Received: from")
+    finally:
+        cluster.stop_all()
+
+
 class GatedSink(Sink):
     """Holds every RCPT until the test opens the gate."""
 

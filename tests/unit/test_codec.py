@@ -124,7 +124,7 @@ wire_values = st.recursive(
 
 @given(st.binary(max_size=4), wire_values)
 def test_a_frame_joined_from_pieces_is_the_bytes_cbor2_makes(prefix: bytes, value: Any) -> None:
-    assert codec.frame(prefix, value, True) == prefix + cbor2.dumps(value)
+    assert codec.joined(codec.frame(prefix, value, True)) == prefix + cbor2.dumps(value)
 
 
 @given(wire_values, wire_values)
@@ -132,12 +132,23 @@ def test_pieces_within_pieces_stand_for_their_joined_byte_string(outer: Any, inn
     """The shape of a forwarded proposal: [request id, cbor2.dumps([...])]."""
     nested = [outer, codec.pieces([inner, b"data" * 100])]
     want = cbor2.dumps([outer, cbor2.dumps([inner, b"data" * 100])])
-    assert codec.frame(b"F", nested, True) == b"F" + want
+    assert codec.joined(codec.frame(b"F", nested, True)) == b"F" + want
 
 
 def test_a_large_entry_is_framed_as_encode_message_frames_it() -> None:
     big = Entry(3, 7, EntryKind.NORMAL, b"m" * (codec.LARGE + 5))
     m = AppendEntries("n1", "n2", 3, 6, 2, (big, Entry(3, 8, EntryKind.NORMAL, b"a")), 7)
     assert codec.carried(m) >= codec.LARGE
-    assert codec.frame_message(b"R", m) == b"R" + codec.encode_message(m)
-    assert codec.decode_message(codec.frame_message(b"", m)) == m
+    assert codec.joined(codec.frame_message(b"R", m)) == b"R" + codec.encode_message(m)
+    assert codec.decode_message(codec.joined(codec.frame_message(b"", m))) == m
+
+
+def test_a_large_frame_refers_to_its_entrys_data() -> None:
+    """A leader holds an AppendEntries for each follower the entry is on its way to:
+    joined, each held one more copy of the entry."""
+    big = Entry(3, 7, EntryKind.NORMAL, b"m" * (codec.LARGE + 5))
+    m = AppendEntries("n1", "n2", 3, 6, 2, (big,), 7)
+    framed = codec.frame_message(b"R", m)
+    assert isinstance(framed, codec.Pieces) and any(p is big.data for p in framed.parts)
+    small = AppendEntries("n1", "n2", 3, 6, 2, (Entry(3, 7, EntryKind.NORMAL, b"m"),), 7)
+    assert isinstance(codec.frame_message(b"R", small), bytes)

@@ -356,9 +356,10 @@ def test_a_follower_applies_its_proposal_though_the_leader_never_hears_its_ack(
             await third.stop()
             send = taker.transport.send
 
-            def deaf(to: str, payload: bytes, *, urgent: bool = False) -> None:
-                if payload[:1] != b"R" or not isinstance(
-                    codec.decode_message(payload[1:]), AppendEntriesResponse
+            def deaf(to: str, payload: bytes | codec.Pieces, *, urgent: bool = False) -> None:
+                frame = codec.joined(payload)
+                if frame[:1] != b"R" or not isinstance(
+                    codec.decode_message(frame[1:]), AppendEntriesResponse
                 ):
                     send(to, payload, urgent=urgent)
 
@@ -395,9 +396,9 @@ def test_a_peer_whose_hello_is_an_older_releases_gets_neither_persisted_nor_piec
             sent: list[bytes] = []
             send = leader.transport.send
 
-            def watched(to: str, payload: bytes, *, urgent: bool = False) -> None:
-                if to == old.cfg.id and payload[:1] == b"R":
-                    sent.append(payload)
+            def watched(to: str, payload: bytes | codec.Pieces, *, urgent: bool = False) -> None:
+                if to == old.cfg.id and (frame := codec.joined(payload))[:1] == b"R":
+                    sent.append(frame)
                 send(to, payload, urgent=urgent)
 
             leader.transport.send = watched  # type: ignore[method-assign]
@@ -661,7 +662,7 @@ def test_a_large_frame_is_decoded_where_it_lies_to_the_same_message() -> None:
     byte off was one more copy of the whole frame, alive with it and the message."""
     for size in (10, 8 * codec.LARGE):
         m = AppendEntries("a", "b", 1, 0, 0, (Entry(1, 1, EntryKind.NORMAL, b"x" * size),), 0)
-        frame = codec.frame_message(b"R", m)
+        frame = codec.joined(codec.frame_message(b"R", m))
         tracemalloc.start()
         body = _after_kind(frame)
         assert codec.decode_message(body) == m

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -11,8 +12,10 @@ from collections.abc import Callable
 
 import pytest
 import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
 
-from raft import transport
+from raft import codec, transport
 from raft.transport import (
     _LAST,
     _MORE,
@@ -22,6 +25,7 @@ from raft.transport import (
     Address,
     AuthError,
     Transport,
+    _cut,
     _Session,
     client_handshake,
     server_handshake,
@@ -205,21 +209,36 @@ def test_a_peer_that_dies_is_unreachable_not_an_error(caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def test_a_large_payload_goes_in_pieces_and_urgent_ones_pass_it() -> None:
+@pytest.mark.parametrize("parts", [False, True], ids=["bytes", "Pieces"])
+def test_a_large_payload_goes_in_pieces_and_urgent_ones_pass_it(
+    parts: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Behind a 40 MiB entry sent in one piece, a heartbeat arrived after the election
     timeout. A large payload now goes in pieces; an urgent payload passes it, and the
-    others keep their order behind it."""
+    others keep their order behind it. A payload in codec.Pieces arrives as the bytes
+    it joins to, and is never joined on its way."""
+    joined: list[int] = []
+    join = codec.joined
+
+    def counted(payload: bytes | codec.Pieces) -> bytes:
+        joined.append(transport._size(payload))
+        return join(payload)
+
+    monkeypatch.setattr(codec, "joined", counted)
 
     async def run() -> None:
         a, b, got = await _pair(b"k" * 32, b"k" * 32)
         await _eventually(lambda: a.is_connected("b"))
         a.set_reads_pieces("b", True)
         big = os.urandom(5 * PIECE_BYTES + 12345)
-        a.send("b", big)
+        cuts = [0, 7, PIECE_BYTES, PIECE_BYTES + 1, 4 * PIECE_BYTES, len(big)]
+        sent = codec.Pieces([big[i:j] for i, j in itertools.pairwise(cuts)], len(big))
+        a.send("b", sent if parts else big)
         a.send("b", b"after")
         a.send("b", b"heartbeat", urgent=True)
         await _eventually(lambda: len(got) == 3)
         assert [f for _, f in got] == [b"heartbeat", big, b"after"]
+        assert max(joined) < len(big), joined
         await a.close()
         await b.close()
 
@@ -323,3 +342,12 @@ def test_close_ends_a_sender_cancelled_as_its_handshake_fails(
         server.close()
 
     asyncio.run(run())
+
+
+@given(st.lists(st.binary(max_size=50), max_size=8), st.integers(1, 40))
+def test_a_payload_is_cut_into_pieces_of_the_size_asked(parts: list[bytes], n: int) -> None:
+    payload = codec.Pieces(parts, sum(map(len, parts)))
+    cut = list(_cut(payload, n))
+    assert b"".join(cut) == b"".join(parts) and all(cut)
+    assert all(len(piece) == n for piece in cut[:-1]) and all(len(p) <= n for p in cut)
+    assert list(_cut(b"".join(parts), n)) == cut
