@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import cbor2
 
-from raft import clocks, codec
+from raft import clocks, codec, streams
 from raft.core import ConfChangeRefused, Config, LogLost, NotLeader, Raft, RaftError, Role
 from raft.storage import Storage
 from raft.transport import Address, Transport
@@ -583,8 +583,8 @@ class RaftNode:
 
     # ================================================================ inbound
 
-    def _on_frame(self, peer: NodeId, payload: bytes) -> None:
-        kind, body = payload[:1], _after_kind(payload)
+    def _on_frame(self, peer: NodeId, payload: bytes | bytearray) -> None:
+        kind, body = bytes(payload[:1]), _after_kind(payload)
         if kind == _ANSWER:
             self.last_answer[peer] = time.monotonic()
         try:
@@ -945,16 +945,14 @@ class _Stream:
         yield from self._chunks
 
 
-def _after_kind(payload: bytes) -> bytes | io.BytesIO:
+def _after_kind(payload: bytes | bytearray) -> bytes | io.BufferedReader:
     """A frame's body, past its kind byte. A large one is read in place: the slice of a
     frame of tens of MiB was one more copy of it, alive with the frame and what is
-    decoded from it (a BytesIO over bytes shares them until written to)."""
+    decoded from it."""
     if len(payload) < codec.LARGE:
-        return payload[1:]
-    body = io.BytesIO(payload)
-    body.seek(1)
-    return body
+        return bytes(payload[1:])
+    return streams.view(payload, 1)
 
 
-def _load(body: bytes | io.BytesIO) -> Any:
+def _load(body: bytes | io.BufferedReader) -> Any:
     return cbor2.loads(body) if isinstance(body, bytes) else cbor2.load(body)

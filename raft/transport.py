@@ -105,7 +105,7 @@ class _Session:
         self._send_seq += 1
         return header + payload + mac
 
-    def unseal(self, buf: bytearray) -> Iterator[bytes]:
+    def unseal(self, buf: bytearray) -> Iterator[bytes | bytearray]:
         """The payloads of the complete frames at the start of `buf`, in order; what
         they used is removed from `buf`, a partial frame stays. Raises AuthError at the
         first frame that fails its MAC (the ones before it were good). Reading whole
@@ -137,7 +137,9 @@ class _Session:
                 if len(self._pieces) > MAX_FRAME:
                     raise AuthError(f"frame of over {MAX_FRAME} bytes in pieces refused")
                 if piece == _LAST:
-                    whole, self._pieces = bytes(self._pieces), bytearray()
+                    # As it is: bytes() of it was one more copy, alive with it while
+                    # it was made and then with what was decoded from it.
+                    whole, self._pieces = self._pieces, bytearray()
                     yield whole
         finally:
             del buf[:pos]
@@ -244,7 +246,7 @@ class Transport:
         me: NodeId,
         listen: Address,
         key: bytes,
-        on_frame: Callable[[NodeId, bytes], None],
+        on_frame: Callable[[NodeId, bytes | bytearray], None],
         *,
         queue_limit: int = 4096,
         hello: bytes = b"",

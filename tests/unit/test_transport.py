@@ -41,8 +41,10 @@ async def _eventually(cond: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _pair(key_a: bytes, key_b: bytes) -> tuple[Transport, Transport, list[tuple[str, bytes]]]:
-    got: list[tuple[str, bytes]] = []
+async def _pair(
+    key_a: bytes, key_b: bytes
+) -> tuple[Transport, Transport, list[tuple[str, bytes | bytearray]]]:
+    got: list[tuple[str, bytes | bytearray]] = []
     a = Transport("a", Address("127.0.0.1", free_port("127.0.0.1")), key_a, lambda p, f: None)
     b = Transport(
         "b", Address("127.0.0.1", free_port("127.0.0.1")), key_b, lambda p, f: got.append((p, f))
@@ -66,7 +68,9 @@ def test_frames_flow_between_peers_with_the_same_key() -> None:
     asyncio.run(run())
 
 
-def _collect(into: list[tuple[str, bytes]]) -> Callable[[str, bytes], None]:
+def _collect(
+    into: list[tuple[str, bytes | bytearray]],
+) -> Callable[[str, bytes | bytearray], None]:
     return lambda peer, frame: into.append((peer, frame))
 
 
@@ -82,7 +86,7 @@ def test_the_hello_comes_first_on_every_connection_the_peer_opens() -> None:
         port = free_port("127.0.0.1")
         await a.start()
         for _ in range(2):  # b restarts: a connects again and says hello again
-            got: list[tuple[str, bytes]] = []
+            got: list[tuple[str, bytes | bytearray]] = []
             b = Transport("b", Address("127.0.0.1", port), key, _collect(got))
             await b.start()
             a.set_peer("b", b.listen)
@@ -112,7 +116,7 @@ def test_a_peer_with_another_key_is_refused_and_delivers_nothing() -> None:
 
 def test_a_tampered_frame_closes_the_connection_undelivered() -> None:
     async def run() -> None:
-        got: list[tuple[str, bytes]] = []
+        got: list[tuple[str, bytes | bytearray]] = []
         b = Transport(
             "b",
             Address("127.0.0.1", free_port("127.0.0.1")),
@@ -138,7 +142,7 @@ def test_a_tampered_frame_closes_the_connection_undelivered() -> None:
 
 def test_garbage_instead_of_a_handshake_is_refused() -> None:
     async def run() -> None:
-        got: list[tuple[str, bytes]] = []
+        got: list[tuple[str, bytes | bytearray]] = []
         b = Transport(
             "b",
             Address("127.0.0.1", free_port("127.0.0.1")),
@@ -239,6 +243,8 @@ def test_a_large_payload_goes_in_pieces_and_urgent_ones_pass_it(
         await _eventually(lambda: len(got) == 3)
         assert [f for _, f in got] == [b"heartbeat", big, b"after"]
         assert max(joined) < len(big), joined
+        # Handed on as it was put together: bytes() of it was one more copy.
+        assert isinstance(got[1][1], bytearray)
         await a.close()
         await b.close()
 
