@@ -21,6 +21,7 @@ from mailqueue.commands import (
     RcptResult,
     UncertainPolicy,
 )
+from raft import streams
 
 
 class DecodeError(ValueError):
@@ -121,9 +122,11 @@ _DECODERS: dict[type, tuple[Decoder, ...]] = {
 }
 
 
-def decode(data: bytes) -> Command:
+def decode(data: bytes | memoryview) -> Command:
+    """A command from its encoding; a view (a large one, in place in its log entry:
+    raft.node.StateMachine) is read where it lies."""
     try:
-        v = cbor2.loads(data)
+        v = cbor2.loads(data) if isinstance(data, bytes) else cbor2.load(streams.view(data))
     except Exception as exc:
         raise DecodeError(f"not CBOR: {exc}") from exc
     return _command(v, "command", nested=False)

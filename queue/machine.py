@@ -21,7 +21,7 @@ class SpoolMachine:
         self.readable = readable  # the newest format this node applies (commands.FORMAT)
         self.undecodable = 0  # committed entries that were not spool commands
 
-    def apply(self, index: int, data: bytes) -> bytes:
+    def apply(self, index: int, data: bytes | memoryview) -> bytes:
         try:
             cmd = codec.decode(data)
         except codec.DecodeError as exc:

@@ -222,7 +222,7 @@ def _walk(value: Any, parts: list[bytes]) -> None:
         parts.append(cbor2.dumps(value))
 
 
-_BYTES, _ARRAY = 2, 4  # CBOR major types (RFC 8949 3.1)
+_UINT, _BYTES, _ARRAY = 0, 2, 4  # CBOR major types (RFC 8949 3.1)
 
 
 def _head(major: int, length: int) -> bytes:
@@ -283,3 +283,57 @@ def decode_message(data: bytes | IO[bytes]) -> Message:
     _expect(len(v) == 1 + len(decoders), f"{cls.__name__}: expected {len(decoders)} fields")
     msg: Message = cls(*(d(x) for d, x in zip(decoders, v[1:], strict=True)))
     return msg
+
+
+Bytes = bytes | memoryview
+
+
+def loads_in_place(data: Bytes) -> Any:
+    """cbor2.loads(data), except that each byte string of LARGE or more is a memoryview
+    of `data` where it lies, not a copy. For a log entry that holds a large proposal in
+    an envelope (raft.node): unwrapped by cbor2, the proposal was one more copy of
+    itself, alive with the entry and with what the state machine decoded from it.
+    Values of other types than unsigned integers, byte strings and arrays are left to
+    cbor2, which then decodes the whole of `data`."""
+    try:
+        value, end = _in_place(data, 0)
+    except _Other:
+        return _loads(bytes(data))
+    _expect(end == len(data), f"{len(data) - end} bytes after the value")
+    return value
+
+
+class _Other(Exception):
+    """A CBOR value that loads_in_place leaves to cbor2."""
+
+
+def _in_place(data: Bytes, pos: int) -> tuple[Any, int]:
+    major, arg, pos = _head_at(data, pos)
+    if major == _UINT:
+        return arg, pos
+    if major == _ARRAY:
+        items = []
+        for _ in range(arg):
+            item, pos = _in_place(data, pos)
+            items.append(item)
+        return items, pos
+    if major != _BYTES:
+        raise _Other
+    end = pos + arg
+    _expect(end <= len(data), "byte string past the end")
+    view = memoryview(data)[pos:end]
+    return (view if arg >= LARGE else bytes(view)), end
+
+
+def _head_at(data: Bytes, pos: int) -> tuple[int, int, int]:
+    """The major type and argument of the CBOR head at data[pos], and where it ends:
+    the inverse of _head. An indefinite length, or a simple value, is left to cbor2."""
+    _expect(pos < len(data), "truncated")
+    major, info = data[pos] >> 5, data[pos] & 31
+    if info < 24:
+        return major, info, pos + 1
+    if info > 27:
+        raise _Other
+    end = pos + 1 + (1 << (info - 24))
+    _expect(end <= len(data), "truncated head")
+    return major, int.from_bytes(data[pos + 1 : end], "big"), end

@@ -15,7 +15,7 @@ class KV:
         self.data: dict[str, bytes] = {}
         self.applied = 0
 
-    def apply(self, index: int, command: bytes) -> bytes:
+    def apply(self, index: int, command: bytes | memoryview) -> bytes:
         op, key, *value = cbor2.loads(command)
         self.applied = index
         if op == "put":

@@ -69,7 +69,11 @@ _ADDR_LEN = struct.Struct("<I")
 
 
 class StateMachine(Protocol):
-    def apply(self, index: int, data: bytes) -> bytes: ...
+    def apply(self, index: int, data: bytes | memoryview) -> bytes:
+        """Apply a committed proposal. A large one (codec.LARGE or more) comes as a view
+        of its log entry: read it in place (raft.streams.view), as a copy would be one
+        more of its size."""
+        ...
 
     def snapshot(self) -> Iterable[bytes]:
         """The state as of the last apply, captured when called: the chunks are read by
@@ -799,9 +803,9 @@ class RaftNode:
         self.sm_applied = e.index
         results = [b""]
         if e.kind is EntryKind.NORMAL:
-            kind, *rest = cbor2.loads(e.data)
+            kind, *rest = _unwrap(e.data)
             if kind == _BATCH:
-                results = [self._apply_envelope(e.index, *cbor2.loads(env)) for env in rest[0]]
+                results = [self._apply_envelope(e.index, *_unwrap(env)) for env in rest[0]]
             else:
                 results = [self._apply_envelope(e.index, kind, *rest)]
         if e.kind is EntryKind.CONF and self.core.role is Role.LEADER:
@@ -943,6 +947,14 @@ class _Stream:
         if self._buf:
             yield self._buf
         yield from self._chunks
+
+
+def _unwrap(envelope: bytes | memoryview) -> Any:
+    """An envelope's fields; a large proposal in it is a view of the entry, not a copy
+    (codec.loads_in_place), which the state machine decodes where it lies."""
+    if len(envelope) < codec.LARGE:
+        return cbor2.loads(envelope)
+    return codec.loads_in_place(envelope)
 
 
 def _after_kind(payload: bytes | bytearray) -> bytes | io.BufferedReader:

@@ -37,7 +37,7 @@ class ViewReader(io.RawIOBase):
     """A file-like view of `data` from `start`: a read copies only what it returns.
     (A BytesIO shares a bytes object until written to, but copies a bytearray whole.)"""
 
-    def __init__(self, data: bytes | bytearray, start: int = 0) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, start: int = 0) -> None:
         self._view = memoryview(data)
         self._pos = start
 
@@ -55,7 +55,7 @@ class ViewReader(io.RawIOBase):
         super().close()
 
 
-def view(data: bytes | bytearray, start: int = 0) -> io.BufferedReader:
+def view(data: bytes | bytearray | memoryview, start: int = 0) -> io.BufferedReader:
     """`data` from `start` as a file. A large read goes from the view straight into the
     bytes it returns (BufferedReader reads past its buffer with readinto)."""
     return io.BufferedReader(ViewReader(data, start))

@@ -7,7 +7,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raft import codec
@@ -152,3 +152,37 @@ def test_a_large_frame_refers_to_its_entrys_data() -> None:
     assert isinstance(framed, codec.Pieces) and any(p is big.data for p in framed.parts)
     small = AppendEntries("n1", "n2", 3, 6, 2, (Entry(3, 7, EntryKind.NORMAL, b"m"),), 7)
     assert isinstance(codec.frame_message(b"R", small), bytes)
+
+
+large_bytes = st.integers(codec.LARGE, codec.LARGE + 300).map(lambda n: b"L" * n)
+
+
+@settings(max_examples=30)
+@given(
+    st.recursive(wire_values | large_bytes, lambda inner: st.lists(inner, max_size=4), max_leaves=8)
+)
+def test_a_value_loaded_in_place_is_the_value_cbor2_loads(value: Any) -> None:
+    data = cbor2.dumps(value)
+    assert codec.loads_in_place(data) == cbor2.loads(data)
+
+
+def test_a_large_byte_string_is_loaded_as_a_view_where_it_lies() -> None:
+    """The shape of a log entry's envelope: [kind, proposal, [tag, request]]."""
+    big = b"P" * (codec.LARGE + 1)
+    data = cbor2.dumps([0, big, [b"boot-tag", 300]])
+    kind, proposal, origin = codec.loads_in_place(data)
+    assert (kind, origin) == (0, [b"boot-tag", 300]) and type(origin[0]) is bytes
+    assert isinstance(proposal, memoryview) and proposal.obj is data and proposal == big
+    batch = cbor2.dumps([2, [cbor2.dumps([0, b"s"]), data]])
+    envs = codec.loads_in_place(batch)[1]
+    assert type(envs[0]) is bytes and isinstance(envs[1], memoryview)
+    assert codec.loads_in_place(envs[1])[1] == big  # an envelope within a batch, in place
+
+
+@pytest.mark.parametrize("cut", [1, 3, 10, codec.LARGE])
+def test_a_truncated_value_is_refused_with_a_decode_error(cut: int) -> None:
+    data = cbor2.dumps([0, b"P" * (codec.LARGE + 1)])
+    with pytest.raises(codec.DecodeError):
+        codec.loads_in_place(data[:-cut])
+    with pytest.raises(codec.DecodeError):
+        codec.loads_in_place(data + b"\x00")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tracemalloc
 
 import pytest
 
@@ -35,3 +36,17 @@ def test_snapshot_and_restore_through_the_interface() -> None:
     other.restore(iter(list(sm.snapshot())))
     assert other.spool.state_key() == sm.spool.state_key()
     assert other.spool.bodies.get("m1") == b"b"
+
+
+def test_a_large_accept_is_applied_from_a_view_of_its_entry_without_a_copy() -> None:
+    """raft.node hands a large proposal over as a view of its log entry. Decoded
+    from that in place, the message's body is the one copy made of it."""
+    body = b"x" * (8 << 20)
+    entry = b"head" + codec.encode(Accept(1, "m1", "s@example.org", ("u@x.example",), body, "a"))
+    sm = SpoolMachine()
+    tracemalloc.start()
+    result = decode_result(sm.apply(1, memoryview(entry)[4:]))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result.ok and sm.spool.bodies.get("m1") == body
+    assert peak < 1.5 * len(body), peak

@@ -250,7 +250,7 @@ def test_restart_restores_from_the_snapshot_and_the_log(tmp_path: pathlib.Path) 
 class BrokenKV(KV):
     """A state machine with a bug: applying the key "boom" raises."""
 
-    def apply(self, index: int, command: bytes) -> bytes:
+    def apply(self, index: int, command: bytes | memoryview) -> bytes:
         if cbor2.loads(command)[1] == "boom":
             raise KeyError("boom")
         return super().apply(index, command)
@@ -276,9 +276,15 @@ def test_a_failing_apply_is_reported_not_swallowed(
 
 
 class EchoKV(KV):
-    """Answers each put with its own key, so a result can be matched to its proposal."""
+    """Answers each put with its own key, so a result can be matched to its proposal.
+    Keeps the type each proposal came as: a large one is a view of its log entry."""
 
-    def apply(self, index: int, command: bytes) -> bytes:
+    def __init__(self) -> None:
+        super().__init__()
+        self.came_as: dict[str, type] = {}
+
+    def apply(self, index: int, command: bytes | memoryview) -> bytes:
+        self.came_as[cbor2.loads(command)[1]] = type(command)
         super().apply(index, command)
         key: str = cbor2.loads(command)[1]
         return key.encode()
@@ -723,5 +729,35 @@ def test_a_proposal_waiting_for_a_leader_wakes_when_one_is_known(
             await asyncio.sleep(0)
             assert not later.done()
             later.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_large_proposal_reaches_every_state_machine_as_a_view_of_its_entry(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Unwrapped from its envelope by cbor2, a large proposal was one more copy of
+    itself on every node, alive with its entry and with what the state machine decoded
+    from it. Forwarded (with its origin's tag), batched with others or alone, it now
+    comes as a view of the entry; a small one still comes as bytes."""
+    big = b"B" * (codec.LARGE + 7)
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, kvs):
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            taker = next(n for n in nodes if n is not leader)
+            await _until(lambda: taker.core.lead == leader.cfg.id)
+            await asyncio.gather(
+                taker.propose(put("forwarded", big)), leader.propose(put("small", b"s")),
+                leader.propose(put("batched", big)),
+            )  # fmt: skip
+            await taker.propose(put("alone", big))
+            await _until(lambda: all(len(kv.came_as) == 4 for kv in kvs.values()))
+            for kv in kvs.values():
+                assert kv.came_as == {
+                    "forwarded": memoryview, "small": bytes, "batched": memoryview,
+                    "alone": memoryview,
+                }  # fmt: skip
+                assert kv.data["forwarded"] == kv.data["alone"] == big
 
     asyncio.run(run())
