@@ -403,13 +403,18 @@ class RaftNode:
     def _notice_leader(self) -> None:
         """After a step or a tick, which may have changed this node's leader: the
         forwards that went to another leader end in LeaderChanged. Waiting for their
-        timeout held a client for seconds after a new leader was known."""
+        timeout held a client for seconds after a new leader was known. Not while no
+        leader is known: a pre-vote of this node's own clears its leader too, and if
+        that leader was only slow to reach it, it comes back and answers them. Ended
+        then, each was proposed again, one more copy of it in every log."""
         lead = self.core.lead
         if lead == self._lead_seen:
             return
         self._lead_seen = lead
         self._lead_moved.set()
         self._lead_moved = asyncio.Event()
+        if lead is None:
+            return
         for req, to in self._forwarded_to.items():
             fut = self._forwards.get(req)
             if to != lead and fut is not None and not fut.done():

@@ -761,3 +761,32 @@ def test_a_large_proposal_reaches_every_state_machine_as_a_view_of_its_entry(
                 assert kv.data["forwarded"] == kv.data["alone"] == big
 
     asyncio.run(run())
+
+
+def test_a_forward_outlives_a_pre_vote_after_which_its_leader_is_back(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A follower that stopped hearing its leader clears it (its pre-vote), and hears it
+    again. Its forward was not ended meanwhile: that leader committed it, and ending it
+    had it proposed again, one more copy in every log."""
+
+    async def run() -> None:
+        async with _three(tmp_path) as (nodes, _):
+            leader = next(n for n in nodes if n.core.role is Role.LEADER)
+            taker = next(n for n in nodes if n is not leader)
+            await _until(lambda: taker.core.lead == leader.cfg.id)
+            hear = taker.transport._on_frame
+            deaf = [True]
+
+            def from_leader_dropped(peer: str, payload: bytes | bytearray) -> None:
+                if not (deaf[0] and peer == leader.cfg.id):
+                    hear(peer, payload)
+
+            taker.transport._on_frame = from_leader_dropped
+            proposal = asyncio.create_task(taker.propose(put("k", b"v"), timeout=60))
+            await _until(lambda: taker.core.lead is None)  # its pre-vote
+            deaf[0] = False
+            assert await proposal == b"k"  # answered: it was not ended in LeaderChanged
+            assert taker.core.lead == leader.cfg.id
+
+    asyncio.run(run())
