@@ -49,6 +49,11 @@ def _stale_tables() -> list[str]:
     return [n for n in names if n == PREFIX or _gone(n.removeprefix(PREFIX + "_"))]
 
 
+def _delete(table: str) -> None:
+    """Remove `table` and every rule in it; quiet when there is none."""
+    subprocess.run(["nft", "delete", "table", "inet", table], check=False, capture_output=True)
+
+
 def _gone(pid: str) -> bool:
     return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
 
@@ -58,8 +63,7 @@ class Partitions:
         if shutil.which("nft") is None or os.geteuid() != 0:
             raise PartitionsUnavailable("partitions need nft (Debian's nftables) and root")
         for stale in _stale_tables():
-            subprocess.run(["nft", "delete", "table", "inet", stale], check=False,
-                           capture_output=True)  # fmt: skip
+            _delete(stale)
         self.heal_all()
         _nft("add", "table", "inet", _table())
         _nft("add", "chain", "inet", _table(), "out", "{ type filter hook output priority 0 ; }")
@@ -89,8 +93,7 @@ class Partitions:
     def heal_all() -> None:
         """Remove this process's table and every rule in it; quiet when there is none."""
         if shutil.which("nft") is not None:
-            subprocess.run(["nft", "delete", "table", "inet", _table()], check=False,
-                           capture_output=True)  # fmt: skip
+            _delete(_table())
 
     def close(self) -> None:
         self.heal_all()

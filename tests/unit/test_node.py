@@ -687,8 +687,8 @@ def test_a_forward_whose_leader_gave_way_ends_at_once_in_leader_changed(
     tmp_path: pathlib.Path,
 ) -> None:
     """The leader took a forwarded proposal and died. Its fate is unknown, as after a
-    timeout, but that is known as soon as this node's leader changes: the proposer hears
-    it then (and tries the new leader), not at the end of its timeout."""
+    timeout, but that is known as soon as this node knows another leader: the proposer
+    hears it then (and tries the new leader), not at the end of its timeout."""
 
     async def run() -> None:
         async with _three(tmp_path) as (nodes, _):
