@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.smtp_bench import latency, sink_cluster
+from tests import DIRECTORIES, foreign
 from tests.integration.smtpnodes import SmtpCluster
 
 REPO = Path(__file__).resolve().parents[1]
 WARM_UP = 50
-PACKAGES = {"raft": "raft", "mailqueue": "queue", "smtpcluster": "smtpcluster"}
 
 
 @dataclass
@@ -75,15 +75,14 @@ def prepare(build: Build, shims: Path) -> None:
     shim.mkdir()
     (shim / "mailqueue").symlink_to(build.tree / "queue")
     build.env = {"PYTHONPATH": os.pathsep.join([str(shim), str(build.tree)])}
-    names = ", ".join(PACKAGES)
+    names = ", ".join(DIRECTORIES)
     probe = f"import {names}; print('\\n'.join(m.__path__[0] for m in ({names})))"
-    found = subprocess.run(
+    paths = subprocess.run(
         [sys.executable, "-P", "-c", probe], env={**os.environ, **build.env},
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
-    for (package, directory), path in zip(PACKAGES.items(), found, strict=True):
-        if Path(path).resolve() != (build.tree / directory).resolve():
-            raise SystemExit(f"{build.name}: {package} comes from {path}, not {build.tree}")
+    if wrong := foreign(dict(zip(DIRECTORIES, map(Path, paths), strict=True)), build.tree):
+        raise SystemExit(f"{build.name} would not run {build.tree}: {', '.join(wrong)}")
 
 
 @contextlib.contextmanager
