@@ -48,6 +48,12 @@ class AcceptRefused(Exception):
 
 
 RELAY_DENIED = "554 5.7.1 Relaying denied"
+# To a client that may relay, about an address no relay should interpret (plain_domain):
+# "Relaying denied" sent its operator to look at relay_networks for nothing.
+ADDRESS_FORM = (
+    "553 5.1.3 Address not accepted: only local@domain is relayed, without quotes, "
+    "spaces, source routes or % and ! paths"
+)
 # RFC 3463 4.3.1, "mail system full": for now; the client tries again later.
 NO_MEMORY = "452 4.3.1 Insufficient system resources, try again later"
 # RFC 6531 3.4: a UTF-8 address only in a transaction whose MAIL said SMTPUTF8 (Postfix's
@@ -114,11 +120,14 @@ class RelayPolicy:
             return False
         return any(ip in net for net in self.networks)
 
-    def may_relay(self, peer_ip: str, authenticated: bool, rcpt: str) -> bool:
+    def refusal(self, peer_ip: str, authenticated: bool, rcpt: str) -> str:
+        """The reply refusing `rcpt` from this client, or "" to take it. An outsider
+        hears "Relaying denied" for any address it may not use, whatever its form."""
         domain = plain_domain(rcpt)
+        may_relay = authenticated or self.trusted(peer_ip)
         if domain is None:
-            return False
-        return authenticated or self.trusted(peer_ip) or domain in self.domains
+            return ADDRESS_FORM if may_relay else RELAY_DENIED
+        return "" if may_relay or domain in self.domains else RELAY_DENIED
 
 
 class Handler:
@@ -220,10 +229,13 @@ class Handler:
         peer = _peer(session)
         if address.lower() == "postmaster":
             return self._postmaster(envelope, rcpt_options)
-        if not self.policy.may_relay(peer, bool(session.authenticated), address):
-            self.refused += 1
-            log.warning("relaying denied: peer=%s rcpt=<%s>", peer, address)
-            return RELAY_DENIED
+        if refusal := self.policy.refusal(peer, bool(session.authenticated), address):
+            if refusal == RELAY_DENIED:
+                self.refused += 1
+                log.warning("relaying denied: peer=%s rcpt=<%s>", peer, address)
+            else:
+                log.warning("address form refused: peer=%s rcpt=<%s>", peer, address)
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
