@@ -19,6 +19,13 @@ from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.logs import FORMATS, LEVELS
 
 
+def toml_kind(kind: type) -> str:
+    """A value's type as the config file spells it: an operator does not read "int"."""
+    names = {int: "an integer", str: "a string", bool: "true or false", list: "a list",
+             dict: "a table", float: "a number"}  # fmt: skip
+    return names.get(kind, f"a {kind.__name__}")
+
+
 class ConfigError(Exception):
     """A configuration that must not be started with."""
 
@@ -200,7 +207,7 @@ class _Reader:
             return default
         value = self.table.pop(name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(name, f"must be a {kind.__name__}, not {value!r}")
+            raise self.fail(name, f"must be {toml_kind(kind)}, not {value!r}")
         return value
 
     def address(self, name: str, default: Any = ...) -> Address:
