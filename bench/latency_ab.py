@@ -39,7 +39,6 @@ from pathlib import Path
 
 from bench.smtp_bench import latency, sink_cluster
 from tests import DIRECTORIES, foreign
-from tests.integration.smtpnodes import SmtpCluster
 
 REPO = Path(__file__).resolve().parents[1]
 WARM_UP = 50
@@ -99,20 +98,11 @@ def worktree(rev: str) -> Iterator[Path]:
         shutil.rmtree(where.parent, ignore_errors=True)
 
 
-def configure(cluster: SmtpCluster, settings: list[tuple[str, str]]) -> None:
-    for node in cluster.nodes.values():
-        text = node.config.read_text()
-        for section, line in settings:
-            head = f"[{section}]\n"
-            if head not in text:  # a section the bench's configs leave to its defaults
-                text += head
-            text = text.replace(head, f"{head}{line}\n", 1)
-        node.config.write_text(text)
-
-
 def one_round(build: Build, messages: int) -> str:
     with sink_cluster("latency-ab-") as cluster:
-        configure(cluster, build.settings)
+        for nid in cluster.nodes:
+            for section, line in build.settings:
+                cluster.add_setting(nid, section, line)
         for nid in cluster.nodes:
             cluster.start(nid, env=build.env)
         leader = cluster.leader()

@@ -89,9 +89,16 @@ class SmtpCluster:
     def set_smtp(self, nid: str, setting: str) -> str:
         """Adds a `key = value` line to the node's [smtp] section (read at its next start
         or SIGHUP); returns the config as it was, to write back."""
+        return self.add_setting(nid, "smtp", setting)
+
+    def add_setting(self, nid: str, section: str, setting: str) -> str:
+        """Adds a `key = value` line to the node's [section], which is made if the
+        generated config leaves it to its defaults; returns the config as it was."""
         config = self.nodes[nid].config
         before = config.read_text()
-        config.write_text(before.replace("[smtp]\n", f"[smtp]\n{setting}\n", 1))
+        head = f"[{section}]\n"
+        text = before if head in before else before + head
+        config.write_text(text.replace(head, f"{head}{setting}\n", 1))
         return before
 
     def add_joiner(self, nid: str, host: str) -> SmtpNode:
