@@ -186,7 +186,9 @@ def _serve_or_check(args: argparse.Namespace) -> int:
 
 def _hash_password(name: str) -> int:
     if not valid_name(name):  # its line would be refused when users_file is loaded
-        raise UsageError(f"hash-password: {name!r}: a user name holds no ':' nor space")
+        raise UsageError(
+            f"hash-password: {name!r}: a user name must not be empty, nor hold ':' or a space"
+        )
     if sys.stdin.isatty():
         password = getpass.getpass(f"password for {name}: ")
     else:

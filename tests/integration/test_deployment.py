@@ -105,4 +105,4 @@ def test_hash_password_refuses_a_name_its_users_file_could_not_hold(name: str) -
         text=True, cwd=REPO, check=False,
     )  # fmt: skip
     assert out.returncode == 2 and out.stdout == "", out
-    assert "a user name holds no ':' nor space" in out.stderr
+    assert "a user name must not be empty, nor hold ':' or a space" in out.stderr
