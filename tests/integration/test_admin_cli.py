@@ -256,6 +256,10 @@ def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpClust
         assert post(cluster, nid, "/v1/cluster/join", b'{"id": 5}')[0] == 400
         code, why = post(cluster, nid, "/v1/cluster/transfer-leader", b'{"id": "nobody"}')
         assert (code, why) == (409, "refused: nobody is not a voter"), (nid, why)
+        # aiohttp's own refusals were plain text where docs/cli.md promises JSON
+        assert post(cluster, nid, "/v1/nosuch", b"{}") == (404, "not found: POST /v1/nosuch")
+        code, why = post(cluster, nid, "/v1/queue-stats", b"{}")
+        assert (code, why) == (405, "method not allowed: POST /v1/queue-stats"), why
     try:
         cluster.admin(follower, "/v1/queue?state=bogus")
         raise AssertionError("an unknown state was taken")
