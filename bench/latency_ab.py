@@ -103,7 +103,6 @@ def one_round(build: Build, messages: int) -> str:
         for nid in cluster.nodes:
             for section, line in build.settings:
                 cluster.add_setting(nid, section, line)
-        for nid in cluster.nodes:
             cluster.start(nid, env=build.env)
         leader = cluster.leader()
         front = next(node for nid, node in cluster.nodes.items() if nid != leader)

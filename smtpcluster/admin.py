@@ -64,7 +64,7 @@ async def require_token(request: web.Request, handler: Any) -> web.StreamRespons
         return _error(503, f"cluster unavailable: {type(exc).__name__}: {exc}".strip(": "))
     except (ValueError, KeyError) as exc:
         return _error(400, f"bad request: {exc}")
-    except web.HTTPException as exc:  # aiohttp's own, in plain text: no such path, method
+    except web.HTTPError as exc:  # aiohttp's own, in plain text: no such path, method
         refused = _error(exc.status, f"{exc.reason.lower()}: {request.method} {request.path}")
         if "Allow" in exc.headers:  # a 405 says which methods the path takes
             refused.headers["Allow"] = exc.headers["Allow"]

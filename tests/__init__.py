@@ -11,11 +11,8 @@ measured a mix of two trees.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-
-import mailqueue
-import raft
-import smtpcluster
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECTORIES = {"raft": "raft", "mailqueue": "queue", "smtpcluster": "smtpcluster"}
@@ -35,11 +32,7 @@ def foreign(found: dict[str, Path], root: Path) -> list[str]:
 
 
 def check_own_tree() -> None:
-    found = {
-        "raft": Path(raft.__path__[0]),
-        "mailqueue": Path(next(iter(mailqueue.__path__))),
-        "smtpcluster": Path(smtpcluster.__path__[0]),
-    }
+    found = {name: Path(importlib.import_module(name).__path__[0]) for name in DIRECTORIES}
     if wrong := foreign(found, ROOT):
         raise ForeignTree(
             f"the code under test is not this checkout's ({ROOT}): {', '.join(wrong)}. "
