@@ -64,13 +64,39 @@ class DevNode:
         return 7401 + self.k
 
 
+# Local parts the capture sink refuses, so that a first run can show a queue, its
+# retries and a bounce: with a sink that takes everything the queue was always empty.
+# "defer+1@example.com" counts as "defer", to tell several such messages apart.
+SINK_REFUSALS = {
+    "defer": "451 4.3.0 dev sink: deferred on request (local part 'defer')",
+    "bounce": "550 5.1.1 dev sink: refused on request (local part 'bounce')",
+}
+
+
+def sink_refusal(address: str) -> str | None:
+    """The capture sink's reply to RCPT for `address`, when it refuses it."""
+    local = address.rpartition("@")[0].split("+", 1)[0].lower()
+    return SINK_REFUSALS.get(local)
+
+
 class CaptureSink:
-    """aiosmtpd handler: every message accepted and written to a directory as .eml."""
+    """aiosmtpd handler: every message accepted and written to a directory as .eml,
+    except for recipients whose local part asks for a refusal (SINK_REFUSALS)."""
 
     def __init__(self, where: Path) -> None:
         self.where = where
         self.count = 0
         self.lock = threading.Lock()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        refusal = sink_refusal(address)
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.lock:
@@ -279,6 +305,10 @@ def _guide(
   Delivered mail lands in {root / "delivered"}/ as .eml files (the capture sink is
   every node's smarthost). Kill the leader (kill -9 <pid>) while sending: the mail
   still arrives, and this command restarts the node after {RESTART_AFTER_S:.0f} s.
+
+  The sink answers 451 to defer@... (the message waits in the queue for its next
+  retry: try queue show, hold, retry, delete) and 550 to bounce@... (the sender gets
+  a bounce, which lands in delivered/ too).
 
   Ctrl-C stops everything.
 """
