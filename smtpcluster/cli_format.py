@@ -44,14 +44,26 @@ def message(m: dict[str, Any]) -> Iterator[str]:
     yield f"sender: {m['sender'] or '<>'}"
     yield f"size: {m['size']}  age: {age(m['age_s'])}  accepted by: {m['accepted_by']}"
     for r in m["recipients"]:
-        where = f" on {r['node']}" if r["node"] else ""
-        yield f"recipient: {r['address']}  {r['state']}{where}  attempts: {r['attempts']}"
+        yield f"recipient: {r['address']}  {_where(r)}  attempts: {r['attempts']}"
         for label in ("last_error", "reply"):
             if r[label]:
                 yield f"    {label.replace('_', ' ')}: {r[label]}"
     if "body" in m:
         yield ""
         yield m["body"].replace("\r\n", "\n").rstrip("\n")
+
+
+# The states in which a recipient is in a node's hands; in the others `node` is only
+# the node that tried it last, and "queued on node2" read as if the queue were node2's.
+HELD_BY_NODE = ("assigned", "sending", "uncertain")
+
+
+def _where(r: dict[str, Any]) -> str:
+    if not r["node"]:
+        return str(r["state"])
+    if r["state"] in HELD_BY_NODE:
+        return f"{r['state']} on {r['node']}"
+    return f"{r['state']}, last tried by {r['node']}"
 
 
 def stats(s: dict[str, Any]) -> Iterator[str]:
