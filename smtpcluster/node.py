@@ -25,14 +25,14 @@ from raft.transport import Address
 from smtpcluster import admin, config, logs
 from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.clock import ClusterClock
-from smtpcluster.config import Config, SmtpSection
+from smtpcluster.config import Config, DeliverySection, SmtpSection
 from smtpcluster.diskspace import DiskReserve
 from smtpcluster.frontend import AcceptRefused, Handler, smtp_factory
 from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
 from smtpcluster.sdnotify import Notifier
-from smtpcluster.worker import Worker
+from smtpcluster.worker import DeliverySecurity, Worker
 
 log = logging.getLogger(__name__)
 TICK_MS = 10.0
@@ -90,12 +90,7 @@ class Node:
         self.disk = DiskReserve(data)
         self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users, self.disk)
         self.tls = tls_context(cfg.smtp)
-        self.policy = Policy(
-            retry_schedule_ms=cfg.delivery.retry_schedule_ms,
-            max_lifetime_ms=cfg.delivery.max_queue_lifetime_ms,
-            smarthost=cfg.delivery.smarthost,
-            routes=cfg.delivery.routes,
-        )
+        self.policy = delivery_policy(cfg.delivery)
         self.router = Router(cfg.delivery.nameservers, cfg.delivery.mx_port)
         self.clock = ClusterClock(lambda: self.machine.spool.now)
         self.scheduler = Scheduler(self)
@@ -273,12 +268,16 @@ class Node:
     def reload(self) -> bool:
         """SIGHUP: re-read the config file and apply, to sessions that start from now
         on, its [smtp] policy and limits (relay_networks, relay_domains, sizes,
-        timeouts), users_file, TLS certificate and [log]; open sessions go on. What
-        cannot change while running (listeners, peers, delivery, admin) is logged as
-        waiting for a restart. An invalid file is refused, logged, and changes nothing."""
+        timeouts), users_file, TLS certificate and [log]; open sessions go on. Of
+        [delivery], everything but the two concurrency limits: routes, smarthost and
+        their TLS and login, nameservers, the retry schedule, the queue lifetime, for
+        the deliveries that start from now on. What cannot change while running
+        (listeners, peers, concurrency, admin) is logged as waiting for a restart. An
+        invalid file is refused, logged, and changes nothing."""
         try:
             new = config.load(self.cfg.path)
             users = Users.load(new.smtp.users_file) if new.smtp.users_file else None
+            security = DeliverySecurity.of(new.delivery)
             self._reload_tls(new.smtp)
         except (config.ConfigError, UsersFileError, OSError, ssl.SSLError) as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
@@ -290,8 +289,15 @@ class Node:
             new.smtp, relay_listen=old.relay_listen, submission_listen=old.submission_listen,
             submissions_listen=old.submissions_listen,
         )  # fmt: skip
-        self.cfg = dataclasses.replace(self.cfg, smtp=smtp, log=new.log)
+        delivery = dataclasses.replace(
+            new.delivery, concurrency=self.cfg.delivery.concurrency,
+            destination_concurrency=self.cfg.delivery.destination_concurrency,
+        )  # fmt: skip
+        self.cfg = dataclasses.replace(self.cfg, smtp=smtp, delivery=delivery, log=new.log)
         self.handler.reconfigure(smtp, users)
+        self.policy = delivery_policy(delivery)
+        self.router = Router(delivery.nameservers, delivery.mx_port)
+        self.worker.security = security
         logs.setup(new.log.level, new.log.format)
         log.info("reloaded %s", self.cfg.path)
         return True
@@ -381,10 +387,23 @@ def tls_context(smtp: SmtpSection) -> ssl.SSLContext | None:
     return ctx
 
 
+def delivery_policy(delivery: DeliverySection) -> Policy:
+    """The scheduling policy the [delivery] section makes: at start and on reload."""
+    return Policy(
+        retry_schedule_ms=delivery.retry_schedule_ms,
+        max_lifetime_ms=delivery.max_queue_lifetime_ms,
+        smarthost=delivery.smarthost,
+        routes=delivery.routes,
+    )
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """What differs between two configs that a reload cannot apply."""
-    out = [name for name in ("node", "cluster", "delivery", "admin")
+    out = [name for name in ("node", "cluster", "admin")
            if getattr(old, name) != getattr(new, name)]  # fmt: skip
+    for key in ("concurrency", "destination_concurrency"):
+        if getattr(old.delivery, key) != getattr(new.delivery, key):
+            out.append(f"delivery.{key}")
     for key in ("relay_listen", "submission_listen", "submissions_listen"):
         if getattr(old.smtp, key) != getattr(new.smtp, key):
             out.append(f"smtp.{key}")

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import aiosmtplib
@@ -31,6 +31,7 @@ from raft.core import RaftError
 from raft.transport import Address
 from smtpcluster import logs, smtp_client
 from smtpcluster.batcher import Batcher
+from smtpcluster.config import DeliverySection
 from smtpcluster.connections import ConnectionPool
 from smtpcluster.route import RouteTemporaryFailure, Undeliverable
 
@@ -59,11 +60,37 @@ def _kind(code: int) -> OutcomeKind:
     return OutcomeKind.FAILED if code >= 500 else OutcomeKind.DEFERRED
 
 
+@dataclass(frozen=True, slots=True)
+class DeliverySecurity:
+    """How to secure connections to the smarthost and to each route's host: built at
+    start and on each reload (loading a CA file can fail: a reload is refused then)."""
+
+    smarthost: smtp_client.Security
+    routes: dict[str, smtp_client.Security]
+
+    @classmethod
+    def of(cls, delivery: DeliverySection) -> DeliverySecurity:
+        smarthost = smtp_client.Security(
+            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
+            delivery.smarthost_tls_wrapper,
+        ).verified()  # fmt: skip
+        routes = {
+            key: smtp_client.Security(level, delivery.route_ca_file).verified()
+            for key, level in delivery.route_tls.items()
+        }
+        return cls(smarthost, routes)
+
+
 class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.me = node.cfg.node.id
         self.inflight: set[Job] = set()  # being delivered: one SMTP transaction each
+        # The recipients those transactions carry. A reload that changes routes or
+        # destination_recipient_limit groups recipients anew: a transaction of the new
+        # grouping must not take one still in flight in an old one, whose BeginDot
+        # (same attempt) the spool would accept twice, and the mail would go out twice.
+        self.sending: set[tuple[str, int, int]] = set()  # (message, attempt, recipient)
         delivery = node.cfg.delivery
         self.slots = asyncio.Semaphore(delivery.concurrency)
         self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
@@ -71,14 +98,7 @@ class Worker:
         self.draining = False
         self.bugs = 0  # polls and attempts that raised unexpectedly: a metric
         self.batcher = Batcher(node.raft.propose, PROPOSE_TIMEOUT_S)
-        self.smarthost_security = smtp_client.Security(
-            delivery.smarthost_tls, delivery.smarthost_ca_file, delivery.smarthost_login,
-            delivery.smarthost_tls_wrapper,
-        ).verified()  # fmt: skip
-        self.route_security = {
-            key: smtp_client.Security(level, delivery.route_ca_file).verified()
-            for key, level in delivery.route_tls.items()
-        }
+        self.security = DeliverySecurity.of(delivery)
 
     async def run(self) -> None:
         # A previous run of this node may have died between BeginDot and Outcome, and if
@@ -132,11 +152,14 @@ class Worker:
         for mid in spool.index.held(self.me):  # not the whole spool: see mailqueue.index
             msg = spool.messages[mid]
             for job, ks in self._transactions(msg).items():
-                if job not in self.inflight:
-                    self.inflight.add(job)
-                    task = asyncio.get_running_loop().create_task(self.deliver(job, ks))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                carried = {(mid, job[1], k) for k in ks}
+                if job in self.inflight or not carried.isdisjoint(self.sending):
+                    continue
+                self.inflight.add(job)
+                self.sending |= carried
+                task = asyncio.get_running_loop().create_task(self.deliver(job, ks))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
 
     def _transactions(self, msg: Message) -> dict[Job, list[int]]:
         """This node's assigned recipients of `msg`, by the SMTP transaction that will
@@ -144,7 +167,8 @@ class Worker:
         share an attempt, and each domain has its own exchanges) and chunk of at most
         destination_recipient_limit. A recipient's chunk is its rank among all the
         message's recipients for that destination, so it never moves to another chunk
-        while one is in flight: two tasks must never hold the same recipient."""
+        while one is in flight: two tasks must never hold the same recipient. (A reload
+        of the routes or the limit can regroup them all the same: see `sending`.)"""
         limit = self.node.cfg.delivery.destination_recipient_limit
         one_chunk = len(msg.rcpts) <= limit  # the usual case: no ranks to count
         ranks: collections.Counter[str] = collections.Counter()
@@ -177,6 +201,7 @@ class Worker:
             await self._failed(mid, attempt, ks, exc, dot_may_have_gone=bool(fenced))
         finally:
             self.inflight.discard(job)
+            self.sending -= {(mid, attempt, k) for k in ks}
 
     async def _failed(
         self, mid: str, attempt: int, ks: list[int], exc: Exception, *, dot_may_have_gone: bool
@@ -267,10 +292,10 @@ class Worker:
         delivery = self.node.cfg.delivery
         domain = address.rpartition("@")[2].lower()
         if key := policy.route_key(delivery.routes, domain):
-            security = self.route_security.get(key, smtp_client.OPPORTUNISTIC)
+            security = self.security.routes.get(key, smtp_client.OPPORTUNISTIC)
             return [Address.parse(delivery.routes[key])], security
         if delivery.smarthost:
-            return [Address.parse(delivery.smarthost)], self.smarthost_security
+            return [Address.parse(delivery.smarthost)], self.security.smarthost
         return await self.node.router.exchanges(domain), smtp_client.OPPORTUNISTIC
 
     def _results(self, mid: str, ks: list[int], t: smtp_client.Transaction) -> list[RcptResult]:

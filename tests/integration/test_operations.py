@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from smtpcluster.auth import hash_password
-from tests.integration.kvcluster import wait_for
+from tests.integration.kvcluster import free_port, wait_for
 from tests.integration.observe import cli, scrape, value
 from tests.integration.sinks import Sink, sink_and_cluster
 from tests.integration.smtpnodes import SmtpCluster, running
@@ -96,6 +98,44 @@ def test_sighup_applies_relay_networks_and_refuses_an_invalid_file(tmp_path: Pat
         assert "relay_networks[0]" in log.read_text()  # it names the key
         assert _relays(cluster) == 250  # the running configuration stayed
         assert popen.poll() is None
+
+
+def test_sighup_moves_delivery_to_a_new_smarthost_and_says_what_waits_for_a_restart(
+    tmp_path: Path,
+) -> None:
+    """postfix reload for relayhost: the next delivery goes to the new smarthost, no
+    restart. The concurrency limits are the one part of [delivery] that waits for one."""
+    old, new = Sink(), Sink()
+    port = free_port("127.0.0.1")
+    controller = Controller(new, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        with sink_and_cluster(tmp_path, old, n=1, relay_networks='"127.0.0.0/8"') as cluster:
+            node = cluster.nodes["n1"]
+            popen, log = node.popen, tmp_path / "n1.log"
+            assert popen is not None
+
+            def send(to: str) -> None:
+                with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+                    s.sendmail("a@example.org", [to], "Subject: x\r\n\r\nhello\r\n")
+
+            send("first@dest.example")
+            wait_for("delivery to the first smarthost", lambda: old.received, 60)
+            text = node.config.read_text()
+            assert 'smarthost = "127.0.0.1:' in text
+            moved = re.sub(r'smarthost = "[^"]*"', f'smarthost = "127.0.0.1:{port}"', text)
+            node.config.write_text(moved.replace("[delivery]\n", "[delivery]\nconcurrency = 7\n"))
+            popen.send_signal(signal.SIGHUP)
+            wait_for("the reload", lambda: "reloaded" in log.read_text(), 30)
+            send("second@dest.example")
+            wait_for("delivery to the new smarthost", lambda: new.received, 60)
+            assert [r for r, _ in new.received] == ["second@dest.example"]
+            assert [r for r, _ in old.received] == ["first@dest.example"]
+            said = log.read_text()
+            assert "delivery.concurrency changed: it takes effect at the next restart" in said
+            assert "delivery changed" not in said  # the rest of [delivery] took effect
+    finally:
+        controller.stop()
 
 
 def test_logs_carry_envelope_facts_and_never_a_body_or_a_password(tmp_path: Path) -> None:

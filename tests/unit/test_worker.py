@@ -178,3 +178,49 @@ def test_a_reply_with_a_latin1_byte_and_two_lines_is_kept_clean_and_settled() ->
     rcpt = spool.messages["m1"].rcpts[0]
     assert rcpt.state is RcptState.BOUNCED
     assert rcpt.reply == "550 5.1.1 caf\ufffd unknown 5.1.1 user"
+
+
+class Blocking:
+    """A connection pool whose transactions wait until released, then deliver."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def deliver(
+        self, job: object, fence: Callable[[list[int]], Awaitable[bool]]
+    ) -> Transaction:
+        self.calls += 1
+        await self.release.wait()
+        assert await fence([0])
+        return Transaction(
+            rcpt_replies={0: (250, "2.1.5 ok")}, final=(250, "2.0.0 ok"), dot_sent=True
+        )
+
+
+def test_a_reload_that_regroups_recipients_never_starts_a_second_transaction_for_one() -> None:
+    """A reload may give x.example a route: the recipient in flight towards the
+    smarthost then belongs to another transaction (another destination). Started, that
+    one's BeginDot (the same attempt) would be accepted too, and the mail sent twice."""
+    now = int(time.time() * 1000)
+    worker, spool = assigned_worker(now)
+    pool = Blocking()
+    worker.pool = pool  # type: ignore[assignment]
+
+    async def run() -> None:
+        worker.dispatch()
+        await asyncio.sleep(0)  # the first transaction starts and waits in the pool
+        node = cast("SimpleNamespace", worker.node)
+        node.policy = Policy(retry_schedule_ms=(60_000,), routes={"x.example": "127.0.0.1:2600"})
+        [job] = worker._transactions(spool.messages["m1"])
+        assert job not in worker.inflight  # regrouped: another destination
+        worker.dispatch()
+        await asyncio.sleep(0)
+        assert pool.calls == 1
+        pool.release.set()
+        await asyncio.gather(*worker.tasks)
+
+    asyncio.run(run())
+    rcpt = spool.messages.get("m1")
+    assert rcpt is None or rcpt.rcpts[0].state is RcptState.DELIVERED
+    assert pool.calls == 1 and not worker.sending
