@@ -152,8 +152,10 @@ class Worker:
         for mid in spool.index.held(self.me):  # not the whole spool: see mailqueue.index
             msg = spool.messages[mid]
             for job, ks in self._transactions(msg).items():
+                if job in self.inflight:  # each poll, for every transaction under way
+                    continue
                 carried = {(mid, job[1], k) for k in ks}
-                if job in self.inflight or not carried.isdisjoint(self.sending):
+                if not carried.isdisjoint(self.sending):
                     continue
                 self.inflight.add(job)
                 self.sending |= carried
