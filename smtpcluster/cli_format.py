@@ -28,7 +28,8 @@ def queue_list(messages: Iterable[dict[str, Any]]) -> Iterator[str]:
         count, total = count + 1, total + m["size"]
         yield f"{m['id']:<40} {m['size']:>8} {age(m['age_s']):>6}  {m['sender'] or '<>'}"
         for r in m["recipients"]:
-            tries = f", {r['attempts']} attempts" if r["attempts"] else ""
+            n = r["attempts"]
+            tries = f", {n} attempt{'s' * (n != 1)}" if n else ""
             yield f"{'':>58}{r['address']}  [{r['state']}{tries}]"
             if r["last_error"] and r["state"] not in ("delivered", "bounced"):
                 yield f"{'':>60}({r['last_error']})"

@@ -1,5 +1,5 @@
-"""`queue show`'s text: where a recipient is, said so that the queue never reads as one
-node's own."""
+"""`queue list` and `queue show` as text: where a recipient is, said so that the queue
+never reads as one node's own, and how often it was tried."""
 
 from __future__ import annotations
 
@@ -35,3 +35,15 @@ def test_a_recipient_is_on_a_node_only_while_that_node_holds_it(
     state: str, node: str, says: str
 ) -> None:
     assert f"recipient: b@example.com  {says}" in shown(state, node)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "says"), [(1, "[queued, 1 attempt]"), (2, "[queued, 2 attempts]"), (0, "[queued]")]
+)
+def test_mailq_counts_attempts_in_words(attempts: int, says: str) -> None:
+    m = {
+        "id": "m1", "sender": "a@example.org", "size": 10, "age_s": 5,
+        "recipients": [{"address": "b@example.com", "state": "queued", "attempts": attempts,
+                        "last_error": ""}],
+    }  # fmt: skip
+    assert any(line.endswith(f"b@example.com  {says}") for line in cli_format.queue_list([m]))
