@@ -52,6 +52,7 @@ class ConnectionPool:
         self.timeouts = timeouts
         self._idle: dict[_Cached, list[_Idle]] = {}
         self._limits: dict[Destination, asyncio.Semaphore] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs said in the background
         self.opened = 0  # connections opened, for metrics and tests
 
     async def deliver(self, job: Outbound, fence: Fence) -> Transaction:
@@ -101,21 +102,31 @@ class ConnectionPool:
             conn.smtp.close()
         return None
 
-    async def prune(self) -> None:
-        """Say QUIT on connections idle for longer than idle_s."""
+    def prune(self) -> None:
+        """Let go of connections idle for longer than idle_s, each saying QUIT in the
+        background. Awaited one by one, a host that stopped answering (its network
+        gone, no reset) held up the worker's loop, and every new delivery of the
+        node, for the QUIT's timeout once per idle connection to it."""
         now = time.monotonic()
         for key, idle in list(self._idle.items()):
             keep = [c for c in idle if c.smtp.is_connected and now - c.since < self.idle_s]
             self._idle[key] = keep
             for conn in idle:
                 if conn not in keep:
-                    await self._close(conn.smtp, polite=conn.smtp.is_connected)
+                    self._close_later(conn.smtp)
+
+    def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
+        close = self._close(smtp, polite=smtp.is_connected)
+        task = asyncio.get_running_loop().create_task(close)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        """Say QUIT on every idle connection, all at once: one by one, at shutdown, a
+        silent host cost the QUIT's timeout per connection, past systemd's stop timeout."""
         idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                await self._close(conn.smtp, polite=True)
+        polite = (self._close(c.smtp, polite=True) for conns in idle.values() for c in conns)
+        await asyncio.gather(*polite, *self._closing)
 
     async def _close(self, smtp: aiosmtplib.SMTP, *, polite: bool) -> None:
         if polite:

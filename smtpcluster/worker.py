@@ -114,7 +114,7 @@ class Worker:
                     log.exception("delivery dispatch failed")
                     self.bugs += 1
                 await asyncio.sleep(POLL_S)
-                await self.pool.prune()
+                self.pool.prune()
         finally:
             await self.pool.close()
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
+import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from smtpcluster.connections import ConnectionPool
+from smtpcluster.connections import ConnectionPool, _Idle
 from smtpcluster.smtp_client import OPPORTUNISTIC, Outbound, Security, Transaction
 from tests.integration.kvcluster import free_port
 
@@ -193,3 +195,47 @@ def test_smtputf8_and_size_are_declared_to_a_server_that_has_them(
     [options] = rec.mail_options
     assert "SMTPUTF8" in options and f"SIZE={len(body)}" in options
     assert rec.delivered == [body]
+
+
+class Silent:
+    """A cached connection to a host that stopped answering: its QUIT waits until the
+    test lets it end (as aiosmtplib's would until its timeout)."""
+
+    is_connected = True
+
+    def __init__(self, release: asyncio.Event) -> None:
+        self.release = release
+        self.quitting = False
+        self.closed = False
+
+    async def quit(self, timeout: float | None = None) -> None:
+        self.quitting = True
+        await self.release.wait()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_quits_to_a_silent_host_are_said_all_at_once_not_one_after_another() -> None:
+    """Pruning stale connections held up the worker's loop (every new delivery of the
+    node) for one QUIT timeout per connection, and so did closing at shutdown."""
+
+    async def run() -> None:
+        release = asyncio.Event()
+        pool = ConnectionPool(idle_s=60.0)
+        stale, fresh = [Silent(release) for _ in range(3)], [Silent(release) for _ in range(3)]
+        now = time.monotonic()
+        pool._idle[("127.0.0.1", 25, OPPORTUNISTIC)] = (
+            [_Idle(cast("aiosmtplib.SMTP", c), 1, now - 120) for c in stale]
+            + [_Idle(cast("aiosmtplib.SMTP", c), 1, now) for c in fresh]
+        )  # fmt: skip
+        pool.prune()  # returns at once: the stale ones say QUIT in the background
+        closing = asyncio.get_running_loop().create_task(pool.close())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert all(c.quitting for c in stale + fresh)  # all six under way at once
+        release.set()
+        await asyncio.wait_for(closing, 10)
+        assert all(c.closed for c in stale + fresh)
+
+    asyncio.run(run())
