@@ -17,7 +17,15 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpcluster.connections import ConnectionPool, _Idle
-from smtpcluster.smtp_client import OPPORTUNISTIC, Outbound, Security, Transaction
+from smtpcluster.smtp_client import (
+    OPPORTUNISTIC,
+    Outbound,
+    Security,
+    Timeouts,
+    Transaction,
+    connect,
+)
+from tests.chaos import nft
 from tests.integration.kvcluster import free_port
 
 
@@ -237,5 +245,35 @@ def test_quits_to_a_silent_host_are_said_all_at_once_not_one_after_another() -> 
         release.set()
         await asyncio.wait_for(closing, 10)
         assert all(c.closed for c in stale + fresh)
+
+    asyncio.run(run())
+
+
+@pytest.mark.skipif(not nft.partitions_possible(), reason="needs root and nft")
+def test_a_host_that_drops_syns_is_given_up_after_the_connect_timeout() -> None:
+    """A firewall that drops (not refuses) held each attempt for the kernel's SYN
+    retries, about two minutes, under the greeting's five: the next MX waited as long."""
+    port = free_port("127.0.0.1")
+    partitions = nft.Partitions()
+    partitions.deafen(port)
+
+    async def run() -> None:
+        opening = connect("127.0.0.1", port, "relay.test", Timeouts(connect=0.5))
+        with pytest.raises(aiosmtplib.SMTPConnectTimeoutError, match=r"after 0\.5 s"):
+            await asyncio.wait_for(opening, 60)
+
+    try:
+        asyncio.run(run())
+    finally:
+        partitions.close()
+
+
+def test_a_refused_connection_is_aiosmtplibs_connect_error() -> None:
+    """What the worker records as the attempt's error ("4.4.1 host:port: ...")."""
+    port = free_port("127.0.0.1")  # nothing listens there
+
+    async def run() -> None:
+        with pytest.raises(aiosmtplib.SMTPConnectError, match=f"on port {port}"):
+            await connect("127.0.0.1", port, "relay.test")
 
     asyncio.run(run())
