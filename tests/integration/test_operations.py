@@ -124,7 +124,8 @@ def test_sighup_moves_delivery_to_a_new_smarthost_and_says_what_waits_for_a_rest
             text = node.config.read_text()
             assert 'smarthost = "127.0.0.1:' in text
             moved = re.sub(r'smarthost = "[^"]*"', f'smarthost = "127.0.0.1:{port}"', text)
-            node.config.write_text(moved.replace("[delivery]\n", "[delivery]\nconcurrency = 7\n"))
+            node.config.write_text(moved)
+            cluster.add_setting("n1", "delivery", "concurrency = 7")
             popen.send_signal(signal.SIGHUP)
             wait_for("the reload", lambda: "reloaded" in log.read_text(), 30)
             send("second@dest.example")
