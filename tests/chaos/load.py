@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.integration.sinks import Pipelining
+
 ROUTED = "routed.example"
 SENDER = "load@example.org"
 GREETING_S = 2.0
@@ -29,10 +31,11 @@ TRANSACTION_S = 60.0
 LARGE_BYTES = 3 << 20  # --large-every: over the 2 MiB a frame carries whole
 
 
-class CountingSink:
+class CountingSink(Pipelining):
     """aiosmtpd handler: how many times each recipient's message reached its final
     dot. It answers after `delay_s`, as a remote MTA does: deliveries stay in flight
-    long enough for faults to catch them between the dot and the recorded outcome."""
+    long enough for faults to catch them between the dot and the recorded outcome. It
+    offers PIPELINING, as remote MTAs do."""
 
     def __init__(self, delay_s: float = 0.05) -> None:
         self.counts: collections.Counter[str] = collections.Counter()

@@ -27,6 +27,7 @@ from smtpcluster.smtp_client import (
 )
 from tests.chaos import nft
 from tests.integration.kvcluster import free_port
+from tests.integration.sinks import Pipelining
 
 
 class Recorder:
@@ -71,9 +72,13 @@ def serve(handler: Recorder, **kw: Any) -> Iterator[tuple[Recorder, int]]:
         ctl.stop()
 
 
-@pytest.fixture
-def sink() -> Iterator[tuple[Recorder, int]]:
-    yield from serve(Recorder(), enable_SMTPUTF8=True)
+class PipeliningRecorder(Pipelining, Recorder):
+    pass
+
+
+@pytest.fixture(params=[Recorder, PipeliningRecorder], ids=["lockstep", "pipelining"])
+def sink(request: pytest.FixtureRequest) -> Iterator[tuple[Recorder, int]]:
+    yield from serve(request.param(), enable_SMTPUTF8=True)
 
 
 def job(port: int, n: int = 0, body: bytes = b"Subject: t\r\n\r\nhi\r\n", **kw: Any) -> Outbound:
