@@ -5,13 +5,15 @@ relay sends many messages to the same few servers, so after a clean transaction 
 connection waits here for the next message to the same host, as Postfix's connection
 cache does. A connection is reused at most `max_uses` times and never kept idle
 longer than `idle_s`. At most `per_destination` transactions run at once towards one
-host:port, so one slow destination cannot take every delivery slot.
+host:port, so one slow destination cannot take every delivery slot. A host that could
+not be reached is not tried again for `unreachable_s` (see `_connect`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -27,11 +29,17 @@ from smtpcluster.smtp_client import (
     Transaction,
 )
 
+log = logging.getLogger(__name__)
 Destination = tuple[str, int]
 # A cached connection is reused only for the same security: one opened for a route with
 # opportunistic TLS and no login must not carry a job that wants the host verified, or a
 # login, to the same host:port.
 _Cached = tuple[str, int, smtp_client.Security]
+
+
+class Unreachable(aiosmtplib.SMTPConnectError):
+    """Not tried: this host could not be reached a moment ago. A connection error
+    still, so the worker defers and an MX route moves on to the next host."""
 
 
 @dataclass
@@ -44,9 +52,11 @@ class _Idle:
 class ConnectionPool:
     def __init__(
         self, *, per_destination: int = 20, max_uses: int = 100, idle_s: float = 5.0,
-        timeouts: Timeouts = RFC_5321,
+        timeouts: Timeouts = RFC_5321, unreachable_s: float = 60.0,
     ) -> None:  # fmt: skip
         self.per_destination = per_destination
+        self.unreachable_s = unreachable_s
+        self._unreachable: dict[Destination, tuple[float, str]] = {}  # since, why
         self.max_uses = max_uses
         self.idle_s = idle_s
         self.timeouts = timeouts
@@ -67,11 +77,37 @@ class ConnectionPool:
                     return await self._run(key, cached, job, fence)
                 except StaleConnection:
                     pass  # closed while idle: nothing was sent, open a fresh one
+            smtp = await self._connect(job)
+            self.opened += 1
+            return await self._run(key, _Idle(smtp, 0, 0.0), job, fence)
+
+    async def _connect(self, job: Outbound) -> aiosmtplib.SMTP:
+        """A new connection, unless the host could not be reached (no TCP connection,
+        or no greeting) less than unreachable_s ago: Unreachable then, at once. A host
+        that drops SYNs costs the connect timeout, 30 s, per attempt: without this
+        every message for it paid that, and a dead first MX delayed each message's
+        turn at the next. Postfix's qmgr suspends a dead destination likewise. A host
+        that answers, if only with a 421, is alive: that is not counted."""
+        dest = (job.host, job.port)
+        if (mark := self._unreachable.get(dest)) is not None:
+            ago = time.monotonic() - mark[0]
+            if ago < self.unreachable_s:
+                raise Unreachable(f"not tried: unreachable {ago:.0f} s ago: {mark[1]}")
+            del self._unreachable[dest]
+        try:
             smtp = await smtp_client.connect(
                 job.host, job.port, job.helo, self.timeouts, job.security
             )
-            self.opened += 1
-            return await self._run(key, _Idle(smtp, 0, 0.0), job, fence)
+        except aiosmtplib.SMTPConnectResponseError:
+            raise
+        except aiosmtplib.SMTPConnectError as exc:
+            if dest not in self._unreachable and self.unreachable_s > 0:
+                log.warning("%s:%d unreachable (%s): deliveries to it are deferred without "
+                            "trying it for %g s", *dest, exc, self.unreachable_s)  # fmt: skip
+            self._unreachable[dest] = (time.monotonic(), str(exc))
+            raise
+        self._unreachable.pop(dest, None)
+        return smtp
 
     async def _run(
         self, key: _Cached, conn: _Idle, job: Outbound,

@@ -32,7 +32,7 @@ from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
 from smtpcluster.scheduler import Scheduler
 from smtpcluster.sdnotify import Notifier
-from smtpcluster.worker import DeliverySecurity, Worker
+from smtpcluster.worker import DeliverySecurity, Worker, unreachable_window_s
 
 log = logging.getLogger(__name__)
 TICK_MS = 10.0
@@ -298,6 +298,7 @@ class Node:
         self.policy = delivery_policy(delivery)
         self.router = Router(delivery.nameservers, delivery.mx_port)
         self.worker.security = security
+        self.worker.pool.unreachable_s = unreachable_window_s(self.policy)
         logs.setup(new.log.level, new.log.format)
         log.info("reloaded %s", self.cfg.path)
         return True

@@ -81,6 +81,13 @@ class DeliverySecurity:
         return cls(smarthost, routes)
 
 
+def unreachable_window_s(schedule: policy.Policy) -> float:
+    """How long this node leaves a host it could not reach untried (see
+    ConnectionPool._connect): never past the schedule's first retry, which is as long
+    as the operator chose to leave mail waiting, and at most a minute."""
+    return min(schedule.retry_schedule_ms[0] / 1000, 60.0)
+
+
 class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -93,7 +100,10 @@ class Worker:
         self.sending: set[tuple[str, int, int]] = set()  # (message, attempt, recipient)
         delivery = node.cfg.delivery
         self.slots = asyncio.Semaphore(delivery.concurrency)
-        self.pool = ConnectionPool(per_destination=delivery.destination_concurrency)
+        self.pool = ConnectionPool(
+            per_destination=delivery.destination_concurrency,
+            unreachable_s=unreachable_window_s(node.policy),
+        )
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.bugs = 0  # polls and attempts that raised unexpectedly: a metric

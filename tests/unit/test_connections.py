@@ -16,7 +16,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from smtpcluster.connections import ConnectionPool, _Idle
+from smtpcluster.connections import ConnectionPool, Unreachable, _Idle
 from smtpcluster.smtp_client import (
     OPPORTUNISTIC,
     Outbound,
@@ -62,8 +62,8 @@ class Recorder:
         return "250 queued"
 
 
-def serve(handler: Recorder, **kw: Any) -> Iterator[tuple[Recorder, int]]:
-    port = free_port("127.0.0.1")
+def serve(handler: Recorder, port: int = 0, **kw: Any) -> Iterator[tuple[Recorder, int]]:
+    port = port or free_port("127.0.0.1")
     ctl = Controller(handler, hostname="127.0.0.1", port=port, **kw)
     ctl.start()
     try:
@@ -284,3 +284,58 @@ def test_a_refused_connection_is_aiosmtplibs_connect_error() -> None:
             await connect("127.0.0.1", port, "relay.test")
 
     asyncio.run(run())
+
+
+def test_a_host_that_could_not_be_reached_is_not_tried_again_for_a_while() -> None:
+    """A host that drops SYNs costs the connect timeout per attempt: every message for
+    it paid that, and a dead first MX delayed each one's turn at the next."""
+    port = free_port("127.0.0.1")  # nothing listens there yet
+    pool = ConnectionPool(unreachable_s=3600, max_uses=1)  # each delivery connects
+
+    async def attempt() -> Transaction:
+        return await pool.deliver(job(port), dot_ok)
+
+    with pytest.raises(aiosmtplib.SMTPConnectError, match="Error connecting") as first:
+        asyncio.run(attempt())
+    assert not isinstance(first.value, Unreachable)
+
+    async def host_back() -> list[Transaction]:
+        not_tried = r"not tried: unreachable \d+ s ago: Error connecting"
+        with pytest.raises(Unreachable, match=not_tried):
+            await attempt()
+        pool.unreachable_s = 0  # the window has passed
+        done = [await attempt()]
+        pool.unreachable_s = 3600  # and a success forgot the failure
+        done.append(await attempt())
+        await pool.close()
+        return done
+
+    for rec, _ in serve(Recorder(), port=port):
+        assert all(t.final and t.final[0] == 250 for t in asyncio.run(host_back()))
+        assert len(rec.delivered) == 2 and pool.opened == 2
+
+
+def test_a_host_that_greets_with_421_is_alive_and_tried_again() -> None:
+    """A 421 at the greeting (too busy, too many connections) is not a dead host."""
+    port = free_port("127.0.0.1")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(8)
+    pool = ConnectionPool(unreachable_s=3600)
+
+    def greet_421() -> None:
+        for _ in range(2):
+            conn, _ = sock.accept()
+            conn.sendall(b"421 4.7.0 busy, try later\r\n")
+            conn.close()
+
+    greeter = threading.Thread(target=greet_421)
+    greeter.start()
+    try:
+        for _ in range(2):  # the second is tried too, and sees the 421 itself
+            with pytest.raises(aiosmtplib.SMTPConnectResponseError, match="busy"):
+                asyncio.run(pool.deliver(job(port), dot_ok))
+    finally:
+        greeter.join(10)
+        sock.close()
