@@ -5,8 +5,8 @@ relay sends many messages to the same few servers, so after a clean transaction 
 connection waits here for the next message to the same host, as Postfix's connection
 cache does. A connection is reused at most `max_uses` times and never kept idle
 longer than `idle_s`. At most `per_destination` transactions run at once towards one
-host:port, so one slow destination cannot take every delivery slot. A host that could
-not be reached is not tried again for `unreachable_s` (see `_connect`).
+host:port, so one slow destination cannot take every delivery slot. A host whose
+connection timed out is not tried again for `unreachable_s` (see `_connect`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _Cached = tuple[str, int, smtp_client.Security]
 
 
 class Unreachable(aiosmtplib.SMTPConnectError):
-    """Not tried: this host could not be reached a moment ago. A connection error
+    """Not tried: connecting to this host timed out a moment ago. A connection error
     still, so the worker defers and an MX route moves on to the next host."""
 
 
@@ -82,27 +82,27 @@ class ConnectionPool:
             return await self._run(key, _Idle(smtp, 0, 0.0), job, fence)
 
     async def _connect(self, job: Outbound) -> aiosmtplib.SMTP:
-        """A new connection, unless the host could not be reached (no TCP connection,
-        or no greeting) less than unreachable_s ago: Unreachable then, at once. A host
-        that drops SYNs costs the connect timeout, 30 s, per attempt: without this
-        every message for it paid that, and a dead first MX delayed each message's
-        turn at the next. Postfix's qmgr suspends a dead destination likewise. A host
-        that answers, if only with a 421, is alive: that is not counted."""
+        """A new connection, unless connecting to this host timed out (no TCP
+        connection, or no greeting) less than unreachable_s ago: Unreachable then, at
+        once. A host that drops SYNs costs the connect timeout, 30 s, per attempt:
+        without this every message for it paid that, holding a slot, and a dead first
+        MX put that wait before each message's turn at the next MX. Postfix's qmgr
+        suspends a dead destination likewise. A refused connection costs a round trip,
+        and a host that answers, if only with a 421, is alive: neither is counted, so
+        mail after a smarthost's restart is not held back."""
         dest = (job.host, job.port)
         if (mark := self._unreachable.get(dest)) is not None:
             ago = time.monotonic() - mark[0]
             if ago < self.unreachable_s:
-                raise Unreachable(f"not tried: unreachable {ago:.0f} s ago: {mark[1]}")
+                raise Unreachable(f"not tried: timed out {ago:.0f} s ago: {mark[1]}")
             del self._unreachable[dest]
         try:
             smtp = await smtp_client.connect(
                 job.host, job.port, job.helo, self.timeouts, job.security
             )
-        except aiosmtplib.SMTPConnectResponseError:
-            raise
-        except aiosmtplib.SMTPConnectError as exc:
+        except aiosmtplib.SMTPConnectTimeoutError as exc:
             if dest not in self._unreachable and self.unreachable_s > 0:
-                log.warning("%s:%d unreachable (%s): deliveries to it are deferred without "
+                log.warning("%s:%d timed out (%s): deliveries to it are deferred without "
                             "trying it for %g s", *dest, exc, self.unreachable_s)  # fmt: skip
             self._unreachable[dest] = (time.monotonic(), str(exc))
             raise

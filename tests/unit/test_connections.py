@@ -286,22 +286,23 @@ def test_a_refused_connection_is_aiosmtplibs_connect_error() -> None:
     asyncio.run(run())
 
 
-def test_a_host_that_could_not_be_reached_is_not_tried_again_for_a_while() -> None:
+def test_a_host_that_timed_out_is_not_tried_again_for_a_while() -> None:
     """A host that drops SYNs costs the connect timeout per attempt: every message for
-    it paid that, and a dead first MX delayed each one's turn at the next."""
-    port = free_port("127.0.0.1")  # nothing listens there yet
-    pool = ConnectionPool(unreachable_s=3600, max_uses=1)  # each delivery connects
+    it paid that, and a dead first MX delayed each one's turn at the next. Here the
+    host takes the connection and never greets, which times out alike."""
+    port = free_port("127.0.0.1")
+    pool = ConnectionPool(unreachable_s=3600, max_uses=1, timeouts=Timeouts(greeting=0.2))
 
     async def attempt() -> Transaction:
         return await pool.deliver(job(port), dot_ok)
 
-    with pytest.raises(aiosmtplib.SMTPConnectError, match="Error connecting") as first:
+    silent = socket.create_server(("127.0.0.1", port))  # listens, never says 220
+    with silent, pytest.raises(aiosmtplib.SMTPConnectTimeoutError) as first:
         asyncio.run(attempt())
     assert not isinstance(first.value, Unreachable)
 
     async def host_back() -> list[Transaction]:
-        not_tried = r"not tried: unreachable \d+ s ago: Error connecting"
-        with pytest.raises(Unreachable, match=not_tried):
+        with pytest.raises(Unreachable, match=r"not tried: timed out \d+ s ago: Timed out"):
             await attempt()
         pool.unreachable_s = 0  # the window has passed
         done = [await attempt()]
@@ -313,6 +314,24 @@ def test_a_host_that_could_not_be_reached_is_not_tried_again_for_a_while() -> No
     for rec, _ in serve(Recorder(), port=port):
         assert all(t.final and t.final[0] == 250 for t in asyncio.run(host_back()))
         assert len(rec.delivered) == 2 and pool.opened == 2
+
+
+def test_a_refused_connection_is_tried_again_at_once() -> None:
+    """A smarthost restarting refuses for a moment: the mail after it goes out."""
+    port = free_port("127.0.0.1")  # nothing listens there yet
+    pool = ConnectionPool(unreachable_s=3600)
+
+    async def attempt() -> Transaction:
+        try:
+            return await pool.deliver(job(port), dot_ok)
+        finally:
+            await pool.close()
+
+    with pytest.raises(aiosmtplib.SMTPConnectError, match="Error connecting"):
+        asyncio.run(attempt())
+    for rec, _ in serve(Recorder(), port=port):
+        assert (t := asyncio.run(attempt())).final and t.final[0] == 250
+        assert len(rec.delivered) == 1
 
 
 def test_a_host_that_greets_with_421_is_alive_and_tried_again() -> None:
