@@ -173,8 +173,13 @@ async def queue_stats(request: web.Request) -> web.Response:
     return web.json_response(shape.result(spool))
 
 
+SELECTION = ("state", "domain", "sender", "min_age_s")  # as for queue_list
+
+
 async def queue_action(request: web.Request) -> web.Response:
-    """POST {"ids": [...]} or {"all": true}: retry, hold, release or delete."""
+    """POST {"ids": [...]} or {"all": true}: retry, hold, release or delete. With "all",
+    "state", "domain", "sender" and "min_age_s" narrow it as they narrow a listing:
+    postqueue -s site, or every message of a sender whose password was stolen."""
     action = request.match_info["action"]
     if action not in ACTIONS:
         return _error(404, f"no queue action {action!r}: use one of {sorted(ACTIONS)}")
@@ -183,10 +188,13 @@ async def queue_action(request: web.Request) -> web.Response:
     has_ids = isinstance(listed, list) and bool(listed)
     if every == has_ids or (every and "ids" in args):  # neither, or both
         return _error(400, 'give "ids": [...] or "all": true, not both')
+    if has_ids and (narrowing := [k for k in SELECTION if k in args]):
+        return _error(400, f'{", ".join(narrowing)} narrow "all": true, not "ids"')
+    flt = _filter(args) if every else None
     node = _node(request)
     await node.raft.read_index()
     spool = node.spool
-    ids = list(spool.messages) if every else [str(i) for i in listed or ()]
+    ids = await _matching(spool, flt) if flt is not None else [str(i) for i in listed or ()]
     missing = [i for i in ids if i not in spool.messages]
     present = [i for i in ids if i in spool.messages]
     changed = 0
@@ -194,6 +202,12 @@ async def queue_action(request: web.Request) -> web.Response:
         cmd = ACTIONS[action](_now(), tuple(present[k : k + IDS_PER_COMMAND]))
         changed += decode_result(await node.raft.propose(codec.encode(cmd), timeout=20)).changed
     return web.json_response({"action": action, "changed": changed, "missing": missing})
+
+
+async def _matching(spool: Spool, flt: queries.Filter) -> list[str]:
+    """The ids of the messages `flt` matches, read a batch at a time."""
+    now = _now()
+    return [m.id async for batch in _batches(spool) for m in batch if flt.matches(m, now)]
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

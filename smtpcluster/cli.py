@@ -73,12 +73,7 @@ def _admin_options(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 def _queue_parsers(queue: argparse.ArgumentParser) -> None:
     sub = queue.add_subparsers(dest="action", required=True)
     lst = sub.add_parser("list", help="the queue, like mailq")
-    lst.add_argument(
-        "--state", choices=[s.name.lower() for s in RcptState],
-        help="messages with a recipient in this state",
-    )  # fmt: skip
-    lst.add_argument("--domain", help="messages with a recipient at this domain")
-    lst.add_argument("--sender", help='messages from this envelope sender ("<>": bounces)')
+    _selection_options(lst)
     _admin_options(lst)
     show = sub.add_parser("show", help="one message, like postcat")
     show.add_argument("id")
@@ -88,9 +83,21 @@ def _queue_parsers(queue: argparse.ArgumentParser) -> None:
         act = sub.add_parser(action, help=f"{action} messages")
         act.add_argument("ids", nargs="*", metavar="ID", help='"-": one ID a line on stdin')
         act.add_argument("--all", action="store_true", help="every message in the queue")
+        _selection_options(act, " (without IDs: every such message)")
         _admin_options(act)
     stats = sub.add_parser("stats", help="pending recipients by domain and age, like qshape")
     _admin_options(stats)
+
+
+def _selection_options(p: argparse.ArgumentParser, also: str = "") -> None:
+    p.add_argument(
+        "--state", choices=[s.name.lower() for s in RcptState],
+        help=f"messages with a recipient in this state{also}",
+    )  # fmt: skip
+    p.add_argument("--domain", help=f"messages with a recipient at this domain{also}")
+    p.add_argument(
+        "--sender", help=f'messages from this envelope sender ("<>": bounces){also}'
+    )  # fmt: skip
 
 
 def _cluster_parsers(cluster: argparse.ArgumentParser) -> None:
@@ -227,8 +234,8 @@ def _client(args: argparse.Namespace) -> AdminClient:
 
 
 def _queue(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
+    query = {k: v for k in ("state", "domain", "sender") if (v := getattr(args, k, None))}
     if args.action == "list":
-        query = {k: v for k in ("state", "domain", "sender") if (v := getattr(args, k))}
         messages = client.stream("/v1/queue?" + urllib.parse.urlencode(query | {"stream": 1}))
         return _json_array(messages) if args.json else cli_format.queue_list(messages)
     if args.action == "show":
@@ -237,12 +244,16 @@ def _queue(client: AdminClient, args: argparse.Namespace) -> Iterable[str]:
     if args.action == "stats":
         s = client.get("/v1/queue-stats")
         return [json.dumps(s, indent=2)] if args.json else cli_format.stats(s)
-    if bool(args.ids) == bool(args.all):
-        raise UsageError(f"queue {args.action}: give message IDs or --all, not both")
+    every = args.all or bool(query)
+    if bool(args.ids) == every:
+        raise UsageError(
+            f"queue {args.action}: give message IDs, or --all or --state/--domain/--sender, "
+            "not both"
+        )  # fmt: skip
     ids = args.ids
     if ids == ["-"]:  # as postsuper -d -: queue list --json ... | jq ... | queue delete -
         ids = [line.strip() for line in sys.stdin if line.strip()]
-    body: dict[str, Any] = {"all": True} if args.all else {"ids": ids}
+    body: dict[str, Any] = {"all": True} | query if every else {"ids": ids}
     result = client.post(f"/v1/queue/{args.action}", body)
     if args.json:
         print(json.dumps(result))

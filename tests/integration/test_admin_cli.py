@@ -116,6 +116,33 @@ def test_a_senders_mail_is_listed_and_deleted_by_a_pipe(cluster: SmtpCluster) ->
     assert ok_json(*by_sender, conf(cluster, "n2")) == []
 
 
+def test_a_selection_steers_every_message_it_matches_in_one_command(
+    cluster: SmtpCluster,
+) -> None:
+    """postsuper -d for a sender and postqueue -s for a site, without a pipe: the
+    selection is made on the node, and touches nothing else."""
+    node = cluster.nodes["n1"]
+    with smtplib.SMTP(node.host, node.smtp_port, timeout=30) as s:
+        for k in range(3):
+            s.sendmail("stolen@Example.org", [f"w{k}@targets.example"], MESSAGE)
+        s.sendmail("ops@example.org", ["x@site.example", "y@targets.example"], MESSAGE)
+    other = send(cluster, "n1", ["z@site.example"])
+    held = ok_json("queue", "hold", "--domain", "site.example", "--config", conf(cluster, "n2"))
+    assert held["changed"] == 3  # both messages with a recipient there, each in full
+    on_hold = ok_json("queue", "list", "--state", "held", "--config", conf(cluster, "n3"))
+    assert other in {m["id"] for m in on_hold} and len(on_hold) == 2
+    ok_json("queue", "release", "--state", "held", "--config", conf(cluster, "n3"))
+    by_sender = ("--sender", "stolen@example.org", "--config", conf(cluster, "n3"))
+    assert ok_json("queue", "delete", *by_sender)["changed"] == 3
+    assert ok_json("queue", "list", *by_sender) == []
+    assert other in cluster.queued_ids("n1")  # the rest is still queued
+    both = cli(
+        "queue", "delete", other, "--domain", "site.example", "--config", conf(cluster, "n1")
+    )
+    assert both.returncode == 2 and "not both" in both.stderr
+    assert other in cluster.queued_ids("n1")
+
+
 def test_cluster_status_and_transfer_leader_from_any_node(cluster: SmtpCluster) -> None:
     leader = cluster.leader()
     for nid in cluster.nodes:
@@ -249,6 +276,10 @@ def test_the_api_answers_a_bad_request_with_4xx_from_any_node(cluster: SmtpClust
         assert post(cluster, nid, "/v1/queue/hold", b"[]")[0] == 400
         both = post(cluster, nid, "/v1/queue/hold", b'{"ids": ["x"], "all": true}')
         assert both == (400, 'give "ids": [...] or "all": true, not both')
+        narrowed = post(cluster, nid, "/v1/queue/hold", b'{"ids": ["x"], "domain": "d.example"}')
+        assert narrowed == (400, 'domain narrow "all": true, not "ids"')
+        bad_state = post(cluster, nid, "/v1/queue/hold", b'{"all": true, "state": "bogus"}')
+        assert bad_state[0] == 400 and "use one of queued" in bad_state[1]
         code, why = post(cluster, nid, "/v1/cluster/join", b'{"id": "n9", "address": "typo"}')
         assert code == 400 and "host:port" in why, why
         code, why = post(cluster, nid, "/v1/cluster/join", b'{"id": "n9", "address": "::1:7409"}')
