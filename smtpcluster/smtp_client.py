@@ -163,33 +163,46 @@ async def connect(
 
 
 async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to host:port within `timeout`, each of its addresses in turn.
-    Failures are aiosmtplib's, as when it connected by itself."""
+    """A TCP connection to host:port, each of its addresses in turn, `timeout` for each
+    (as Postfix's smtp_connect_timeout): with one budget for all, a name whose IPv6
+    address is black-holed spent it there, and its IPv4 address was never tried.
+    Failures are aiosmtplib's, as when it connected by itself: SMTPConnectTimeoutError
+    if an address timed out (the next attempt would wait as long), else
+    SMTPConnectError."""
     loop = asyncio.get_running_loop()
+    where = f"{host} on port {port}"
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            error: OSError = OSError(f"no address for {host}")
-            for family, kind, proto, _, addr in infos:
-                sock = socket.socket(family, kind, proto)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, addr)
-                    return sock
-                except BaseException as exc:
-                    sock.close()
-                    if not isinstance(exc, OSError):
-                        raise
-                    error = exc
-            raise error
     except TimeoutError:
         raise aiosmtplib.SMTPConnectTimeoutError(
-            f"Timed out connecting to {host} on port {port} (after {timeout:g} s)"
+            f"Timed out looking up {host} (after {timeout:g} s)"
         ) from None
     except OSError as exc:
-        raise aiosmtplib.SMTPConnectError(
-            f"Error connecting to {host} on port {port}: {exc}"
-        ) from None
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {where}: {exc}") from None
+    failures: list[str] = []
+    timed_out = False
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, addr)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                timed_out = True
+                failures.append(f"{addr[0]} timed out (after {timeout:g} s)")
+            elif isinstance(exc, OSError):
+                failures.append(f"{addr[0]}: {exc}" if len(infos) > 1 else str(exc))
+            else:
+                raise
+    if timed_out:
+        raise aiosmtplib.SMTPConnectTimeoutError(
+            f"Timed out connecting to {where}: {'; '.join(failures)}"
+        )
+    raise aiosmtplib.SMTPConnectError(f"Error connecting to {where}: {'; '.join(failures)}")
 
 
 async def _starttls(smtp: aiosmtplib.SMTP, security: Security, where: str) -> None:

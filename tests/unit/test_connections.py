@@ -275,6 +275,37 @@ def test_a_host_that_drops_syns_is_given_up_after_the_connect_timeout() -> None:
         partitions.close()
 
 
+@pytest.mark.skipif(not nft.partitions_possible(), reason="needs root and nft")
+def test_each_address_of_a_name_gets_its_own_connect_timeout(
+    sink: tuple[Recorder, int],
+) -> None:
+    """A smarthost name with a black-holed IPv6 address and a good IPv4 one: with one
+    timeout for both, the first took it all and the second was never tried."""
+    rec, live = sink
+    deaf = free_port("127.0.0.2")
+    partitions = nft.Partitions()
+    partitions.deafen(deaf)
+
+    async def resolve(host: str, port: int, **kw: Any) -> list[Any]:
+        assert host == "smarthost.test"  # a mock resolver: the two addresses of the name
+        tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        return [(*tcp, ("127.0.0.2", deaf)), (*tcp, ("127.0.0.1", live))]
+
+    async def run() -> Transaction:
+        asyncio.get_running_loop().getaddrinfo = resolve  # type: ignore[method-assign,assignment]
+        pool = ConnectionPool(timeouts=Timeouts(connect=0.5))
+        try:
+            return await asyncio.wait_for(pool.deliver(job(0, host="smarthost.test"), dot_ok), 60)
+        finally:
+            await pool.close()
+
+    try:
+        t = asyncio.run(run())
+    finally:
+        partitions.close()
+    assert t.final and t.final[0] == 250 and len(rec.delivered) == 1
+
+
 def test_a_refused_connection_is_aiosmtplibs_connect_error() -> None:
     """What the worker records as the attempt's error ("4.4.1 host:port: ...")."""
     port = free_port("127.0.0.1")  # nothing listens there
