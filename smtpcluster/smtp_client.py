@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,8 @@ from typing import Any
 import aiosmtplib
 
 from smtpcluster import replies
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,29 @@ async def connect(
     security: Security = OPPORTUNISTIC,
 ) -> aiosmtplib.SMTP:  # fmt: skip
     """A connection that has said EHLO, over TLS when the remote offers STARTTLS (or
-    refused without it, as `security` says), logged in if it says so."""
+    refused without it, as `security` says), logged in if it says so. With
+    opportunistic TLS ("may"), a STARTTLS refused goes on in plaintext, and one whose
+    handshake fails is given up for a new plaintext connection, as Postfix does: a
+    remote whose TLS we cannot speak (TLS 1.0 only, which OpenSSL 3 refuses) got none
+    of our mail before, for as long as the mail was queued."""
+    try:
+        return await _open(host, port, helo, timeouts, security)
+    except _HandshakeFailed as exc:
+        log.info("%s:%d: TLS handshake failed (%s): again without TLS, as \"may\" allows",
+                 host, port, exc.__cause__)  # fmt: skip
+        return await _open(host, port, helo, timeouts, replace(security, tls=PLAINTEXT))
+
+
+PLAINTEXT = "none"  # not a level one configures: "may" after its handshake failed
+
+
+class _HandshakeFailed(Exception):
+    """STARTTLS was answered 220 and the handshake then failed, under "may"."""
+
+
+async def _open(
+    host: str, port: int, helo: str, timeouts: Timeouts, security: Security
+) -> aiosmtplib.SMTP:
     wrapped = _tls_options(security) if security.wrapper else {}
     sock = await _tcp(host, port, timeouts.connect)
     smtp = aiosmtplib.SMTP(
@@ -206,11 +231,23 @@ async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
 
 
 async def _starttls(smtp: aiosmtplib.SMTP, security: Security, where: str) -> None:
-    if smtp.supports_extension("starttls"):
+    if security.tls == PLAINTEXT:
+        return
+    if not smtp.supports_extension("starttls"):
+        if security.tls != "may":
+            raise TlsRequired(f"4.7.0 {where} does not offer STARTTLS")
+        return
+    try:
         await smtp.starttls(**_tls_options(security))
-        await smtp.ehlo()
-    elif security.tls != "may":
-        raise TlsRequired(f"4.7.0 {where} does not offer STARTTLS")
+    except aiosmtplib.SMTPResponseException:
+        if security.tls != "may":
+            raise
+        return  # refused (454): the session goes on as it was, in plaintext
+    except (ssl.SSLError, aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        if security.tls != "may":
+            raise
+        raise _HandshakeFailed from exc
+    await smtp.ehlo()
 
 
 def _tls_options(security: Security) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The delivery client against a scripted server: the envelope in one write when the
 remote offers PIPELINING (RFC 2920), one command at a time when it does not, and the
-fence before the final dot either way. The replies of a group are read in order however
-they arrive."""
+fence before the final dot either way; the replies of a group read in order however
+they arrive; a STARTTLS that fails, under opportunistic TLS and where TLS is required."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ from aiosmtplib import SMTPResponse
 from aiosmtplib.protocol import SMTPProtocol
 
 from smtpcluster import replies
-from smtpcluster.smtp_client import Fence, Outbound, Timeouts, Transaction, connect, transact
+from smtpcluster.smtp_client import (
+    OPPORTUNISTIC,
+    Fence,
+    Outbound,
+    Security,
+    Timeouts,
+    Transaction,
+    connect,
+    transact,
+)
 
 T = TypeVar("T")
 QUICK = Timeouts(connect=5, greeting=5, command=5, data_start=5, data_end=5)
@@ -29,11 +38,13 @@ class Script:
     until its timeout."""
 
     pipelining: bool = True
+    starttls: str = ""  # offered and then: "break" (junk for a handshake) or "refuse"
     mail: str = "250 2.1.0 ok"
     rcpts: list[str] = field(default_factory=lambda: ["250 2.1.5 ok"])
     data: str = "354 go ahead"
     final: str = "250 2.0.0 queued"
     chunks: list[bytes] = field(default_factory=list)  # as received
+    connections: int = 0
     messages: list[bytes] = field(default_factory=list)  # bodies ended by the dot
 
 
@@ -48,6 +59,7 @@ class Remote(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.script.connections += 1
         transport.write(b"220 remote.test ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
@@ -72,7 +84,14 @@ class Remote(asyncio.Protocol):
         s = self.script
         if verb == b"EHLO":
             extensions = ["250-PIPELINING"] if s.pipelining else []
+            extensions += ["250-STARTTLS"] if s.starttls else []
             return self.reply("\r\n".join(["250-remote.test", *extensions, "250 8BITMIME"]))
+        if verb == b"STAR" and s.starttls == "break":
+            self.reply("220 2.0.0 go ahead")
+            self.transport.write(b"this is no TLS handshake\r\n")
+            return self.transport.close()
+        if verb == b"STAR":
+            return self.reply("454 4.7.0 TLS not available now")
         answer = {b"MAIL": s.mail, b"DATA": s.data, b"RSET": "250 ok", b"QUIT": "221 bye"}
         text = next(self.rcpts) if verb == b"RCPT" else answer.get(verb, "500 what?")
         self.in_body = verb == b"DATA" and text.startswith("354")
@@ -85,13 +104,16 @@ class Remote(asyncio.Protocol):
         self.held = []
 
 
-def against(script: Script, talk: Callable[[aiosmtplib.SMTP], Awaitable[T]]) -> T:
+def against(
+    script: Script, talk: Callable[[aiosmtplib.SMTP], Awaitable[T]],
+    security: Security = OPPORTUNISTIC,
+) -> T:  # fmt: skip
     async def run() -> T:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: Remote(script), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            smtp = await connect("127.0.0.1", port, "relay.test", QUICK)
+            smtp = await connect("127.0.0.1", port, "relay.test", QUICK, security)
             try:
                 return await asyncio.wait_for(talk(smtp), 30)
             finally:
@@ -238,3 +260,30 @@ def test_a_lost_connection_ends_reading_after_the_replies_that_came() -> None:
 def test_a_malformed_reply_is_an_error_not_a_hang(junk: bytes) -> None:
     with pytest.raises(aiosmtplib.SMTPResponseException):
         read_all([junk], 1)
+
+
+def deliver(smtp: aiosmtplib.SMTP) -> Awaitable[Transaction]:
+    return transact(smtp, job(), dot_ok, timeouts=QUICK)
+
+
+def test_a_failed_handshake_under_may_goes_on_in_plaintext_on_a_new_connection() -> None:
+    """A remote whose TLS we cannot speak (TLS 1.0 only) took none of our mail, ever."""
+    script = Script(starttls="break")
+    t = against(script, deliver)
+    assert t.final == (250, "2.0.0 queued") and script.messages == [BODY]
+    assert script.connections == 2
+
+
+def test_a_refused_starttls_under_may_goes_on_in_plaintext() -> None:
+    script = Script(starttls="refuse")
+    t = against(script, deliver)
+    assert t.final == (250, "2.0.0 queued") and script.connections == 1
+
+
+@pytest.mark.parametrize("how", ["break", "refuse"])
+def test_a_failed_starttls_sends_nothing_where_tls_is_required(how: str) -> None:
+    script = Script(starttls=how)
+    with pytest.raises((aiosmtplib.SMTPException, OSError)):
+        against(script, deliver, Security("encrypt"))
+    assert script.connections == 1 and script.messages == []
+    assert not any(b"MAIL FROM" in chunk for chunk in script.chunks)
