@@ -176,7 +176,7 @@ async def _open(
         sock.close()
         raise
     try:
-        await smtp.ehlo()
+        await _ehlo(smtp)
         if not security.wrapper:
             await _starttls(smtp, security, f"{host}:{port}")
         if security.login is not None:
@@ -185,6 +185,17 @@ async def _open(
         smtp.close()
         raise
     return smtp
+
+
+async def _ehlo(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO where EHLO is not known (RFC 5321 3.2): such a server takes plain
+    SMTP, and failing there left its mail queued until it bounced."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if exc.code not in (500, 502):  # "command unrecognized", "not implemented"
+            raise
+        await smtp.helo()
 
 
 async def _tcp(host: str, port: int, timeout: float) -> socket.socket:

@@ -39,6 +39,7 @@ class Script:
 
     pipelining: bool = True
     starttls: str = ""  # offered and then: "break" (junk for a handshake) or "refuse"
+    ehlo: str = ""  # the reply to EHLO, if not its extensions
     mail: str = "250 2.1.0 ok"
     rcpts: list[str] = field(default_factory=lambda: ["250 2.1.5 ok"])
     data: str = "354 go ahead"
@@ -82,6 +83,8 @@ class Remote(asyncio.Protocol):
 
     def command(self, verb: bytes) -> None:
         s = self.script
+        if verb == b"EHLO" and s.ehlo:
+            return self.reply(s.ehlo)
         if verb == b"EHLO":
             extensions = ["250-PIPELINING"] if s.pipelining else []
             extensions += ["250-STARTTLS"] if s.starttls else []
@@ -92,7 +95,13 @@ class Remote(asyncio.Protocol):
             return self.transport.close()
         if verb == b"STAR":
             return self.reply("454 4.7.0 TLS not available now")
-        answer = {b"MAIL": s.mail, b"DATA": s.data, b"RSET": "250 ok", b"QUIT": "221 bye"}
+        answer = {
+            b"HELO": "250 remote.test",
+            b"MAIL": s.mail,
+            b"DATA": s.data,
+            b"RSET": "250 ok",
+            b"QUIT": "221 bye",
+        }
         text = next(self.rcpts) if verb == b"RCPT" else answer.get(verb, "500 what?")
         self.in_body = verb == b"DATA" and text.startswith("354")
         self.held.append(text)
@@ -287,3 +296,17 @@ def test_a_failed_starttls_sends_nothing_where_tls_is_required(how: str) -> None
         against(script, deliver, Security("encrypt"))
     assert script.connections == 1 and script.messages == []
     assert not any(b"MAIL FROM" in chunk for chunk in script.chunks)
+
+
+def test_a_server_that_does_not_know_ehlo_is_greeted_with_helo() -> None:
+    script = Script(pipelining=False, ehlo="502 5.5.2 command not recognized")
+    t = against(script, deliver)
+    assert t.final == (250, "2.0.0 queued") and script.messages == [BODY]
+    assert commands_per_chunk(script) == [1, 1, 1, 1, 1]  # EHLO, HELO, MAIL, RCPT, DATA
+
+
+def test_an_ehlo_refused_for_policy_is_not_retried_as_helo() -> None:
+    script = Script(ehlo="554 5.7.1 go away")
+    with pytest.raises(aiosmtplib.SMTPHeloError):
+        against(script, deliver)
+    assert not any(b"HELO" in chunk for chunk in script.chunks)
