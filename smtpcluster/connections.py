@@ -64,6 +64,7 @@ class ConnectionPool:
         self._limits: dict[Destination, asyncio.Semaphore] = {}
         self._closing: set[asyncio.Task[None]] = set()  # QUITs said in the background
         self.opened = 0  # connections opened, for metrics and tests
+        self.plaintext = 0  # of those, in plaintext where STARTTLS was offered: a metric
 
     async def deliver(self, job: Outbound, fence: Fence) -> Transaction:
         """One transaction to job.host:job.port, on a cached connection when one is
@@ -79,6 +80,7 @@ class ConnectionPool:
                     pass  # closed while idle: nothing was sent, open a fresh one
             smtp = await self._connect(job)
             self.opened += 1
+            self.plaintext += smtp_client.starttls_declined(smtp)
             return await self._run(key, _Idle(smtp, 0, 0.0), job, fence)
 
     async def _connect(self, job: Outbound) -> aiosmtplib.SMTP:
@@ -108,6 +110,11 @@ class ConnectionPool:
             raise
         self._unreachable.pop(dest, None)
         return smtp
+
+    def untried(self) -> int:
+        """Hosts left untried now, their connection having timed out: a metric."""
+        now = time.monotonic()
+        return sum(now - since < self.unreachable_s for since, _ in self._unreachable.values())
 
     async def _run(
         self, key: _Cached, conn: _Idle, job: Outbound,

@@ -136,6 +136,18 @@ class _StateCollector(Collector):
         bugs.add_metric(["scheduler"], self.node.scheduler.bugs)
         bugs.add_metric(["delivery"], self.node.worker.bugs)
         yield bugs
+        pool = self.node.worker.pool
+        yield CounterMetricFamily(
+            "smtpcluster_delivery_plaintext_connections",
+            "Delivery connections in plaintext to a host that offered STARTTLS (opportunistic "
+            "TLS after a refused STARTTLS or a failed handshake)",
+            value=pool.plaintext,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "smtpcluster_delivery_hosts_untried",
+            "Hosts this node leaves untried for now, its connection to them having timed out",
+            value=pool.untried(),
+        )  # fmt: skip
         yield CounterMetricFamily(
             "smtpcluster_gc_slow_full_collections",
             "Full garbage collections that stopped the node longer than the limit",

@@ -198,6 +198,14 @@ async def _ehlo(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
+def starttls_declined(smtp: aiosmtplib.SMTP) -> bool:
+    """The remote offers STARTTLS, yet this connection is in plaintext: under "may",
+    after a refused STARTTLS or a failed handshake."""
+    transport = smtp.transport
+    over_tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+    return smtp.supports_extension("starttls") and not over_tls
+
+
 async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
     """A TCP connection to host:port, each of its addresses in turn, `timeout` for each
     (as Postfix's smtp_connect_timeout): with one budget for all, a name whose IPv6

@@ -65,6 +65,9 @@ def test_counters_move_as_mail_flows_and_gauges_describe_the_cluster(tmp_path: P
         assert all(value(v, "smtpcluster_replicated_format_readable") == 1 for v in views.values())
         assert all(value(v, "smtpcluster_data_dir_free_bytes") > 0 for v in views.values())
         assert all(value(v, "smtpcluster_connections_refused_total") == 0 for v in views.values())
+        for zero in ("smtpcluster_delivery_plaintext_connections_total",  # the sink has no TLS
+                     "smtpcluster_delivery_hosts_untried"):  # fmt: skip
+            assert all((zero, ()) in v and value(v, zero) == 0 for v in views.values())
         assert all(("smtpcluster_smtp_sessions", ()) in v for v in views.values())
         no_room = "smtpcluster_messages_refused_no_space_total"
         assert all((no_room, ()) in v and value(v, no_room) == 0 for v in views.values())

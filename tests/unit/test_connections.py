@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import aiosmtplib
@@ -16,6 +18,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from smtpcluster import pki
 from smtpcluster.connections import ConnectionPool, Unreachable, _Idle
 from smtpcluster.smtp_client import (
     OPPORTUNISTIC,
@@ -208,6 +211,20 @@ def test_smtputf8_and_size_are_declared_to_a_server_that_has_them(
     [options] = rec.mail_options
     assert "SMTPUTF8" in options and f"SIZE={len(body)}" in options
     assert rec.delivered == [body]
+
+
+def test_plaintext_is_counted_only_where_starttls_was_offered_and_not_used(
+    tmp_path: Path,
+) -> None:
+    pki.init(tmp_path, [pki.NodeName("remote", "127.0.0.1")], "remote.test")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "remote" / "tls.crt", tmp_path / "remote" / "tls.key")
+    for with_tls in (True, False):
+        for rec, port in serve(Recorder(), tls_context=tls if with_tls else None):
+            pool = ConnectionPool()
+            [t] = deliver_all(pool, [job(port)])
+            assert t.final and t.final[0] == 250 and len(rec.delivered) == 1
+            assert pool.opened == 1 and pool.plaintext == 0, with_tls
 
 
 class Silent:

@@ -24,6 +24,7 @@ from smtpcluster.smtp_client import (
     Timeouts,
     Transaction,
     connect,
+    starttls_declined,
     transact,
 )
 
@@ -278,9 +279,13 @@ def deliver(smtp: aiosmtplib.SMTP) -> Awaitable[Transaction]:
 def test_a_failed_handshake_under_may_goes_on_in_plaintext_on_a_new_connection() -> None:
     """A remote whose TLS we cannot speak (TLS 1.0 only) took none of our mail, ever."""
     script = Script(starttls="break")
-    t = against(script, deliver)
+
+    async def noted(smtp: aiosmtplib.SMTP) -> tuple[Transaction, bool]:
+        return await deliver(smtp), starttls_declined(smtp)
+
+    t, declined = against(script, noted)
     assert t.final == (250, "2.0.0 queued") and script.messages == [BODY]
-    assert script.connections == 2
+    assert script.connections == 2 and declined  # counted by the pool, for a metric
 
 
 def test_a_refused_starttls_under_may_goes_on_in_plaintext() -> None:
