@@ -149,7 +149,9 @@ class ConnectionPool:
         """Let go of connections idle for longer than idle_s, each saying QUIT in the
         background. Awaited one by one, a host that stopped answering (its network
         gone, no reset) held up the worker's loop, and every new delivery of the
-        node, for the QUIT's timeout once per idle connection to it."""
+        node, for the QUIT's timeout once per idle connection to it. Forgets the hosts
+        left untried whose time is up: MX addresses come and go, and each once timed
+        out would stay for good."""
         now = time.monotonic()
         for key, idle in list(self._idle.items()):
             keep = [c for c in idle if c.smtp.is_connected and now - c.since < self.idle_s]
@@ -157,6 +159,8 @@ class ConnectionPool:
             for conn in idle:
                 if conn not in keep:
                     self._close_later(conn.smtp)
+        marks = self._unreachable.items()
+        self._unreachable = {d: m for d, m in marks if now - m[0] < self.unreachable_s}
 
     def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
         close = self._close(smtp, polite=smtp.is_connected)

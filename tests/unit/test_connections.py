@@ -359,9 +359,20 @@ def test_a_host_that_timed_out_is_not_tried_again_for_a_while() -> None:
         await pool.close()
         return done
 
+    assert pool.untried() == 1
     for rec, _ in serve(Recorder(), port=port):
         assert all(t.final and t.final[0] == 250 for t in asyncio.run(host_back()))
         assert len(rec.delivered) == 2 and pool.opened == 2
+    assert pool.untried() == 0
+
+
+def test_hosts_left_untried_are_forgotten_once_their_time_is_up() -> None:
+    """MX addresses come and go: each that once timed out stayed in memory for good."""
+    pool = ConnectionPool(unreachable_s=60)
+    now = time.monotonic()
+    pool._unreachable = {("127.0.0.8", 25): (now - 61, "old"), ("127.0.0.9", 25): (now, "new")}
+    pool.prune()  # nothing idle to close: no event loop needed
+    assert list(pool._unreachable) == [("127.0.0.9", 25)] and pool.untried() == 1
 
 
 def test_a_refused_connection_is_tried_again_at_once() -> None:
