@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -161,6 +162,9 @@ class DeliverySection:
     # or to the system's CAs.
     route_tls: dict[str, str] = field(default_factory=dict)
     route_ca_file: str = ""
+    # The local addresses deliveries connect from, at most one IPv4 and one IPv6
+    # (Postfix's smtp_bind_address and smtp_bind_address6); empty: the kernel chooses.
+    source_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -515,12 +519,34 @@ def _delivery(path: str, top: _Reader) -> DeliverySection:
     routes = _routes(r)
     route_tls, route_ca = _route_tls(r, routes)
     rcpt_limit = _positive(r, "destination_recipient_limit", 50)
+    sources = _source_addresses(r)
     r.done()
     return DeliverySection(
         smarthost, nameservers, retry, lifetime, policy, mx_port, total, per_destination, down,
         tls, ca_file, login, wrapper, routes, destination_recipient_limit=rcpt_limit,
-        route_tls=route_tls, route_ca_file=route_ca,
+        route_tls=route_tls, route_ca_file=route_ca, source_addresses=sources,
     )  # fmt: skip
+
+
+def _source_addresses(r: _Reader) -> tuple[str, ...]:
+    """Each an address of this host (bound to, once, to be sure), one per family."""
+    out: dict[int, str] = {}
+    for k, item in enumerate(r.take("source_addresses", list, [])):
+        key = f"source_addresses[{k}]"
+        try:
+            ip = ipaddress.ip_address(_str(r, "source_addresses", item))
+        except ValueError as exc:
+            raise r.fail(key, str(exc)) from None
+        if ip.version in out:
+            raise r.fail(key, f"a second IPv{ip.version} address: give at most one of each")
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((str(ip), 0))
+        except OSError as exc:
+            raise r.fail(key, f"{ip} is not an address of this host: {exc.strerror}") from None
+        out[ip.version] = str(ip)
+    return tuple(out.values())
 
 
 def _routes(r: _Reader) -> dict[str, str]:

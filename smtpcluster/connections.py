@@ -53,8 +53,10 @@ class ConnectionPool:
     def __init__(
         self, *, per_destination: int = 20, max_uses: int = 100, idle_s: float = 5.0,
         timeouts: Timeouts = RFC_5321, unreachable_s: float = 60.0,
+        source_addresses: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         self.per_destination = per_destination
+        self.source_addresses = source_addresses  # to connect from: see smtp_client.connect
         self.unreachable_s = unreachable_s
         self._unreachable: dict[Destination, tuple[float, str]] = {}  # since, why
         self.max_uses = max_uses
@@ -100,8 +102,9 @@ class ConnectionPool:
             del self._unreachable[dest]
         try:
             smtp = await smtp_client.connect(
-                job.host, job.port, job.helo, self.timeouts, job.security
-            )
+                job.host, job.port, job.helo, self.timeouts, job.security,
+                source=self.source_addresses,
+            )  # fmt: skip
         except aiosmtplib.SMTPConnectTimeoutError as exc:
             if dest not in self._unreachable and self.unreachable_s > 0:
                 log.warning("%s:%d timed out (%s): deliveries to it are deferred without "

@@ -299,6 +299,7 @@ class Node:
         self.router = Router(delivery.nameservers, delivery.mx_port)
         self.worker.security = security
         self.worker.pool.unreachable_s = unreachable_window_s(self.policy)
+        self.worker.pool.source_addresses = delivery.source_addresses
         logs.setup(new.log.level, new.log.format)
         log.info("reloaded %s", self.cfg.path)
         return True

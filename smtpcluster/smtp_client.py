@@ -138,20 +138,22 @@ class Outbound:
 
 async def connect(
     host: str, port: int, helo: str, timeouts: Timeouts = RFC_5321,
-    security: Security = OPPORTUNISTIC,
+    security: Security = OPPORTUNISTIC, *, source: tuple[str, ...] = (),
 ) -> aiosmtplib.SMTP:  # fmt: skip
     """A connection that has said EHLO, over TLS when the remote offers STARTTLS (or
     refused without it, as `security` says), logged in if it says so. With
     opportunistic TLS ("may"), a STARTTLS refused goes on in plaintext, and one whose
     handshake fails is given up for a new plaintext connection, as Postfix does: a
     remote whose TLS we cannot speak (TLS 1.0 only, which OpenSSL 3 refuses) got none
-    of our mail before, for as long as the mail was queued."""
+    of our mail before, for as long as the mail was queued. `source`: local addresses
+    to connect from, one per family (delivery.source_addresses)."""
     try:
-        return await _open(host, port, helo, timeouts, security)
+        return await _open(host, port, helo, timeouts, security, source=source)
     except _HandshakeFailed as exc:
         log.info("%s:%d: TLS handshake failed (%s): again without TLS, as \"may\" allows",
                  host, port, exc.__cause__)  # fmt: skip
-        return await _open(host, port, helo, timeouts, replace(security, tls=PLAINTEXT))
+        plain = replace(security, tls=PLAINTEXT)
+        return await _open(host, port, helo, timeouts, plain, source=source)
 
 
 PLAINTEXT = "none"  # not a level one configures: "may" after its handshake failed
@@ -162,10 +164,11 @@ class _HandshakeFailed(Exception):
 
 
 async def _open(
-    host: str, port: int, helo: str, timeouts: Timeouts, security: Security
-) -> aiosmtplib.SMTP:
+    host: str, port: int, helo: str, timeouts: Timeouts, security: Security,
+    *, source: tuple[str, ...],
+) -> aiosmtplib.SMTP:  # fmt: skip
     wrapped = _tls_options(security) if security.wrapper else {}
-    sock = await _tcp(host, port, timeouts.connect)
+    sock = await _tcp(host, port, timeouts.connect, source)
     smtp = aiosmtplib.SMTP(
         hostname=host, sock=sock, timeout=timeouts.greeting, local_hostname=helo,
         start_tls=False, use_tls=security.wrapper, **wrapped,
@@ -206,7 +209,7 @@ def starttls_declined(smtp: aiosmtplib.SMTP) -> bool:
     return smtp.supports_extension("starttls") and not over_tls
 
 
-async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
+async def _tcp(host: str, port: int, timeout: float, source: tuple[str, ...] = ()) -> socket.socket:
     """A TCP connection to host:port, each of its addresses in turn, `timeout` for each
     (as Postfix's smtp_connect_timeout): with one budget for all, a name whose IPv6
     address is black-holed spent it there, and its IPv4 address was never tried.
@@ -230,6 +233,7 @@ async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         try:
+            _bind(sock, family, source)
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, addr)
             return sock
@@ -247,6 +251,15 @@ async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
             f"Timed out connecting to {where}: {'; '.join(failures)}"
         )
     raise aiosmtplib.SMTPConnectError(f"Error connecting to {where}: {'; '.join(failures)}")
+
+
+def _bind(sock: socket.socket, family: int, source: tuple[str, ...]) -> None:
+    """To the source address of this family, if one is given: the one the receiver's
+    SPF record and reverse DNS name, on a host with several."""
+    for address in source:
+        if (":" in address) == (family == socket.AF_INET6):
+            sock.bind((address, 0))
+            return
 
 
 async def _starttls(smtp: aiosmtplib.SMTP, security: Security, where: str) -> None:

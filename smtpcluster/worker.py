@@ -103,6 +103,7 @@ class Worker:
         self.pool = ConnectionPool(
             per_destination=delivery.destination_concurrency,
             unreachable_s=unreachable_window_s(node.policy),
+            source_addresses=delivery.source_addresses,
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False

@@ -93,6 +93,12 @@ def test_routes_are_read_with_their_domains_in_lower_case(tmp_path: pathlib.Path
         load(write(tmp_path, unused))
 
 
+def test_source_addresses_are_read(tmp_path: pathlib.Path) -> None:
+    text = GOOD.replace("[delivery]", '[delivery]\nsource_addresses = ["127.0.0.2"]')
+    assert load(write(tmp_path, text)).delivery.source_addresses == ("127.0.0.2",)
+    assert load(write(tmp_path, GOOD)).delivery.source_addresses == ()
+
+
 def test_min_free_space_defaults_to_room_for_the_largest_messages(tmp_path: pathlib.Path) -> None:
     assert load(write(tmp_path, GOOD)).smtp.min_free_space == 256 << 20
     big = GOOD.replace("[smtp]", f"[smtp]\nmax_message_size = {MAX_MESSAGE_SIZE}")
@@ -369,6 +375,21 @@ def test_a_postmaster_address_is_read(tmp_path: pathlib.Path) -> None:
             ('relay_listen = ["127.0.0.1:2525"]', 'relay_listen = ["[::]:25", "mx.internal:25"]'),
             "smtp.relay_listen[1]",
             "is also smtp.relay_listen[0]",
+        ),
+        (
+            ("[delivery]", '[delivery]\nsource_addresses = ["127.0.0.2", "127.0.0.3"]'),
+            "delivery.source_addresses[1]",
+            "a second IPv4 address",
+        ),
+        (
+            ("[delivery]", '[delivery]\nsource_addresses = ["127.0.0.2:25"]'),
+            "delivery.source_addresses[0]",
+            "does not appear to be an IPv4 or IPv6 address",
+        ),
+        (  # TEST-NET-1: never this host's (only bound to, nothing is sent)
+            ("[delivery]", '[delivery]\nsource_addresses = ["192.0.2.1"]'),
+            "delivery.source_addresses[0]",
+            "192.0.2.1 is not an address of this host",
         ),
     ],
 )

@@ -43,6 +43,7 @@ class Recorder:
         self.active = 0
         self.most_active = 0
         self.mail_options: list[list[str]] = []
+        self.peers: list[str] = []  # the address each MAIL came from
         self.delivered: list[bytes] = []
 
     async def handle_MAIL(
@@ -50,6 +51,7 @@ class Recorder:
         options: list[str],
     ) -> str:  # fmt: skip
         with self.lock:
+            self.peers.append(str(session.peer[0]) if session.peer else "")
             self.sessions.add(id(session))
             self.mail_options.append(options)
             self.active += 1
@@ -225,6 +227,18 @@ def test_plaintext_is_counted_only_where_starttls_was_offered_and_not_used(
             [t] = deliver_all(pool, [job(port)])
             assert t.final and t.final[0] == 250 and len(rec.delivered) == 1
             assert pool.opened == 1 and pool.plaintext == 0, with_tls
+
+
+def test_deliveries_connect_from_the_source_address_of_their_family(
+    sink: tuple[Recorder, int],
+) -> None:
+    """Postfix's smtp_bind_address: the address the receiver's SPF record names."""
+    rec, port = sink
+    pool = ConnectionPool(source_addresses=("::1", "127.0.0.2"), max_uses=1)
+    deliver_all(pool, [job(port, 1)])
+    pool.source_addresses = ()
+    deliver_all(pool, [job(port, 2)])
+    assert rec.peers == ["127.0.0.2", "127.0.0.1"]
 
 
 class Silent:

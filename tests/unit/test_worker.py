@@ -23,9 +23,10 @@ if TYPE_CHECKING:
     from smtpcluster.node import Node
 
 
-SMARTHOST: dict[str, object] = {
+DELIVERY: dict[str, object] = {  # the rest of [delivery] a Worker reads
     "smarthost_tls": "may", "smarthost_ca_file": "", "smarthost_login": None,
     "smarthost_tls_wrapper": False, "route_tls": {}, "route_ca_file": "",
+    "source_addresses": (),
 }  # fmt: skip
 
 
@@ -44,7 +45,7 @@ def test_a_retry_is_timed_from_the_spools_time_when_this_clock_lags() -> None:
         machine=SimpleNamespace(spool=spool), policy=Policy(retry_schedule_ms=schedule),
         raft=SimpleNamespace(propose=propose), clock=ClusterClock(lambda: spool.now),
         cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=SimpleNamespace(
-            concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **SMARTHOST)),
+            concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **DELIVERY)),
     )  # fmt: skip
     worker = Worker(cast("Node", node))
     assert worker._retry_at("m1", 0) == ahead + schedule[0]
@@ -67,7 +68,7 @@ def test_transactions_split_by_destination_and_limit_and_never_regroup() -> None
         machine=SimpleNamespace(spool=spool), policy=Policy(),
         raft=SimpleNamespace(propose=propose),
         cfg=SimpleNamespace(node=SimpleNamespace(id="a"), delivery=SimpleNamespace(
-            concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **SMARTHOST)),
+            concurrency=2, destination_concurrency=1, destination_recipient_limit=50, **DELIVERY)),
     )  # fmt: skip
     worker = Worker(cast("Node", node))
     before = worker._transactions(spool.messages["m1"])
@@ -87,7 +88,7 @@ def worker_node(
     by `propose`."""
     delivery = SimpleNamespace(
         concurrency=2, destination_concurrency=1, destination_recipient_limit=50,
-        smarthost="127.0.0.1:2525", routes={}, on_uncertain="redeliver", **SMARTHOST)  # fmt: skip
+        smarthost="127.0.0.1:2525", routes={}, on_uncertain="redeliver", **DELIVERY)  # fmt: skip
     return SimpleNamespace(
         machine=machine, policy=Policy(retry_schedule_ms=(60_000,)),
         raft=SimpleNamespace(propose=propose), clock=ClusterClock(lambda: machine.spool.now),
