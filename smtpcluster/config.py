@@ -17,6 +17,7 @@ from typing import Any
 
 from raft.transport import MAX_FRAME, Address
 from smtpcluster.auth import Users, UsersFileError
+from smtpcluster.dkim import DkimKey, DkimKeyError
 from smtpcluster.logs import FORMATS, LEVELS
 
 
@@ -180,6 +181,12 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class DkimSection:
+    # One per From: domain; a parent domain's key also signs its subdomains' mail.
+    keys: tuple[DkimKey, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     node: NodeSection
@@ -188,6 +195,7 @@ class Config:
     delivery: DeliverySection
     admin: AdminSection
     log: LogSection = field(default_factory=LogSection)
+    dkim: DkimSection = field(default_factory=DkimSection)
 
 
 class _Reader:
@@ -288,6 +296,7 @@ def load(path: str) -> Config:
     delivery = _delivery(path, top)
     admin = _admin(path, top)
     log = _log(path, top)
+    dkim = _dkim(path, top)
     top.done()
     _listeners_apart(path, [
         ("cluster.listen", cluster.listen), ("admin.listen", admin.listen),
@@ -295,7 +304,7 @@ def load(path: str) -> Config:
         *((f"smtp.submission_listen[{k}]", a) for k, a in enumerate(smtp.submission_listen)),
         *((f"smtp.submissions_listen[{k}]", a) for k, a in enumerate(smtp.submissions_listen)),
     ])  # fmt: skip
-    return Config(path, node, cluster, smtp, delivery, admin, log)
+    return Config(path, node, cluster, smtp, delivery, admin, log, dkim)
 
 
 def _listeners_apart(path: str, listeners: list[tuple[str, Address]]) -> None:
@@ -620,6 +629,29 @@ def _admin(path: str, top: _Reader) -> AdminSection:
     token = _secret(path, r, "token_file").decode()
     r.done()
     return AdminSection(listen, token)
+
+
+def _dkim(path: str, top: _Reader) -> DkimSection:
+    """[dkim.keys."example.com"] selector = "s2026", key_file = "...": each key loaded
+    now, so one that cannot sign is refused at start, naming it."""
+    if "dkim" not in top.table:
+        return DkimSection()
+    r = _Reader(path, "dkim", top.take("dkim", dict))
+    keys = []
+    for domain, table in r.take("keys", dict, {}).items():
+        k = _Reader(path, f"dkim.keys.{domain}", table)
+        name = _domain(r, f"keys.{domain}", domain)
+        selector = k.take("selector", str)
+        if not is_hostname(selector):  # it is a name's first labels in DNS
+            raise k.fail("selector", f"{selector!r} is not a selector (letters, digits, -, .)")
+        key_file = k.take("key_file", str)
+        try:
+            keys.append(DkimKey.load(name, selector, key_file))
+        except DkimKeyError as exc:
+            raise k.fail("key_file", str(exc)) from None
+        k.done()
+    r.done()
+    return DkimSection(tuple(keys))
 
 
 def _log(path: str, top: _Reader) -> LogSection:

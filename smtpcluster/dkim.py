@@ -15,7 +15,7 @@ import base64
 import email.utils
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,16 +80,20 @@ class Signer:
     def signature(self, message: bytes, now_s: int) -> bytes:
         """The DKIM-Signature field to put on top of `message` (CRLF line ends), or b""
         when its From: domain has no key here."""
-        head, _, body = message.partition(b"\r\n\r\n")
-        fields = _FIELD_START.split(head)
+        end = message.find(b"\r\n\r\n")
+        end = len(message) if end < 0 else end
+        fields = _FIELD_START.split(message[:end])
         key = self.key_for(from_domain(fields))
         if key is None:
             return b""
         chosen = _choose(fields)
+        body_hash = hashlib.sha256()
+        for line in relaxed_body_lines(message[end + 4 :]):
+            body_hash.update(line)
         tags = [
             "v=1", "a=rsa-sha256", "c=relaxed/relaxed", f"d={key.domain}",
             f"s={key.selector}", f"t={now_s}", f"h={':'.join(name for name, _ in chosen)}",
-            f"bh={base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode()}",
+            f"bh={base64.b64encode(body_hash.digest()).decode()}",
         ]  # fmt: skip
         unsigned = _fold("DKIM-Signature:", [f"{t};" for t in tags] + ["b="])
         data = b"".join(relaxed_header(f) for _, f in chosen)
@@ -146,9 +150,15 @@ def relaxed_header(field: bytes) -> bytes:
 
 
 def relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4: no WSP at line ends, runs of WSP as one SP, no empty lines at
-    the end; a non-empty body ends with CRLF."""
-    lines = [_WSP.sub(b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
-    while lines and not lines[-1]:
+    return b"".join(relaxed_body_lines(body))
+
+
+def relaxed_body_lines(body: bytes) -> Iterator[bytes]:
+    """RFC 6376 3.4.4, a line at a time (hashed as they come: no second copy of a
+    large body): no WSP at line ends, runs of WSP as one SP, no empty lines at the
+    end; a non-empty body ends with CRLF."""
+    lines = body.split(b"\r\n")
+    while lines and not lines[-1].strip(b" \t"):
         lines.pop()
-    return b"".join(line + b"\r\n" for line in lines)
+    for line in lines:
+        yield _WSP.sub(b" ", line).rstrip(b" ") + b"\r\n"

@@ -30,6 +30,7 @@ from smtpcluster import logs
 from smtpcluster.auth import Throttle, Users
 from smtpcluster.config import SmtpSection
 from smtpcluster.diskspace import NO_ROOM, DiskReserve, declared_size
+from smtpcluster.dkim import Signer
 from smtpcluster.ratelimit import RateLimiter
 from smtpcluster.sessions import Sessions
 from smtpcluster.smtpdata import Data, DataBudget, DataState, read_data
@@ -145,6 +146,7 @@ class Handler:
         self.connection_rate = RateLimiter("connections")
         self.message_rate = RateLimiter("messages")
         self.data_budget = DataBudget(cfg.max_data_in_memory)
+        self.signer = Signer([])  # [dkim]: set by the node, at start and on reload
         self.reconfigure(cfg, users)
 
     def reconfigure(self, cfg: SmtpSection, users: Users | None) -> None:
@@ -267,6 +269,8 @@ class Handler:
         now = int(time.time() * 1000)
         trace = self._received(session, envelope, message_id, now)
         body = b"".join((trace, self._missing_headers(session, head, message_id, now), raw))
+        if self._from_our_client(session) and (sig := self.signer.signature(body, now // 1000)):
+            body = sig + body  # signed last: it covers the Date and Message-ID we added
         size = len(body)
         submitted = self.submit(
             Accept(now, message_id, _unbracket(envelope.mail_from), tuple(envelope.rcpt_tos),
@@ -334,9 +338,7 @@ class Handler:
         adds them for its local clients: many receivers refuse mail without a
         Message-ID. Never for mail from elsewhere, and never one that is there."""
         cfg = self.cfg
-        if not cfg.add_missing_headers or not (
-            session.authenticated or self.policy.trusted(_peer(session))
-        ):
+        if not cfg.add_missing_headers or not self._from_our_client(session):
             return b""
         out = b""
         if not has_field(head, b"message-id"):
@@ -344,6 +346,11 @@ class Handler:
         if not has_field(head, b"date"):
             out += f"Date: {mail_date(now)}\r\n".encode()
         return out
+
+    def _from_our_client(self, session: Session) -> bool:
+        """Authenticated, or in relay_networks: mail we send for our own, not mail
+        from elsewhere that we relay in to relay_domains."""
+        return bool(session.authenticated) or self.policy.trusted(_peer(session))
 
     def _received(self, session: Session, envelope: Envelope, message_id: str, now: int) -> bytes:
         peer = _peer(session)

@@ -27,6 +27,7 @@ from smtpcluster.auth import Users, UsersFileError
 from smtpcluster.clock import ClusterClock
 from smtpcluster.config import Config, DeliverySection, SmtpSection
 from smtpcluster.diskspace import DiskReserve
+from smtpcluster.dkim import Signer
 from smtpcluster.frontend import AcceptRefused, Handler, smtp_factory
 from smtpcluster.metrics import Metrics
 from smtpcluster.route import Router
@@ -89,6 +90,7 @@ class Node:
         users = Users.load(cfg.smtp.users_file) if cfg.smtp.users_file else None
         self.disk = DiskReserve(data)
         self.handler = Handler(cfg.smtp, cfg.node.id, self.submit, users, self.disk)
+        self.handler.signer = Signer(cfg.dkim.keys)
         self.tls = tls_context(cfg.smtp)
         self.policy = delivery_policy(cfg.delivery)
         self.router = Router(cfg.delivery.nameservers, cfg.delivery.mx_port)
@@ -268,10 +270,10 @@ class Node:
     def reload(self) -> bool:
         """SIGHUP: re-read the config file and apply, to sessions that start from now
         on, its [smtp] policy and limits (relay_networks, relay_domains, sizes,
-        timeouts), users_file, TLS certificate and [log]; open sessions go on. Of
-        [delivery], everything but the two concurrency limits: routes, smarthost and
-        their TLS and login, nameservers, the retry schedule, the queue lifetime, for
-        the deliveries that start from now on. What cannot change while running
+        timeouts), users_file, TLS certificate, [dkim] keys and [log]; open sessions go
+        on. Of [delivery], everything but the two concurrency limits: routes, smarthost
+        and their TLS and login, source addresses, nameservers, the retry schedule, the
+        queue lifetime, for the deliveries that start from now on. What cannot change while running
         (listeners, peers, concurrency, admin) is logged as waiting for a restart. An
         invalid file is refused, logged, and changes nothing."""
         try:
@@ -293,8 +295,11 @@ class Node:
             new.delivery, concurrency=self.cfg.delivery.concurrency,
             destination_concurrency=self.cfg.delivery.destination_concurrency,
         )  # fmt: skip
-        self.cfg = dataclasses.replace(self.cfg, smtp=smtp, delivery=delivery, log=new.log)
+        self.cfg = dataclasses.replace(
+            self.cfg, smtp=smtp, delivery=delivery, log=new.log, dkim=new.dkim
+        )  # fmt: skip
         self.handler.reconfigure(smtp, users)
+        self.handler.signer = Signer(new.dkim.keys)
         self.policy = delivery_policy(delivery)
         self.router = Router(delivery.nameservers, delivery.mx_port)
         self.worker.security = security

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
 
 import cbor2
 import pytest
@@ -91,6 +92,26 @@ def test_routes_are_read_with_their_domains_in_lower_case(tmp_path: pathlib.Path
     pki.self_signed(tmp_path / "ca.crt", tmp_path / "ca.key", "ca.test", days=2)
     with pytest.raises(ConfigError, match=r'route_ca_file.*route_tls is "verify"'):
         load(write(tmp_path, unused))
+
+
+def test_dkim_keys_are_loaded_and_a_bad_one_is_refused_naming_it(tmp_path: pathlib.Path) -> None:
+    key_file = tmp_path / "signing.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key_file), "2048"], check=True,
+                   capture_output=True)  # fmt: skip
+    section = '\n[dkim.keys."Example.ORG"]\nselector = "s2026"\nkey_file = "{d}/signing.pem"\n'
+    [key] = load(write(tmp_path, GOOD + section)).dkim.keys
+    assert (key.domain, key.selector, key.key.key_size) == ("example.org", "s2026", 2048)
+    assert load(write(tmp_path, GOOD)).dkim.keys == ()
+    for change, name, problem in [
+        (("signing.pem", "none.pem"), "key_file", "cannot read"),
+        (('"s2026"', '"s_2026"'), "selector", "is not a selector"),
+        (('selector = "s2026"', 'selector = "s2026"\nalgorithm = "ed25519"'), "algorithm",
+         "unknown"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            load(write(tmp_path, GOOD + section.replace(*change)))
+        assert err.value.key == f"dkim.keys.Example.ORG.{name}"
+        assert problem in err.value.problem
 
 
 def test_source_addresses_are_read(tmp_path: pathlib.Path) -> None:
