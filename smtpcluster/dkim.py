@@ -88,7 +88,7 @@ class Signer:
             return b""
         chosen = _choose(fields)
         body_hash = hashlib.sha256()
-        for line in relaxed_body_lines(message[end + 4 :]):
+        for line in relaxed_body_lines(message, end + 4):
             body_hash.update(line)
         tags = [
             "v=1", "a=rsa-sha256", "c=relaxed/relaxed", f"d={key.domain}",
@@ -153,12 +153,18 @@ def relaxed_body(body: bytes) -> bytes:
     return b"".join(relaxed_body_lines(body))
 
 
-def relaxed_body_lines(body: bytes) -> Iterator[bytes]:
-    """RFC 6376 3.4.4, a line at a time (hashed as they come: no second copy of a
-    large body): no WSP at line ends, runs of WSP as one SP, no empty lines at the
-    end; a non-empty body ends with CRLF."""
-    lines = body.split(b"\r\n")
-    while lines and not lines[-1].strip(b" \t"):
-        lines.pop()
-    for line in lines:
-        yield _WSP.sub(b" ", line).rstrip(b" ") + b"\r\n"
+def relaxed_body_lines(message: bytes, start: int = 0) -> Iterator[bytes]:
+    """RFC 6376 3.4.4 for message[start:], a line at a time, so that a large body is
+    hashed without a copy of it: no WSP at line ends, runs of WSP as one SP, no empty
+    lines at the end; a non-empty body ends with CRLF."""
+    empty = 0  # empty lines held back: they count only if a line follows them
+    while start < len(message):
+        end = message.find(b"\r\n", start)
+        end = len(message) if end < 0 else end
+        line = _WSP.sub(b" ", message[start:end]).rstrip(b" ")
+        start = end + 2
+        if not line:
+            empty += 1
+            continue
+        yield b"\r\n" * empty + line + b"\r\n"
+        empty = 0
