@@ -88,8 +88,8 @@ class Signer:
             return b""
         chosen = _choose(fields)
         body_hash = hashlib.sha256()
-        for line in relaxed_body_lines(message, end + 4):
-            body_hash.update(line)
+        for piece in relaxed_body_chunks(message, end + 4):
+            body_hash.update(piece)
         tags = [
             "v=1", "a=rsa-sha256", "c=relaxed/relaxed", f"d={key.domain}",
             f"s={key.selector}", f"t={now_s}", f"h={':'.join(name for name, _ in chosen)}",
@@ -149,22 +149,31 @@ def relaxed_header(field: bytes) -> bytes:
     return name.strip().lower() + b":" + value + b"\r\n"
 
 
-def relaxed_body(body: bytes) -> bytes:
-    return b"".join(relaxed_body_lines(body))
+def relaxed_body(body: bytes, chunk: int = 1 << 20) -> bytes:
+    return b"".join(relaxed_body_chunks(body, 0, chunk))
 
 
-def relaxed_body_lines(message: bytes, start: int = 0) -> Iterator[bytes]:
-    """RFC 6376 3.4.4 for message[start:], a line at a time, so that a large body is
-    hashed without a copy of it: no WSP at line ends, runs of WSP as one SP, no empty
-    lines at the end; a non-empty body ends with CRLF."""
-    empty = 0  # empty lines held back: they count only if a line follows them
+def relaxed_body_chunks(message: bytes, start: int = 0, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """RFC 6376 3.4.4 for message[start:]: no WSP at line ends, runs of WSP as one SP,
+    no empty lines at the end; a non-empty body ends with CRLF. A run of whole lines
+    of about `chunk` bytes at a time, each in a few passes of bytes.replace: a line at
+    a time, or a regex, took 100-200 ms for 10 MiB, the event loop's time, and the
+    whole body at once would be a copy as large as the message."""
+    held = 0  # CRLFs of empty lines held back: they count only if a line follows
     while start < len(message):
-        end = message.find(b"\r\n", start)
-        end = len(message) if end < 0 else end
-        line = _WSP.sub(b" ", message[start:end]).rstrip(b" ")
-        start = end + 2
-        if not line:
-            empty += 1
-            continue
-        yield b"\r\n" * empty + line + b"\r\n"
-        empty = 0
+        cut = message.find(b"\r\n", start + chunk)
+        stop = len(message) if cut < 0 else cut + 2
+        piece = message[start:stop]
+        start = stop
+        if not piece.endswith(b"\r\n"):  # the last line, without its line end
+            piece += b"\r\n"
+        piece = piece.replace(b"\t", b" ")
+        while b"  " in piece:  # bytes.replace, not a regex: ten times as fast
+            piece = piece.replace(b"  ", b" ")
+        piece = piece.replace(b" \r\n", b"\r\n")
+        text = piece.rstrip(b"\r\n")
+        if text:
+            yield b"\r\n" * held + text + b"\r\n"
+            held = (len(piece) - len(text)) // 2 - 1
+        else:
+            held += len(piece) // 2

@@ -4,6 +4,7 @@ lines. Which key signs, and which key files are refused."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -95,6 +96,27 @@ def message(draw: st.DrawFn) -> bytes:
 def test_whatever_the_spacing_and_folding_the_signature_verifies(key: DkimKey, msg: bytes) -> None:
     sig = Signer([key]).signature(msg, NOW)
     assert sig and verifies(key, sig + msg)
+
+
+def reference_relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4 as the RFC words it, a line at a time."""
+    lines = [re.sub(rb"[ \t]+", b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.text(" \tab", max_size=6).map(str.encode), max_size=12),
+    end=st.sampled_from([b"", b"\r\n"]),
+    chunk=st.integers(1, 20),
+)
+def test_relaxed_body_in_chunks_is_the_rfcs_line_by_line(
+    lines: list[bytes], end: bytes, chunk: int
+) -> None:
+    body = b"\r\n".join(lines) + end
+    assert relaxed_body(body, chunk) == reference_relaxed_body(body)
 
 
 def test_relaxed_body_canonical_form() -> None:
