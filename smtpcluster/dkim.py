@@ -55,7 +55,7 @@ class DkimKey:
             raise DkimKeyError(f"{key_file} is not an RSA key (rsa-sha256 is signed)")
         if key.key_size < MIN_BITS:
             raise DkimKeyError(f"{key_file} has {key.key_size} bits: at least {MIN_BITS}")
-        return cls(domain.lower(), selector, key)
+        return cls(a_label(domain), selector, key)
 
     def public_record(self) -> str:
         """The TXT record to publish at SELECTOR._domainkey.DOMAIN."""
@@ -71,7 +71,7 @@ class Signer:
 
     def key_for(self, domain: str) -> DkimKey | None:
         """The key of `domain`, or of its nearest parent that has one."""
-        labels = domain.lower().rstrip(".").split(".")
+        labels = a_label(domain).split(".")
         for k in range(len(labels) - 1):
             if (key := self.keys.get(".".join(labels[k:]))) is not None:
                 return key
@@ -115,6 +115,15 @@ def _fold(name: str, words: list[str], width: int = 76) -> str:
         else:
             line += " " + word
     return "\r\n".join([*lines, line])
+
+
+def a_label(domain: str) -> str:
+    """The ASCII form of a domain (d= must be ASCII; a From: may be in either form),
+    lower case; "" for one that has none."""
+    try:
+        return domain.rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return ""
 
 
 def from_domain(fields: list[bytes]) -> str:

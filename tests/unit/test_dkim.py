@@ -67,6 +67,21 @@ def test_the_from_domain_or_a_parent_chooses_the_key(key: DkimKey) -> None:
     assert Signer([]).signature(b"From: a@example.com\r\n\r\nx\r\n", NOW) == b""
 
 
+def test_a_unicode_domain_is_signed_in_its_ascii_form(key: DkimKey, tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    path.write_bytes(key.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))  # fmt: skip
+    unicode_key = DkimKey.load("Bücher.example", "s1", str(path))
+    assert unicode_key.domain == "xn--bcher-kva.example"
+    signer = Signer([unicode_key])
+    for sender in ("a@bücher.example", "a@xn--bcher-kva.example", "a@mail.BÜCHER.example"):
+        msg = f"From: {sender}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+        sig = signer.signature(msg, NOW)
+        assert b"d=xn--bcher-kva.example;" in sig and sig.isascii(), sender
+
+
 WSP = st.text(" \t", min_size=0, max_size=3)
 VALUE_WORD = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=8)
 
