@@ -80,6 +80,8 @@ class Signer:
     def signature(self, message: bytes, now_s: int) -> bytes:
         """The DKIM-Signature field to put on top of `message` (CRLF line ends), or b""
         when its From: domain has no key here."""
+        if not self.keys:  # no [dkim]: every trusted message passes here, at no cost
+            return b""
         end = message.find(b"\r\n\r\n")
         end = len(message) if end < 0 else end
         fields = _FIELD_START.split(message[:end])
